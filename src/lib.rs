@@ -1,0 +1,6 @@
+//! ciao-launcher: the compute-node agent of the CIAO cloud orchestrator.
+//!
+//! Library first: the binaries `ciao-launcher` and `ciao-lc` are thin shells
+//! over this crate. See ARCHITECTURE.md (shared) for the thread map.
+
+pub mod ssntp;
