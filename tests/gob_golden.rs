@@ -166,7 +166,7 @@ fn traced_start_frame() {
         b"start: {}\n".to_vec(),
     );
     want.major = 0x80;
-    want.trace = Some(FrameTrace {
+    want.trace = Some(Box::new(FrameTrace {
         label: b"L".to_vec(),
         start: Some(t),
         end: None,
@@ -177,7 +177,7 @@ fn traced_start_frame() {
             tx: Some(t),
             rx: None,
         }],
-    });
+    }));
     assert_eq!(f, want);
     assert!(f.path_trace());
     assert_eq!(encode_with(&mut Encoder::starting_at(66), &want), bytes);

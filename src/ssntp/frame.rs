@@ -443,7 +443,8 @@ pub struct Frame {
     /// The UUID of the session that created the frame (kept when forwarded).
     pub origin: Uuid16,
     pub payload_length: u32,
-    pub trace: Option<FrameTrace>,
+    /// Boxed: rare, and it would triple the size of every frame.
+    pub trace: Option<Box<FrameTrace>>,
     pub payload: Vec<u8>,
 }
 
@@ -512,7 +513,7 @@ impl Frame {
                 "Operand" => f.operand = v.as_uint(name, 255)? as u8,
                 "Origin" => f.origin = v.as_byte_array::<16>(name)?,
                 "PayloadLength" => f.payload_length = v.as_uint(name, u64::from(u32::MAX))? as u32,
-                "Trace" => f.trace = Some(FrameTrace::from_struct(v.as_struct(name)?)?),
+                "Trace" => f.trace = Some(Box::new(FrameTrace::from_struct(v.as_struct(name)?)?)),
                 "Payload" => f.payload = v.as_bytes(name)?.to_vec(),
                 _ => {}
             }
@@ -553,7 +554,7 @@ impl GobEncode for Frame {
         w.uint(3, u64::from(self.operand));
         w.byte_array(4, &self.origin);
         w.uint(5, u64::from(self.payload_length));
-        w.structure(6, self.trace.as_ref());
+        w.structure(6, self.trace.as_deref());
         w.bytes(7, &self.payload);
     }
 }

@@ -9,10 +9,13 @@
 //! - [`client`] and [`server`]: connection handling, one io thread per connection.
 
 pub mod certgen;
+pub mod client;
+pub mod conn;
 pub mod frame;
 pub mod gob;
 pub mod profile;
 pub mod role;
+pub mod server;
 pub mod tls;
 
 pub use frame::{
@@ -20,3 +23,30 @@ pub use frame::{
 };
 pub use profile::Profile;
 pub use role::Role;
+
+/// Why a client or server could not start.
+#[derive(Debug)]
+pub enum StartError {
+    /// The certificates or keys cannot be used.
+    Tls(tls::TlsError),
+    /// Binding the listener or spawning a thread failed.
+    Io(std::io::Error),
+}
+
+impl std::fmt::Display for StartError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StartError::Tls(e) => write!(f, "{e}"),
+            StartError::Io(e) => write!(f, "{e}"),
+        }
+    }
+}
+
+impl std::error::Error for StartError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            StartError::Tls(e) => Some(e),
+            StartError::Io(e) => Some(e),
+        }
+    }
+}
