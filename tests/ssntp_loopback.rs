@@ -553,3 +553,87 @@ fn send_to_role_reaches_only_that_role() {
             .is_err()
     );
 }
+
+#[test]
+fn bulk_transfer_larger_than_every_buffer_in_both_directions() {
+    // More than the TLS and socket buffers hold, with no other traffic to
+    // wake the io threads: the backlog must drain by itself.
+    let pki = Pki::new();
+    let server = server_with(pki.ca_identity(), pki.anchors(), |_| {});
+    let client = client_with(
+        pki.leaf(Role::AGENT),
+        pki.anchors(),
+        server.local_addr(),
+        |_| {},
+    );
+    expect_connected(&client);
+    let (uuid, _) = expect_server_connected(&server);
+    let payload = "y".repeat(16 * 1024);
+    for i in 0..200 {
+        server
+            .send(&uuid, frame(1, server.uuid(), &format!("{i} {payload}")))
+            .expect("queued");
+    }
+    for i in 0..200 {
+        match next_client_event(client.events()) {
+            ClientEvent::Frame(f) => assert!(f.payload.starts_with(format!("{i} ").as_bytes())),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    for i in 0..200 {
+        client
+            .send(frame(2, client.uuid(), &format!("{i} {payload}")))
+            .expect("queued");
+    }
+    for i in 0..200 {
+        match server.events().recv_timeout(WAIT).expect("frame") {
+            ServerEvent::Frame { frame, .. } => {
+                assert!(frame.payload.starts_with(format!("{i} ").as_bytes()))
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+}
+
+#[test]
+fn saturated_outbound_queue_keeps_draining() {
+    // A sender that keeps the queue full while the io thread alternates
+    // between a full socket and an empty one: the io thread must never park
+    // with frames queued (a lost wake-up found by the benchmark).
+    let pki = Pki::new();
+    let server = server_with(pki.ca_identity(), pki.anchors(), |_| {});
+    let client = client_with(
+        pki.leaf(Role::AGENT),
+        pki.anchors(),
+        server.local_addr(),
+        |_| {},
+    );
+    expect_connected(&client);
+    expect_server_connected(&server);
+    const N: usize = 60_000;
+    let link = client.link();
+    let origin = client.uuid();
+    let body = "z".repeat(1000);
+    let sender = thread::spawn(move || {
+        for _ in 0..N {
+            let mut f = frame(2, origin, &body);
+            loop {
+                match link.send(f) {
+                    Ok(()) => break,
+                    Err(SendError::QueueFull(back)) => {
+                        f = back;
+                        thread::yield_now();
+                    }
+                    Err(e) => panic!("send: {e}"),
+                }
+            }
+        }
+    });
+    for got in 0..N {
+        match server.events().recv_timeout(WAIT) {
+            Ok(ServerEvent::Frame { .. }) => {}
+            other => panic!("stalled after {got} frames: {other:?}"),
+        }
+    }
+    sender.join().expect("sender");
+}

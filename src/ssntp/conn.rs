@@ -339,25 +339,32 @@ impl Transport {
     /// Moves pending plaintext into rustls and TLS records into the socket,
     /// as far as each will take them now.
     fn flush(&mut self) -> Result<(), ConnError> {
-        if !self.tls.is_handshaking() {
-            while self.pending_off < self.pending.len() {
-                let n = self.tls.writer().write(&self.pending[self.pending_off..])?;
-                if n == 0 {
-                    break;
+        loop {
+            if !self.tls.is_handshaking() {
+                while self.pending_off < self.pending.len() {
+                    let n = self.tls.writer().write(&self.pending[self.pending_off..])?;
+                    if n == 0 {
+                        break;
+                    }
+                    self.pending_off += n;
                 }
-                self.pending_off += n;
+            }
+            while self.tls.wants_write() {
+                match self.tls.write_tls(&mut self.sock) {
+                    Ok(0) => return Err(ConnError::Closed),
+                    Ok(_) => {}
+                    // The socket is full: poll for POLLOUT and come back.
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            // rustls drained into the socket: hand it the rest of the backlog,
+            // or nothing would wake us to do so later.
+            if self.pending_off == self.pending.len() || self.tls.is_handshaking() {
+                return Ok(());
             }
         }
-        while self.tls.wants_write() {
-            match self.tls.write_tls(&mut self.sock) {
-                Ok(0) => return Err(ConnError::Closed),
-                Ok(_) => {}
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(e.into()),
-            }
-        }
-        Ok(())
     }
 
     /// Reads whatever the socket has, decrypts it and feeds the decoder.
@@ -403,15 +410,24 @@ impl Transport {
         Ok(())
     }
 
-    /// One round: flush, wait until the socket or `waker` is ready (or
-    /// `timeout`), then read. The caller then takes values with
-    /// [`next_value`](Self::next_value).
+    /// One round: flush, then [`wait`](Self::wait).
     pub fn pump(
         &mut self,
         waker: Option<&UnixStream>,
         timeout: Option<Duration>,
     ) -> Result<(), ConnError> {
         self.flush()?;
+        self.wait(waker, timeout)
+    }
+
+    /// Waits until the socket or `waker` is ready (or `timeout`), then reads
+    /// and flushes. The caller must have flushed and decided to wait *after*
+    /// that flush: only what is buffered in rustls now asks for POLLOUT.
+    fn wait(
+        &mut self,
+        waker: Option<&UnixStream>,
+        timeout: Option<Duration>,
+    ) -> Result<(), ConnError> {
         if self.eof {
             return Ok(());
         }
@@ -493,17 +509,20 @@ impl Transport {
 
     /// Flushes everything queued, up to `deadline` (handshake replies, goodbyes).
     pub fn flush_all(&mut self, deadline: Instant) -> Result<(), ConnError> {
-        while self.has_backlog() {
+        loop {
+            self.flush()?;
+            if !self.has_backlog() {
+                return Ok(());
+            }
+            if self.eof {
+                return Err(ConnError::Closed);
+            }
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
                 return Err(ConnError::Timeout("the peer to read"));
             }
-            self.pump(None, Some(left.min(HANDSHAKE_POLL)))?;
-            if self.eof {
-                return Err(ConnError::Closed);
-            }
+            self.wait(None, Some(left.min(HANDSHAKE_POLL)))?;
         }
-        Ok(())
     }
 
     /// Sends close_notify and whatever is still buffered, briefly.
@@ -543,11 +562,13 @@ impl Transport {
                 on_value(self, v)?;
             }
             out.shared.parked.store(true, Ordering::SeqCst);
-            // Re-check after arming: a frame queued before a sender could see
+            // Decide to block only after the last flush, and re-check the
+            // queue after arming: a frame queued before a sender could see
             // `parked` must not wait for the next socket event.
+            self.flush()?;
             let ready = self.pending_off == self.pending.len() && !out.rx.is_empty();
             let timeout = if ready { Some(Duration::ZERO) } else { None };
-            self.pump(Some(&out.waker), timeout)?;
+            self.wait(Some(&out.waker), timeout)?;
             out.shared.parked.store(false, Ordering::SeqCst);
         }
     }
