@@ -3,4 +3,9 @@
 //! Library first: the binaries `ciao-launcher` and `ciao-lc` are thin shells
 //! over this crate. See ARCHITECTURE.md (shared) for the thread map.
 
+pub mod cli;
+pub mod daemon;
+pub mod lc;
+pub mod logging;
+pub mod signals;
 pub mod ssntp;

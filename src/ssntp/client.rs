@@ -351,7 +351,7 @@ impl IoThread {
                 }) => {
                     let delay = self.config.backoff.delay(pass);
                     pass += 1;
-                    info!("SSNTP connection failed ({error}); retrying in {delay:?}");
+                    debug!("SSNTP connection failed ({error}); retrying in {delay:?}");
                     if !self.emit(ClientEvent::ConnectFailed {
                         error: error.to_string(),
                         retry_in: delay,
@@ -382,7 +382,7 @@ impl IoThread {
                 Err(e) => {
                     debug!("SSNTP: {server}: {}", e.error);
                     last = AttemptError {
-                        error: ConnError::Protocol(format!("{server}: {}", e.error)),
+                        error: ConnError::Unreachable(format!("{server}: {}", e.error)),
                         fatal: false,
                     };
                 }

@@ -55,6 +55,8 @@ pub enum ConnError {
     Shutdown,
     /// The peer broke the SSNTP protocol.
     Protocol(String),
+    /// Every server of a dial pass failed; the text names the last one.
+    Unreachable(String),
 }
 
 impl fmt::Display for ConnError {
@@ -67,6 +69,7 @@ impl fmt::Display for ConnError {
             ConnError::Timeout(what) => write!(f, "timed out waiting for {what}"),
             ConnError::Shutdown => f.write_str("shutting down"),
             ConnError::Protocol(s) => write!(f, "protocol error: {s}"),
+            ConnError::Unreachable(s) => f.write_str(s),
         }
     }
 }
