@@ -7,5 +7,7 @@ pub mod cli;
 pub mod daemon;
 pub mod lc;
 pub mod logging;
+pub mod payloads;
 pub mod signals;
 pub mod ssntp;
+pub mod virt;

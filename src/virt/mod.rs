@@ -1,0 +1,89 @@
+//! The virtualizer interface (spec/launcher-behaviour.md §4) and its
+//! implementations. Every method is called only from the owning instance
+//! thread, so implementations need no locking.
+//!
+//! A running instance is watched by a *monitor* that reports to the instance
+//! thread on a channel of [`MonitorEvent`]s: `Running` once the instance is
+//! seen up, `Exited` once it is seen gone (guest power-off, crash, engine or
+//! QMP connection lost). The instance thread holds a [`Monitor`] handle:
+//! [`Monitor::stop`] asks for a graceful stop (the `Exited` event confirms it);
+//! dropping the handle detaches the monitor *without* stopping the instance
+//! (launcher shutdown leaves instances running).
+
+pub mod sim;
+
+use std::fmt;
+use std::path::Path;
+
+use crossbeam_channel::Sender;
+
+use crate::payloads::config::InstanceConfig;
+
+/// Why a virtualizer operation failed; the text is sent to the scheduler's log
+/// and the launcher's, so it should name the cause.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VirtError(pub String);
+
+impl fmt::Display for VirtError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for VirtError {}
+
+/// What a monitor reports to its instance thread.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MonitorEvent {
+    /// The instance is seen running.
+    Running,
+    /// The instance is seen not running any more (with what is known of why).
+    Exited(String),
+}
+
+/// Resource usage of one instance; `None` = unknown (−1 on the wire).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Usage {
+    pub memory_mb: Option<i64>,
+    pub disk_mb: Option<i64>,
+    /// Percent of the instance's vCPUs.
+    pub cpu_percent: Option<i64>,
+}
+
+/// The instance thread's handle on a running monitor.
+pub trait Monitor: Send + fmt::Debug {
+    /// Asks for a graceful stop; `Exited` follows when it is done.
+    fn stop(&mut self) -> Result<(), VirtError>;
+}
+
+/// One way of running instances.
+pub trait Virtualizer: Send + fmt::Debug {
+    /// Remembers the configuration and directory; called first, also on recovery.
+    fn init(&mut self, cfg: &InstanceConfig, dir: &Path);
+    /// Makes sure the root image exists (`image_failure` otherwise).
+    fn ensure_backing_image(&mut self) -> Result<(), VirtError>;
+    /// Creates the per-instance artefacts (`image_failure` otherwise).
+    fn create_image(&mut self) -> Result<(), VirtError>;
+    /// Removes state kept outside the instance directory (errors are logged only).
+    fn delete_image(&mut self) -> Result<(), VirtError>;
+    /// Boots the instance (`launch_failure` otherwise).
+    fn start(&mut self) -> Result<(), VirtError>;
+    /// Starts watching the instance; `boot` is true when re-attaching after a
+    /// launcher restart (the instance may have died meanwhile).
+    fn monitor(
+        &mut self,
+        events: Sender<MonitorEvent>,
+        boot: bool,
+    ) -> Result<Box<dyn Monitor>, VirtError>;
+    /// Current usage.
+    fn stats(&mut self) -> Usage;
+    /// The monitor saw the instance running.
+    fn connected(&mut self) {}
+    /// The instance is gone (monitor saw it exit, or a stop completed).
+    fn lost(&mut self) {}
+}
+
+/// Makes a virtualizer for a new or recovered instance.
+pub trait VirtualizerFactory: Send + Sync + fmt::Debug {
+    fn create(&self, cfg: &InstanceConfig) -> Box<dyn Virtualizer>;
+}
