@@ -1,1 +1,280 @@
-//! placeholder
+//! The simulation virtualizer (`-simulation`, scale tests, threading tests).
+//!
+//! Nothing runs: a "started" instance is a flag in a table shared by every
+//! simulated instance of the process ([`SimControl`]). It needs no thread of
+//! its own, so 10 000 simulated instances cost 10 000 instance threads and
+//! nothing more. The monitor reports `Running` as soon as it is attached,
+//! unless the control is in *manual* mode, where a test releases each
+//! instance with [`SimControl::report_running`]. Tests inject failures
+//! ([`SimControl::fail_image`], [`SimControl::fail_start`]) and crashes
+//! ([`SimControl::crash`]).
+//!
+//! Usage figures follow ciao's simulation: a tenth of the configured memory,
+//! disk and vCPUs.
+
+use std::collections::{HashMap, HashSet};
+use std::path::Path;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use crossbeam_channel::Sender;
+
+use super::{Monitor, MonitorEvent, Usage, VirtError, Virtualizer, VirtualizerFactory};
+use crate::payloads::config::InstanceConfig;
+
+#[derive(Debug, Default)]
+struct Table {
+    /// Monitors attached, by instance.
+    monitors: HashMap<String, Sender<MonitorEvent>>,
+    /// Instances "running" (survives a launcher restart within the process,
+    /// like a VM survives the launcher).
+    running: HashSet<String>,
+    /// Instances whose Running report is held back (manual mode).
+    held: HashSet<String>,
+    manual: bool,
+    fail_image: HashSet<String>,
+    fail_start: HashSet<String>,
+}
+
+/// The simulated "hypervisor": shared by every simulated instance; tests keep
+/// a clone to steer it.
+#[derive(Debug, Clone, Default)]
+pub struct SimControl {
+    table: Arc<Mutex<Table>>,
+}
+
+impl SimControl {
+    pub fn new() -> SimControl {
+        SimControl::default()
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Table> {
+        // Every critical section is a few set/map operations: a poisoned
+        // lock still holds a consistent table.
+        self.table.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// In manual mode a monitor reports `Running` only when the test says so.
+    pub fn set_manual(&self, manual: bool) {
+        self.lock().manual = manual;
+    }
+
+    /// Releases a held `Running` report; false if the instance has no monitor
+    /// waiting.
+    pub fn report_running(&self, id: &str) -> bool {
+        let mut t = self.lock();
+        if !t.held.remove(id) {
+            return false;
+        }
+        t.monitors.get(id).is_some_and(|m| m.send(MonitorEvent::Running).is_ok())
+    }
+
+    /// Simulates the instance dying by itself; false if it was not running.
+    pub fn crash(&self, id: &str) -> bool {
+        let mut t = self.lock();
+        if !t.running.remove(id) {
+            return false;
+        }
+        t.held.remove(id);
+        if let Some(m) = t.monitors.get(id) {
+            let _ = m.send(MonitorEvent::Exited("simulated crash".into()));
+        }
+        true
+    }
+
+    /// The next `ensure_backing_image` of `id` fails.
+    pub fn fail_image(&self, id: &str) {
+        self.lock().fail_image.insert(id.to_string());
+    }
+
+    /// The next `start` of `id` fails.
+    pub fn fail_start(&self, id: &str) {
+        self.lock().fail_start.insert(id.to_string());
+    }
+
+    pub fn is_running(&self, id: &str) -> bool {
+        self.lock().running.contains(id)
+    }
+
+    pub fn running_count(&self) -> usize {
+        self.lock().running.len()
+    }
+
+    /// Forgets everything "running", as a host reboot would.
+    pub fn power_cut(&self) {
+        let mut t = self.lock();
+        t.running.clear();
+        t.held.clear();
+    }
+}
+
+/// Makes simulated virtualizers that share one [`SimControl`].
+#[derive(Debug, Clone, Default)]
+pub struct SimFactory {
+    pub control: SimControl,
+}
+
+impl VirtualizerFactory for SimFactory {
+    fn create(&self, cfg: &InstanceConfig) -> Box<dyn Virtualizer> {
+        Box::new(Sim { id: cfg.instance_uuid.clone(), cfg: cfg.clone(), control: self.control.clone() })
+    }
+}
+
+/// One simulated instance.
+#[derive(Debug)]
+pub struct Sim {
+    id: String,
+    cfg: InstanceConfig,
+    control: SimControl,
+}
+
+#[derive(Debug)]
+struct SimMonitor {
+    id: String,
+    control: SimControl,
+}
+
+impl Monitor for SimMonitor {
+    fn stop(&mut self) -> Result<(), VirtError> {
+        let mut t = self.control.lock();
+        t.running.remove(&self.id);
+        t.held.remove(&self.id);
+        match t.monitors.get(&self.id) {
+            Some(m) => m
+                .send(MonitorEvent::Exited("stopped".into()))
+                .map_err(|_| VirtError("the instance is no longer watched".into())),
+            None => Err(VirtError("no monitor attached".into())),
+        }
+    }
+}
+
+impl Drop for SimMonitor {
+    /// Detaching leaves the instance "running".
+    fn drop(&mut self) {
+        self.control.lock().monitors.remove(&self.id);
+    }
+}
+
+impl Virtualizer for Sim {
+    fn init(&mut self, cfg: &InstanceConfig, _dir: &Path) {
+        self.cfg = cfg.clone();
+        self.id = cfg.instance_uuid.clone();
+    }
+
+    fn ensure_backing_image(&mut self) -> Result<(), VirtError> {
+        if self.control.lock().fail_image.remove(&self.id) {
+            return Err(VirtError("simulated image failure".into()));
+        }
+        Ok(())
+    }
+
+    fn create_image(&mut self) -> Result<(), VirtError> {
+        Ok(())
+    }
+
+    fn delete_image(&mut self) -> Result<(), VirtError> {
+        Ok(())
+    }
+
+    fn start(&mut self) -> Result<(), VirtError> {
+        let mut t = self.control.lock();
+        if t.fail_start.remove(&self.id) {
+            return Err(VirtError("simulated launch failure".into()));
+        }
+        t.running.insert(self.id.clone());
+        Ok(())
+    }
+
+    fn monitor(&mut self, events: Sender<MonitorEvent>, _boot: bool) -> Result<Box<dyn Monitor>, VirtError> {
+        let mut t = self.control.lock();
+        let up = t.running.contains(&self.id);
+        if !up {
+            // Re-attached after a "reboot", or never started.
+            let _ = events.send(MonitorEvent::Exited("not running".into()));
+        } else if t.manual {
+            t.held.insert(self.id.clone());
+        } else {
+            let _ = events.send(MonitorEvent::Running);
+        }
+        t.monitors.insert(self.id.clone(), events);
+        Ok(Box::new(SimMonitor { id: self.id.clone(), control: self.control.clone() }))
+    }
+
+    fn stats(&mut self) -> Usage {
+        Usage {
+            memory_mb: Some((self.cfg.mem_mb / 10) as i64),
+            disk_mb: Some((self.cfg.disk_mb / 10) as i64),
+            cpu_percent: Some(i64::from(self.cfg.vcpus / 10)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sim(control: &SimControl, id: &str) -> Box<dyn Virtualizer> {
+        let cfg = InstanceConfig { instance_uuid: id.into(), mem_mb: 370, vcpus: 2, ..Default::default() };
+        SimFactory { control: control.clone() }.create(&cfg)
+    }
+
+    #[test]
+    fn start_monitor_stop() {
+        let c = SimControl::new();
+        let mut v = sim(&c, "a");
+        v.ensure_backing_image().expect("image");
+        v.start().expect("start");
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let mut m = v.monitor(tx, false).expect("monitor");
+        assert_eq!(rx.try_recv(), Ok(MonitorEvent::Running));
+        m.stop().expect("stop");
+        assert!(matches!(rx.try_recv(), Ok(MonitorEvent::Exited(_))));
+        assert!(!c.is_running("a"));
+        assert_eq!(v.stats().memory_mb, Some(37));
+    }
+
+    #[test]
+    fn crash_and_detach() {
+        let c = SimControl::new();
+        let mut v = sim(&c, "b");
+        v.start().expect("start");
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let m = v.monitor(tx.clone(), false).expect("monitor");
+        assert_eq!(rx.try_recv(), Ok(MonitorEvent::Running));
+        drop(m); // detach: still running
+        assert!(c.is_running("b"));
+        let _m = v.monitor(tx, true).expect("re-attach");
+        assert_eq!(rx.try_recv(), Ok(MonitorEvent::Running));
+        assert!(c.crash("b"));
+        assert!(matches!(rx.try_recv(), Ok(MonitorEvent::Exited(_))));
+        assert!(!c.crash("b"));
+    }
+
+    #[test]
+    fn manual_mode_and_injected_failures() {
+        let c = SimControl::new();
+        c.set_manual(true);
+        let mut v = sim(&c, "c");
+        c.fail_image("c");
+        assert!(v.ensure_backing_image().is_err());
+        assert!(v.ensure_backing_image().is_ok());
+        c.fail_start("c");
+        assert!(v.start().is_err());
+        v.start().expect("second start");
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let _m = v.monitor(tx, false).expect("monitor");
+        assert!(rx.try_recv().is_err());
+        assert!(c.report_running("c"));
+        assert_eq!(rx.try_recv(), Ok(MonitorEvent::Running));
+    }
+
+    #[test]
+    fn power_cut_makes_recovery_see_exits() {
+        let c = SimControl::new();
+        let mut v = sim(&c, "d");
+        v.start().expect("start");
+        c.power_cut();
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let _m = v.monitor(tx, true).expect("monitor");
+        assert!(matches!(rx.try_recv(), Ok(MonitorEvent::Exited(_))));
+    }
+}
