@@ -33,6 +33,8 @@ struct Table {
     manual: bool,
     fail_image: HashSet<String>,
     fail_start: HashSet<String>,
+    /// Instances whose stop never completes (a wedged guest).
+    hang_stop: HashSet<String>,
 }
 
 /// The simulated "hypervisor": shared by every simulated instance; tests keep
@@ -65,7 +67,9 @@ impl SimControl {
         if !t.held.remove(id) {
             return false;
         }
-        t.monitors.get(id).is_some_and(|m| m.send(MonitorEvent::Running).is_ok())
+        t.monitors
+            .get(id)
+            .is_some_and(|m| m.send(MonitorEvent::Running).is_ok())
     }
 
     /// Simulates the instance dying by itself; false if it was not running.
@@ -89,6 +93,11 @@ impl SimControl {
     /// The next `start` of `id` fails.
     pub fn fail_start(&self, id: &str) {
         self.lock().fail_start.insert(id.to_string());
+    }
+
+    /// Stops of `id` are accepted but never complete.
+    pub fn hang_stop(&self, id: &str) {
+        self.lock().hang_stop.insert(id.to_string());
     }
 
     pub fn is_running(&self, id: &str) -> bool {
@@ -115,7 +124,11 @@ pub struct SimFactory {
 
 impl VirtualizerFactory for SimFactory {
     fn create(&self, cfg: &InstanceConfig) -> Box<dyn Virtualizer> {
-        Box::new(Sim { id: cfg.instance_uuid.clone(), cfg: cfg.clone(), control: self.control.clone() })
+        Box::new(Sim {
+            id: cfg.instance_uuid.clone(),
+            cfg: cfg.clone(),
+            control: self.control.clone(),
+        })
     }
 }
 
@@ -136,6 +149,9 @@ struct SimMonitor {
 impl Monitor for SimMonitor {
     fn stop(&mut self) -> Result<(), VirtError> {
         let mut t = self.control.lock();
+        if t.hang_stop.contains(&self.id) {
+            return Ok(());
+        }
         t.running.remove(&self.id);
         t.held.remove(&self.id);
         match t.monitors.get(&self.id) {
@@ -184,7 +200,11 @@ impl Virtualizer for Sim {
         Ok(())
     }
 
-    fn monitor(&mut self, events: Sender<MonitorEvent>, _boot: bool) -> Result<Box<dyn Monitor>, VirtError> {
+    fn monitor(
+        &mut self,
+        events: Sender<MonitorEvent>,
+        _boot: bool,
+    ) -> Result<Box<dyn Monitor>, VirtError> {
         let mut t = self.control.lock();
         let up = t.running.contains(&self.id);
         if !up {
@@ -196,7 +216,10 @@ impl Virtualizer for Sim {
             let _ = events.send(MonitorEvent::Running);
         }
         t.monitors.insert(self.id.clone(), events);
-        Ok(Box::new(SimMonitor { id: self.id.clone(), control: self.control.clone() }))
+        Ok(Box::new(SimMonitor {
+            id: self.id.clone(),
+            control: self.control.clone(),
+        }))
     }
 
     fn stats(&mut self) -> Usage {
@@ -213,8 +236,16 @@ mod tests {
     use super::*;
 
     fn sim(control: &SimControl, id: &str) -> Box<dyn Virtualizer> {
-        let cfg = InstanceConfig { instance_uuid: id.into(), mem_mb: 370, vcpus: 2, ..Default::default() };
-        SimFactory { control: control.clone() }.create(&cfg)
+        let cfg = InstanceConfig {
+            instance_uuid: id.into(),
+            mem_mb: 370,
+            vcpus: 2,
+            ..Default::default()
+        };
+        SimFactory {
+            control: control.clone(),
+        }
+        .create(&cfg)
     }
 
     #[test]

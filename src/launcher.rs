@@ -1,0 +1,156 @@
+//! The running launcher as a library object: [`Launcher::start`] spawns the
+//! `server` thread (which owns the SSNTP client's `ssntp-io` thread and the
+//! `overseer`, which owns the instance threads) and returns a handle;
+//! [`Launcher::stop`] broadcasts shutdown by dropping a sender and waits for
+//! everything to be joined within a deadline. The binary (`daemon.rs`) adds
+//! the command line, the lock, logging and signals around it; tests start it
+//! in-process with a simulated virtualizer and injected node figures.
+//!
+//! ```text
+//! main ──> server ──> ssntp-io
+//!             └─────> overseer ──> instance-<id> …
+//! ```
+
+use std::fs;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, Sender};
+use log::{info, warn};
+
+use crate::instance::Never;
+use crate::node::{LinkOutbox, NodeContext};
+use crate::nodestats::NodeStatsSource;
+use crate::overseer::{Limits, Overseer, OverseerInputs};
+use crate::ssntp::client::{Client, ClientConfig};
+use crate::ssntp::{Profile, StartError};
+use crate::state::Store;
+use crate::virt::VirtualizerFactory;
+
+/// Everything a launcher needs, resolved.
+#[derive(Debug)]
+pub struct Settings {
+    pub client: ClientConfig,
+    pub profile: Profile,
+    pub data_dir: PathBuf,
+    pub limits: Limits,
+    pub stats_interval: Duration,
+    pub factory: Arc<dyn VirtualizerFactory>,
+    pub node_stats: Box<dyn NodeStatsSource>,
+    pub instance_stack: usize,
+    pub stop_wait: Duration,
+    /// Per-instance usage sampling (None: never, for deterministic tests).
+    pub usage_tick: bool,
+}
+
+/// How the launcher ended.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Ended {
+    /// Shut down on request.
+    Stopped,
+    /// The SSNTP client stopped for good (a security failure).
+    ClientFailed(String),
+}
+
+/// A running launcher.
+#[derive(Debug)]
+pub struct Launcher {
+    shutdown: Option<Sender<Never>>,
+    done: Receiver<Ended>,
+    server: Option<JoinHandle<()>>,
+    /// Instances recovered from disk at start.
+    pub recovered: usize,
+}
+
+/// The launcher did not finish within the deadline.
+#[derive(Debug)]
+pub struct Stuck {
+    /// Names of this process's threads still alive.
+    pub threads: Vec<String>,
+}
+
+impl Launcher {
+    /// Creates the directories, recovers instances and starts the threads.
+    pub fn start(s: Settings) -> Result<Launcher, StartError> {
+        let store = Store::new(&s.data_dir);
+        store.ensure_dirs().map_err(|e| StartError::Io(std::io::Error::other(e.to_string())))?;
+        let client = Client::start(s.client)?;
+        let ctx = NodeContext {
+            profile: s.profile,
+            node_uuid: uuid::Uuid::from_bytes(client.uuid()).to_string(),
+            outbox: Arc::new(LinkOutbox { link: client.link(), profile: s.profile, origin: client.uuid() }),
+            store,
+            factory: s.factory,
+            stop_wait: s.stop_wait,
+            instance_stack: s.instance_stack,
+        };
+        let mut overseer = Overseer::new(ctx.clone(), s.limits, s.node_stats, s.data_dir.join("maintenance"));
+        if !s.usage_tick {
+            overseer = overseer.with_usage_tick(crate::overseer::no_usage_tick);
+        }
+        let recovered = overseer.recover();
+        let (req_tx, req_rx) = crossbeam_channel::bounded(1024);
+        let (ovs_shutdown, ovs_shutdown_rx) = crossbeam_channel::bounded::<Never>(0);
+        let inputs = OverseerInputs {
+            requests: req_rx,
+            stats_tick: crossbeam_channel::tick(s.stats_interval),
+            shutdown: ovs_shutdown_rx,
+        };
+        let overseer = overseer.spawn(inputs).map_err(StartError::Io)?;
+        let (shutdown, shutdown_rx) = crossbeam_channel::bounded::<Never>(0);
+        let (done_tx, done) = crossbeam_channel::bounded(1);
+        let server = thread::Builder::new()
+            .name("server".into())
+            .spawn(move || {
+                let events = client.events().clone();
+                let end = crate::server::Server::new(ctx, req_tx).run(events, shutdown_rx);
+                // Instances first (they may still send), then the connection.
+                drop(ovs_shutdown);
+                if overseer.join().is_err() {
+                    warn!("the overseer thread panicked");
+                }
+                client.close();
+                let _ = done_tx.send(end.map_or(Ended::Stopped, Ended::ClientFailed));
+            })
+            .map_err(StartError::Io)?;
+        Ok(Launcher { shutdown: Some(shutdown), done, server: Some(server), recovered })
+    }
+
+    /// Waits until the launcher ends by itself (client failure).
+    pub fn done(&self) -> &Receiver<Ended> {
+        &self.done
+    }
+
+    /// Shuts down and joins every thread, or reports who is still alive
+    /// after `within`. Instances keep running either way.
+    pub fn stop(mut self, within: Duration) -> Result<Ended, Stuck> {
+        let start = Instant::now();
+        self.shutdown.take();
+        match self.done.recv_timeout(within) {
+            Ok(end) => {
+                if let Some(t) = self.server.take() {
+                    let _ = t.join();
+                }
+                info!("launcher stopped in {:?}", start.elapsed());
+                Ok(end)
+            }
+            Err(_) => Err(Stuck { threads: live_threads() }),
+        }
+    }
+}
+
+/// The names of this process's threads (from /proc/self/task/*/comm).
+pub fn live_threads() -> Vec<String> {
+    let mut names = Vec::new();
+    if let Ok(dir) = fs::read_dir("/proc/self/task") {
+        for e in dir.flatten() {
+            if let Ok(n) = fs::read_to_string(e.path().join("comm")) {
+                names.push(n.trim().to_string());
+            }
+        }
+    }
+    names.sort();
+    names
+}

@@ -1,0 +1,556 @@
+//! Deterministic tests of the server, overseer and instance threads: frames
+//! go in through the server thread's event handler, frames come out through a
+//! channel outbox, time enters only through a test-driven stats tick, and the
+//! simulation virtualizer stands in for QEMU/Docker. No sleeps: every wait is
+//! a bounded receive.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use ciao_launcher::instance::{InstanceState, Never};
+use ciao_launcher::node::{ChannelOutbox, NodeContext};
+use ciao_launcher::nodestats::{FixedNodeStats, NodeFigures};
+use ciao_launcher::overseer::{Limits, Overseer, OverseerInputs, OverseerReq, no_usage_tick};
+use ciao_launcher::payloads::commands;
+use ciao_launcher::payloads::config::VmType;
+use ciao_launcher::payloads::outgoing;
+use ciao_launcher::payloads::start::{StartRequest, start_payload};
+use ciao_launcher::server::Server;
+use ciao_launcher::ssntp::client::ClientEvent;
+use ciao_launcher::ssntp::{
+    Command, ErrorCode, Event, Frame, FrameType, Operation, Profile, Role, Status,
+};
+use ciao_launcher::state::{StateFile, Store};
+use ciao_launcher::virt::sim::{SimControl, SimFactory};
+use crossbeam_channel::{Receiver, Sender};
+
+const WAIT: Duration = Duration::from_secs(10);
+const NODE: &str = "4481631c-dce9-48d6-b83a-a717417072ce";
+
+fn big_node() -> NodeFigures {
+    NodeFigures {
+        mem_total_mb: 1_000_000,
+        mem_available_mb: 1_000_000,
+        disk_total_mb: 10_000_000,
+        disk_available_mb: 10_000_000,
+        load: 0,
+        cpus_online: 64,
+    }
+}
+
+struct Node {
+    profile: Profile,
+    server: Server,
+    out: Receiver<(Operation, Vec<u8>)>,
+    sim: SimControl,
+    tick: Sender<Instant>,
+    requests: Sender<OverseerReq>,
+    overseer_shutdown: Option<Sender<Never>>,
+    overseer: Option<JoinHandle<()>>,
+    dir: PathBuf,
+}
+
+fn tmpdir() -> PathBuf {
+    let d = std::env::temp_dir().join(format!("ciao-threads-{}", uuid::Uuid::new_v4()));
+    std::fs::create_dir_all(&d).expect("tmpdir");
+    d
+}
+
+impl Node {
+    fn start(profile: Profile, limits: Limits) -> Node {
+        Node::start_in(profile, limits, tmpdir(), SimControl::new())
+    }
+
+    fn start_in(profile: Profile, limits: Limits, dir: PathBuf, sim: SimControl) -> Node {
+        let (out_tx, out) = crossbeam_channel::unbounded();
+        let store = Store::new(&dir);
+        store.ensure_dirs().expect("dirs");
+        let ctx = NodeContext {
+            profile,
+            node_uuid: NODE.into(),
+            outbox: Arc::new(ChannelOutbox(out_tx)),
+            store,
+            factory: Arc::new(SimFactory {
+                control: sim.clone(),
+            }),
+            stop_wait: Duration::from_secs(60),
+            instance_stack: 128 * 1024,
+        };
+        let mut ovs = Overseer::new(
+            ctx.clone(),
+            limits,
+            Box::new(FixedNodeStats(big_node())),
+            dir.join("maintenance"),
+        )
+        .with_usage_tick(no_usage_tick);
+        ovs.recover();
+        let (requests, req_rx) = crossbeam_channel::bounded(64);
+        let (tick, tick_rx) = crossbeam_channel::bounded(0);
+        let (shutdown, shutdown_rx) = crossbeam_channel::bounded::<Never>(0);
+        let overseer = ovs
+            .spawn(OverseerInputs {
+                requests: req_rx,
+                stats_tick: tick_rx,
+                shutdown: shutdown_rx,
+            })
+            .expect("overseer");
+        let server = Server::new(ctx, requests.clone());
+        Node {
+            profile,
+            server,
+            out,
+            sim,
+            tick,
+            requests,
+            overseer_shutdown: Some(shutdown),
+            overseer: Some(overseer),
+            dir,
+        }
+    }
+
+    fn command(&mut self, c: Command, payload: Vec<u8>) {
+        let op = self
+            .profile
+            .operand(Operation::Command(c))
+            .expect("operand");
+        let f = Frame::new(FrameType::Command, op, [1; 16], payload);
+        self.server.event(ClientEvent::Frame(f));
+    }
+
+    fn connected(&mut self) {
+        self.server.event(ClientEvent::Connected {
+            server_uuid: [2; 16],
+            server_role: Role::SCHEDULER,
+            configuration: Vec::new(),
+        });
+    }
+
+    /// The next frame the node sends, whatever it is.
+    fn next(&self) -> (Operation, Vec<u8>) {
+        self.out.recv_timeout(WAIT).expect("a frame in time")
+    }
+
+    /// Skips frames until one with `op` arrives.
+    fn expect(&self, op: Operation) -> Vec<u8> {
+        loop {
+            let (o, p) = self.next();
+            if o == op {
+                return p;
+            }
+        }
+    }
+
+    fn expect_error(&self, code: ErrorCode) -> outgoing::ErrorReport {
+        let p = self.expect(Operation::Error(code));
+        outgoing::parse_error(&p).expect("error payload")
+    }
+
+    /// Drives one stats tick and returns (STATUS, STATS payload).
+    fn tick(&self) -> (Status, outgoing::Stats) {
+        self.tick.send(Instant::now()).expect("tick");
+        let status = loop {
+            match self.next() {
+                (Operation::Status(s), _) => break s,
+                _ => continue,
+            }
+        };
+        let stats =
+            outgoing::parse_stats(&self.expect(Operation::Command(Command::Stats))).expect("stats");
+        (status, stats)
+    }
+
+    fn list(&self) -> Vec<(String, InstanceState)> {
+        let (reply, answer) = crossbeam_channel::bounded(1);
+        self.requests
+            .send(OverseerReq::List { reply })
+            .expect("overseer");
+        answer.recv_timeout(WAIT).expect("list")
+    }
+
+    /// Waits until `id` reaches `state` (polling the overseer, bounded).
+    fn wait_state(&self, id: &str, state: InstanceState) {
+        let deadline = Instant::now() + WAIT;
+        while Instant::now() < deadline {
+            if self.list().iter().any(|(i, s)| i == id && *s == state) {
+                return;
+            }
+            std::thread::yield_now();
+        }
+        panic!("{id} never reached {state:?}: {:?}", self.list());
+    }
+
+    fn wait_gone(&self, id: &str) {
+        let deadline = Instant::now() + WAIT;
+        while Instant::now() < deadline {
+            if !self.list().iter().any(|(i, _)| i == id) {
+                return;
+            }
+            std::thread::yield_now();
+        }
+        panic!("{id} never went away");
+    }
+
+    fn start_instance(&mut self, id: &str) {
+        let req = request(id);
+        let payload = start_payload(self.profile, &req);
+        self.command(Command::Start, payload);
+    }
+
+    fn shutdown(&mut self) -> Duration {
+        let t = Instant::now();
+        self.overseer_shutdown.take();
+        if let Some(o) = self.overseer.take() {
+            o.join().expect("overseer joined");
+        }
+        t.elapsed()
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        self.shutdown();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn request(id: &str) -> StartRequest {
+    StartRequest {
+        instance_uuid: id.into(),
+        tenant_uuid: "67d86208-0000-4465-9018-fe14087d415f".into(),
+        image_uuid: "b286cd45-7d0c-4525-a140-4db6c95e41fa".into(),
+        docker_image: String::new(),
+        vm_type: VmType::Qemu,
+        firmware: Default::default(),
+        vcpus: 2,
+        mem_mb: 370,
+        disk_mb: 8000,
+        volumes: Vec::new(),
+        restart: false,
+        user_data: "#cloud-config\nruncmd:\n- [touch, /etc/bootdone]\n".into(),
+        meta_data: "{\"uuid\": \"ciao\", \"hostname\": \"ciao\"}".into(),
+    }
+}
+
+fn uuid_n(n: u32) -> String {
+    format!("{n:08x}-0000-4000-8000-000000000000")
+}
+
+fn limits(max: usize) -> Limits {
+    Limits {
+        max_instances: max,
+        ..Limits::default()
+    }
+}
+
+#[test]
+fn ready_then_full_at_max_vm_and_full_cn_beyond() {
+    for profile in Profile::ALL {
+        let mut n = Node::start(profile, limits(2));
+        n.connected();
+        assert_eq!(n.next().0, Operation::Status(Status::Ready));
+        assert_eq!(
+            n.expect(Operation::Command(Command::Stats)).is_empty(),
+            false
+        );
+        n.start_instance(&uuid_n(1));
+        n.start_instance(&uuid_n(2));
+        n.wait_state(&uuid_n(1), InstanceState::Running);
+        n.wait_state(&uuid_n(2), InstanceState::Running);
+        let (status, stats) = n.tick();
+        assert_eq!(status, Status::Full, "{profile}");
+        assert_eq!(stats.status, "FULL");
+        assert_eq!(stats.instances.len(), 2);
+        assert!(
+            stats
+                .instances
+                .iter()
+                .all(|i| i.state == profile.running_state())
+        );
+        n.start_instance(&uuid_n(3));
+        let e = n.expect_error(ErrorCode::StartFailure);
+        assert_eq!(
+            (e.instance_uuid.as_str(), e.reason.as_str()),
+            (uuid_n(3).as_str(), "full_cn"),
+            "{profile}"
+        );
+    }
+}
+
+#[test]
+fn stop_restart_delete_2016() {
+    let mut n = Node::start(Profile::P2016, limits(8));
+    let id = uuid_n(7);
+    n.start_instance(&id);
+    assert_eq!(n.expect(Operation::Status(Status::Ready)).is_empty(), false);
+    n.wait_state(&id, InstanceState::Running);
+    assert!(n.sim.is_running(&id));
+
+    n.command(Command::Stop, commands::stop_payload(&id, NODE));
+    n.wait_state(&id, InstanceState::Exited);
+    assert!(!n.sim.is_running(&id));
+    let (_, stats) = n.tick();
+    assert_eq!(stats.instances[0].state, "exited");
+    // Stopped state survives on disk.
+    assert!(Store::new(&n.dir).load(&id).expect("state").stopped);
+
+    n.command(Command::Stop, commands::stop_payload(&id, NODE));
+    assert_eq!(
+        n.expect_error(ErrorCode::StopFailure).reason,
+        "already_stopped"
+    );
+
+    n.command(Command::Restart, commands::restart_payload(&id, NODE));
+    n.wait_state(&id, InstanceState::Running);
+    assert!(!Store::new(&n.dir).load(&id).expect("state").stopped);
+    n.command(Command::Restart, commands::restart_payload(&id, NODE));
+    assert_eq!(
+        n.expect_error(ErrorCode::RestartFailure).reason,
+        "already_running"
+    );
+
+    n.command(
+        Command::Delete,
+        commands::delete_payload(Profile::P2016, &id, NODE, false),
+    );
+    let ev = n.expect(Operation::Event(Event::InstanceDeleted));
+    assert_eq!(outgoing::parse_instance_event(&ev).expect("event"), id);
+    n.wait_gone(&id);
+    assert!(!n.dir.join("instances").join(&id).exists());
+    assert!(!n.sim.is_running(&id));
+}
+
+#[test]
+fn delete_with_stop_sends_instance_stopped_2018() {
+    let mut n = Node::start(Profile::P2018, limits(8));
+    let id = uuid_n(8);
+    n.start_instance(&id);
+    n.wait_state(&id, InstanceState::Running);
+    n.command(
+        Command::Delete,
+        commands::delete_payload(Profile::P2018, &id, NODE, true),
+    );
+    let ev = n.expect(Operation::Event(Event::InstanceStopped));
+    assert_eq!(outgoing::parse_instance_event(&ev).expect("event"), id);
+    n.wait_gone(&id);
+}
+
+#[test]
+fn duplicate_start_and_unknown_delete() {
+    for profile in Profile::ALL {
+        let mut n = Node::start(profile, limits(8));
+        let id = uuid_n(9);
+        n.start_instance(&id);
+        n.wait_state(&id, InstanceState::Running);
+        n.start_instance(&id);
+        assert_eq!(
+            n.expect_error(ErrorCode::StartFailure).reason,
+            "already_running",
+            "{profile}"
+        );
+        n.command(
+            Command::Delete,
+            commands::delete_payload(profile, &uuid_n(10), NODE, false),
+        );
+        let e = n.expect_error(ErrorCode::DeleteFailure);
+        assert_eq!(
+            (e.instance_uuid, e.reason),
+            (uuid_n(10), "no_instance".to_string()),
+            "{profile}"
+        );
+    }
+}
+
+#[test]
+fn crash_2016_is_exited_and_restartable() {
+    let mut n = Node::start(Profile::P2016, limits(8));
+    let id = uuid_n(11);
+    n.start_instance(&id);
+    n.wait_state(&id, InstanceState::Running);
+    assert!(n.sim.crash(&id));
+    n.wait_state(&id, InstanceState::Exited);
+    n.command(Command::Restart, commands::restart_payload(&id, NODE));
+    n.wait_state(&id, InstanceState::Running);
+}
+
+#[test]
+fn crash_2018_sends_instance_stopped_and_forgets() {
+    let mut n = Node::start(Profile::P2018, limits(8));
+    let id = uuid_n(12);
+    n.start_instance(&id);
+    n.wait_state(&id, InstanceState::Running);
+    assert!(n.sim.crash(&id));
+    let ev = n.expect(Operation::Event(Event::InstanceStopped));
+    assert_eq!(outgoing::parse_instance_event(&ev).expect("event"), id);
+    n.wait_gone(&id);
+    assert!(!n.dir.join("instances").join(&id).exists());
+}
+
+#[test]
+fn failed_start_reports_and_leaves_nothing() {
+    let mut n = Node::start(Profile::P2018, limits(8));
+    let (a, b) = (uuid_n(13), uuid_n(14));
+    n.sim.fail_image(&a);
+    n.start_instance(&a);
+    assert_eq!(
+        n.expect_error(ErrorCode::StartFailure).reason,
+        "image_failure"
+    );
+    n.wait_gone(&a);
+    n.sim.fail_start(&b);
+    n.start_instance(&b);
+    assert_eq!(
+        n.expect_error(ErrorCode::StartFailure).reason,
+        "launch_failure"
+    );
+    n.wait_gone(&b);
+    assert_eq!(
+        std::fs::read_dir(n.dir.join("instances"))
+            .expect("dir")
+            .count(),
+        0
+    );
+}
+
+#[test]
+fn evacuate_maintenance_and_restore_2018() {
+    let mut n = Node::start(Profile::P2018, limits(8));
+    let ids = [uuid_n(20), uuid_n(21)];
+    for id in &ids {
+        n.start_instance(id);
+        n.wait_state(id, InstanceState::Running);
+    }
+    n.command(Command::Evacuate, commands::evacuate_payload(NODE));
+    let mut stopped = Vec::new();
+    while stopped.len() < 2 {
+        let p = n.expect(Operation::Event(Event::InstanceStopped));
+        stopped.push(outgoing::parse_instance_event(&p).expect("event"));
+    }
+    stopped.sort();
+    assert_eq!(stopped, ids);
+    assert_eq!(n.tick().0, Status::Maintenance);
+    n.start_instance(&uuid_n(22));
+    assert_eq!(
+        n.expect_error(ErrorCode::StartFailure).reason,
+        "node_maintenance"
+    );
+    n.command(Command::Restore, commands::restore_payload(NODE));
+    assert_eq!(n.tick().0, Status::Ready);
+}
+
+#[test]
+fn flooded_instance_does_not_delay_another_start() {
+    let mut n = Node::start(Profile::P2016, limits(8));
+    let (busy, other) = (uuid_n(30), uuid_n(31));
+    n.start_instance(&busy);
+    n.wait_state(&busy, InstanceState::Running);
+    // Its stop hangs: the instance thread is stuck in the STOP handler.
+    n.sim.hang_stop(&busy);
+    for _ in 0..40 {
+        n.command(Command::Stop, commands::stop_payload(&busy, NODE));
+    }
+    // The inbox overflows: the node answers instead of stalling.
+    assert_eq!(
+        n.expect_error(ErrorCode::StopFailure).reason,
+        "instance_busy"
+    );
+    n.start_instance(&other);
+    n.wait_state(&other, InstanceState::Running);
+}
+
+#[test]
+fn hostile_payloads_get_error_frames() {
+    let mut n = Node::start(Profile::P2018, limits(8));
+    let mut traversal = request("../../../etc");
+    traversal.instance_uuid = "../../../etc".into();
+    n.command(Command::Start, start_payload(Profile::P2018, &traversal));
+    let e = n.expect_error(ErrorCode::StartFailure);
+    assert_eq!(e.reason, "invalid_data");
+    assert!(!n.dir.join("etc").exists());
+
+    n.command(Command::Start, b"start: [unclosed".to_vec());
+    assert_eq!(
+        n.expect_error(ErrorCode::StartFailure).reason,
+        "invalid_payload"
+    );
+    n.command(Command::Start, b"start:\n  vcpus: two\n".to_vec());
+    assert!(
+        ["invalid_payload", "invalid_data"]
+            .contains(&n.expect_error(ErrorCode::StartFailure).reason.as_str())
+    );
+    n.command(Command::Delete, b"delete: {}\n".to_vec());
+    assert_eq!(
+        n.expect_error(ErrorCode::DeleteFailure).reason,
+        "invalid_data"
+    );
+    n.command(
+        Command::Delete,
+        b"delete:\n  instance_uuid: ../x\n".to_vec(),
+    );
+    assert_eq!(
+        n.expect_error(ErrorCode::DeleteFailure).reason,
+        "invalid_data"
+    );
+    n.command(Command::Start, vec![b'x'; 100 << 20]);
+    assert_eq!(
+        n.expect_error(ErrorCode::StartFailure).reason,
+        "invalid_payload"
+    );
+    // An unknown operand is ignored, and the node still works.
+    n.server.event(ClientEvent::Frame(Frame::new(
+        FrameType::Command,
+        200,
+        [1; 16],
+        b"x".to_vec(),
+    )));
+    let id = uuid_n(40);
+    n.start_instance(&id);
+    n.wait_state(&id, InstanceState::Running);
+}
+
+#[test]
+fn recovery_restores_instances_and_skips_garbage() {
+    let dir = tmpdir();
+    let sim = SimControl::new();
+    let (a, b) = (uuid_n(50), uuid_n(51));
+    {
+        let mut n = Node::start_in(Profile::P2016, limits(8), dir.clone(), sim.clone());
+        n.start_instance(&a);
+        n.start_instance(&b);
+        n.wait_state(&a, InstanceState::Running);
+        n.wait_state(&b, InstanceState::Running);
+        n.command(Command::Stop, commands::stop_payload(&b, NODE));
+        n.wait_state(&b, InstanceState::Exited);
+        n.shutdown();
+        // Keep the directory: forget the node without its Drop cleanup.
+        n.dir = tmpdir();
+    }
+    std::fs::create_dir_all(dir.join("instances/not-a-uuid")).expect("junk");
+    std::fs::create_dir_all(dir.join("instances").join(uuid_n(52))).expect("no state");
+    std::fs::write(
+        dir.join("instances").join(uuid_n(52)).join("state"),
+        "config: [",
+    )
+    .expect("corrupt");
+    let n = Node::start_in(Profile::P2016, limits(8), dir, sim.clone());
+    n.wait_state(&a, InstanceState::Running);
+    n.wait_state(&b, InstanceState::Exited);
+    assert_eq!(n.list().len(), 2);
+    let _: StateFile = Store::new(&n.dir).load(&a).expect("kept");
+}
+
+#[test]
+fn shutdown_with_1000_instances_joins_within_one_second() {
+    let mut n = Node::start(Profile::P2018, limits(2000));
+    for i in 0..1000 {
+        n.start_instance(&uuid_n(1000 + i));
+    }
+    for i in 0..1000 {
+        n.wait_state(&uuid_n(1000 + i), InstanceState::Running);
+    }
+    let took = n.shutdown();
+    assert!(took < Duration::from_secs(1), "shutdown took {took:?}");
+    // Shutdown leaves instances running.
+    assert_eq!(n.sim.running_count(), 1000);
+}
