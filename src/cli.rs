@@ -1,12 +1,30 @@
-//! Command-line helpers shared by the binaries.
+//! Command line of the binaries.
 //!
 //! ciao's Go tools take single-dash long flags (`-cacert=x`, `-v 2`,
 //! `-network=false`); clap only knows `--long`. [`normalize_args`] rewrites
 //! `-name` and `-name=value` to `--name…` for the long names (and aliases) a
 //! clap command declares, and leaves everything else alone: short flags,
 //! unknown words (clap then reports them), and all arguments after `--`.
+//!
+//! [`LauncherCli`] is `ciao-launcher`'s command line; [`parse_launcher_args`]
+//! turns `argv` into a validated [`Config`] with every default resolved. The
+//! hand-written parts of the man pages live here too
+//! ([`LAUNCHER_MAN_EXTRA`], [`LC_MAN_EXTRA`]) so that `examples/gen-man.rs`
+//! and `tests/man_pages.rs` render the same bytes.
 
 use std::ffi::OsString;
+use std::fmt;
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::time::Duration;
+
+use clap::builder::{PossibleValue, PossibleValuesParser, TypedValueParser};
+use clap::error::ErrorKind;
+use clap::{ArgAction, CommandFactory, FromArgMatches, Parser, ValueEnum};
+use log::LevelFilter;
+
+use crate::ssntp::Profile;
 
 /// Rewrites Go-style single-dash long flags known to `cmd`.
 pub fn normalize_args(
@@ -64,6 +82,729 @@ fn collect_longs(cmd: &clap::Command, out: &mut Vec<String>) {
         collect_longs(sub, out);
     }
 }
+
+/// Help headings: clap groups `--help` by them and clap_mangen makes each a
+/// man page section.
+const NODE: &str = "Node options";
+const LOGGING: &str = "Logging options (glog style)";
+
+/// `ciao-launcher`'s command line, as clap sees it. Use
+/// [`parse_launcher_args`] (Go-style flags, validation, resolved defaults)
+/// rather than parsing this directly.
+#[derive(Debug, Parser)]
+#[command(
+    name = "ciao-launcher",
+    version,
+    override_usage = "ciao-launcher [OPTIONS] --cacert FILE --cert FILE\n       ciao-launcher [OPTIONS] --hard-reset",
+    about = "The compute-node agent of the CIAO cloud orchestrator",
+    long_about = "ciao-launcher runs on every compute node (and network node) of a CIAO cloud. \
+It keeps one mutually authenticated TLS connection (SSNTP) to the ciao scheduler, \
+reports the node's capacity and its instances' statistics, and starts, stops and \
+deletes the virtual machines and containers the scheduler asks for.
+
+Its role (agent and/or netagent) comes from its certificate. Without --server it \
+dials the names in the CA certificate's subject alternative names, then localhost, \
+on port 8888, and keeps reconnecting for as long as it runs.
+
+Flags may be written the Go way, with one dash (-cacert=FILE, -v 2, -network=false, \
+-log_dir DIR), or the GNU way (--cacert FILE). Boolean flags take an optional \
+=true or =false (also 1, t, T, TRUE, True and their false forms), as Go's flag \
+package does; a bare flag means true."
+)]
+pub struct LauncherCli {
+    /// Scheduler address (default: the CA certificate's IP then DNS subject alternative names, then localhost; port 8888).
+    #[arg(long, value_name = "HOST[:PORT]")]
+    pub server: Option<String>,
+
+    /// CA certificate (PEM) that the scheduler's certificate must lead to. Required unless --hard-reset.
+    #[arg(long, value_name = "FILE")]
+    pub cacert: Option<PathBuf>,
+
+    /// This node's certificate and private key in one PEM file; it must carry the agent and/or netagent role. Required unless --hard-reset.
+    #[arg(long, value_name = "FILE")]
+    pub cert: Option<PathBuf>,
+
+    /// Protocol profile: the ciao generation of the scheduler (see PROTOCOL PROFILES in ciao-launcher(8)).
+    #[arg(long, value_name = "PROFILE", default_value = "2016", value_parser = profile_parser())]
+    pub protocol: Profile,
+
+    /// Also require the scheduler's certificate to name the host dialled (ciao certificates often carry no names, so this is off by default).
+    #[arg(long, value_name = "BOOL", default_value = "false", num_args = 0..=1, require_equals = true,
+          default_missing_value = "true", action = ArgAction::Set, value_parser = parse_go_bool)]
+    pub verify_hostname: bool,
+
+    /// Root of the launcher's files: instances, images, node UUID, logs, lock file.
+    #[arg(long, value_name = "DIR", default_value = "/var/lib/ciao")]
+    pub data_dir: PathBuf,
+
+    /// Run with a simulated virtualizer: instances are pretend, nothing is started on the host.
+    #[arg(long, value_name = "BOOL", default_value = "false", num_args = 0..=1, require_equals = true,
+          default_missing_value = "true", action = ArgAction::Set, value_parser = parse_go_bool)]
+    pub simulation: bool,
+
+    /// Stop and delete every instance this launcher knows in the data directory, then exit without connecting. Needs neither --cacert nor --cert.
+    #[arg(long, value_name = "BOOL", default_value = "false", num_args = 0..=1, require_equals = true,
+          default_missing_value = "true", action = ArgAction::Set, value_parser = parse_go_bool)]
+    pub hard_reset: bool,
+
+    /// Tenant networking: none, cn (compute node) or nn (network node). -network=false means none, -network=true or a bare -network means cn. Tenant networking is not implemented yet, so the default is none.
+    // No require_equals: the 2016 launcher's string flag was written `-network nn`,
+    // and with no positional arguments a following word can only be its value.
+    #[arg(long, value_name = "MODE", default_value = "none", num_args = 0..=1,
+          default_missing_value = "cn", action = ArgAction::Set, ignore_case = true, help_heading = NODE)]
+    pub network: NetworkMode,
+
+    /// Largest number of instances the node accepts; a START beyond it is refused with full_cn.
+    #[arg(long, value_name = "N", default_value_t = 32, help_heading = NODE)]
+    pub max_vm: u32,
+
+    /// Compute (tenant) network of this node; repeat the flag for several.
+    #[arg(long, value_name = "CIDR", action = ArgAction::Append, help_heading = NODE)]
+    pub compute_net: Vec<String>,
+
+    /// Management network of this node; repeat the flag for several.
+    #[arg(long, value_name = "CIDR", action = ArgAction::Append, help_heading = NODE)]
+    pub mgmt_net: Vec<String>,
+
+    /// Check available disk space against --disk-limit-mb.
+    #[arg(long, value_name = "BOOL", default_value = "true", num_args = 0..=1, require_equals = true,
+          default_missing_value = "true", action = ArgAction::Set, value_parser = parse_go_bool, help_heading = NODE)]
+    pub disk_limit: bool,
+
+    /// Report the node FULL when less than N MB of disk is available.
+    #[arg(long, value_name = "N", default_value_t = 80_000, help_heading = NODE)]
+    pub disk_limit_mb: u64,
+
+    /// Check available memory against --mem-limit-mb.
+    #[arg(long, value_name = "BOOL", default_value = "true", num_args = 0..=1, require_equals = true,
+          default_missing_value = "true", action = ArgAction::Set, value_parser = parse_go_bool, help_heading = NODE)]
+    pub mem_limit: bool,
+
+    /// Report the node FULL when less than N MB of memory is available.
+    #[arg(long, value_name = "N", default_value_t = 1_000, help_heading = NODE)]
+    pub mem_limit_mb: u64,
+
+    /// Seconds between STATUS and STATS reports (default: 30 with --protocol 2016, 6 with 2018).
+    #[arg(long, value_name = "SECONDS", help_heading = NODE)]
+    pub stats_interval: Option<u64>,
+
+    /// User interface of virtual machines: none (headless), nc (serial console on a TCP port, for netcat) or spice.
+    #[arg(long, value_name = "UI", default_value = "none", help_heading = NODE)]
+    pub with_ui: UiMode,
+
+    /// Stack size of each instance thread, in KiB.
+    #[arg(long, value_name = "N", default_value_t = 128, help_heading = NODE)]
+    pub instance_stack_kib: usize,
+
+    /// Verbosity: 0 logs information, 1 and 2 add debugging, 3 and more trace everything.
+    #[arg(short = 'v', long = "v", value_name = "N", default_value_t = 0, help_heading = LOGGING)]
+    pub verbosity: u8,
+
+    /// Log to standard error instead of files.
+    #[arg(long, value_name = "BOOL", default_value = "false", num_args = 0..=1, require_equals = true,
+          default_missing_value = "true", action = ArgAction::Set, value_parser = parse_go_bool, help_heading = LOGGING)]
+    pub logtostderr: bool,
+
+    /// Log to standard error as well as to files.
+    #[arg(long, value_name = "BOOL", default_value = "false", num_args = 0..=1, require_equals = true,
+          default_missing_value = "true", action = ArgAction::Set, value_parser = parse_go_bool, help_heading = LOGGING)]
+    pub alsologtostderr: bool,
+
+    /// Directory of the log files (default: DIR/logs, DIR being --data-dir). Also spelt --log_dir, as in Go.
+    #[arg(long, value_name = "DIR", alias = "log_dir", help_heading = LOGGING)]
+    pub log_dir: Option<PathBuf>,
+
+    /// Messages at or above this severity also go to standard error: INFO, WARNING, ERROR, FATAL or 0 to 3.
+    #[arg(long, value_name = "LEVEL", default_value = "ERROR", ignore_case = true,
+          hide_possible_values = true, help_heading = LOGGING)]
+    pub stderrthreshold: Severity,
+}
+
+/// Tenant networking mode (`--network`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum NetworkMode {
+    /// No tenant networking (also -network=false).
+    #[value(aliases = ["false", "0", "f"])]
+    None,
+    /// Compute node: tenant bridges for instances (also -network=true).
+    #[value(aliases = ["true", "1", "t"])]
+    Cn,
+    /// Network node: hosts the tenants' concentrator instances (CNCIs).
+    Nn,
+}
+
+/// How virtual machines are displayed (`--with-ui`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum UiMode {
+    /// Headless.
+    None,
+    /// Serial console on a TCP port (reach it with netcat).
+    Nc,
+    /// SPICE display.
+    Spice,
+}
+
+/// glog severities (`--stderrthreshold`); glog also accepts their numbers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Severity {
+    #[value(name = "INFO", alias = "0")]
+    Info,
+    #[value(name = "WARNING", alias = "1")]
+    Warning,
+    #[value(name = "ERROR", alias = "2")]
+    Error,
+    #[value(name = "FATAL", alias = "3")]
+    Fatal,
+}
+
+impl Severity {
+    /// `log` has no fatal level: fatal messages are logged as errors, so
+    /// FATAL lets errors through as ERROR does.
+    pub fn level_filter(self) -> LevelFilter {
+        match self {
+            Severity::Info => LevelFilter::Info,
+            Severity::Warning => LevelFilter::Warn,
+            Severity::Error | Severity::Fatal => LevelFilter::Error,
+        }
+    }
+}
+
+/// Go's `strconv.ParseBool`, which is what `-flag=value` accepts in Go.
+pub fn parse_go_bool(s: &str) -> Result<bool, String> {
+    match s {
+        "1" | "t" | "T" | "true" | "TRUE" | "True" => Ok(true),
+        "0" | "f" | "F" | "false" | "FALSE" | "False" => Ok(false),
+        _ => Err("expected true or false (or 1, t, T, TRUE, True, 0, f, F, FALSE, False)".into()),
+    }
+}
+
+/// `--protocol`: listing the values lets `--help` and the man page show them.
+fn profile_parser() -> impl TypedValueParser<Value = Profile> {
+    PossibleValuesParser::new([
+        PossibleValue::new("2016").help("ciao of April 2016 (commit e7061307)"),
+        PossibleValue::new("2018").help("ciao master, the last ciao release line"),
+    ])
+    .try_map(|s| s.parse::<Profile>())
+}
+
+/// An IP network (`--compute-net`, `--mgmt-net`), host bits cleared as Go's
+/// `net.ParseCIDR` does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Cidr {
+    network: IpAddr,
+    prefix: u8,
+}
+
+impl Cidr {
+    pub fn network(&self) -> IpAddr {
+        self.network
+    }
+
+    pub fn prefix(&self) -> u8 {
+        self.prefix
+    }
+
+    /// Whether `ip` is in this network (never across address families).
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        match (self.network, ip) {
+            (IpAddr::V4(_), IpAddr::V4(_)) | (IpAddr::V6(_), IpAddr::V6(_)) => {
+                mask(ip, self.prefix) == self.network
+            }
+            _ => false,
+        }
+    }
+}
+
+/// `ip` with every bit after the first `prefix` cleared (`prefix` is in range).
+fn mask(ip: IpAddr, prefix: u8) -> IpAddr {
+    match ip {
+        IpAddr::V4(a) => {
+            let m = u32::MAX.checked_shl(32 - u32::from(prefix)).unwrap_or(0);
+            IpAddr::V4((u32::from(a) & m).into())
+        }
+        IpAddr::V6(a) => {
+            let m = u128::MAX.checked_shl(128 - u32::from(prefix)).unwrap_or(0);
+            IpAddr::V6((u128::from(a) & m).into())
+        }
+    }
+}
+
+impl FromStr for Cidr {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Cidr, String> {
+        let (addr, prefix) = s
+            .split_once('/')
+            .ok_or("expected ADDRESS/PREFIX, e.g. 192.168.1.0/24")?;
+        let addr: IpAddr = addr
+            .parse()
+            .map_err(|_| format!("{addr:?} is not an IP address"))?;
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let prefix = prefix
+            .parse::<u8>()
+            .ok()
+            .filter(|p| *p <= max)
+            .ok_or_else(|| format!("prefix length {prefix:?} is not a number from 0 to {max}"))?;
+        Ok(Cidr {
+            network: mask(addr, prefix),
+            prefix,
+        })
+    }
+}
+
+impl fmt::Display for Cidr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.network, self.prefix)
+    }
+}
+
+/// What the launcher has been asked to do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Mode {
+    /// Connect to the scheduler and manage instances.
+    Run { cacert: PathBuf, cert: PathBuf },
+    /// Remove every instance and exit (`--hard-reset`).
+    HardReset,
+}
+
+/// Logging settings, glog's flags resolved.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LogConfig {
+    /// From `-v`: 0 → Info, 1–2 → Debug, ≥ 3 → Trace.
+    pub verbosity: LevelFilter,
+    pub logtostderr: bool,
+    pub alsologtostderr: bool,
+    /// `--log-dir`, else `<data-dir>/logs`.
+    pub dir: PathBuf,
+    /// `--stderrthreshold` (FATAL is Error: `log` has no fatal level).
+    pub stderr_threshold: LevelFilter,
+}
+
+/// The launcher's validated configuration, every default resolved.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Config {
+    pub mode: Mode,
+    /// `--server` as given (trimmed); `None`: dial the CA certificate's names.
+    pub server: Option<String>,
+    pub protocol: Profile,
+    pub verify_hostname: bool,
+    pub data_dir: PathBuf,
+    pub simulation: bool,
+    pub network: NetworkMode,
+    /// At least 1.
+    pub max_vm: u32,
+    pub compute_net: Vec<Cidr>,
+    pub mgmt_net: Vec<Cidr>,
+    pub disk_limit: bool,
+    /// FULL when less disk than this is available (MB), if `disk_limit`.
+    pub disk_limit_mb: u64,
+    pub mem_limit: bool,
+    /// FULL when less memory than this is available (MB), if `mem_limit`.
+    pub mem_limit_mb: u64,
+    /// `--stats-interval`, else the profile's period.
+    pub stats_interval: Duration,
+    pub with_ui: UiMode,
+    /// Stack size of instance threads, in bytes.
+    pub instance_stack_size: usize,
+    pub log: LogConfig,
+}
+
+/// The smallest `--instance-stack-kib` accepted: below it, instance threads
+/// would overflow their stacks at once.
+pub const MIN_INSTANCE_STACK_KIB: usize = 16;
+
+/// Why the command line was not turned into a [`Config`].
+#[derive(Debug)]
+pub enum CliError {
+    /// clap's own outcome: a usage error, or `--help`/`--version` (see
+    /// [`CliError::is_help_or_version`]).
+    Clap(clap::Error),
+    /// `--cacert` or `--cert` (the flag named) is missing without `--hard-reset`.
+    Missing(&'static str),
+    /// A flag's value is out of range or malformed.
+    Invalid {
+        flag: &'static str,
+        value: String,
+        reason: String,
+    },
+}
+
+impl CliError {
+    /// `--help` or `--version`: print it ([`CliError::print`]) and exit 0.
+    pub fn is_help_or_version(&self) -> bool {
+        matches!(self, CliError::Clap(e) if !e.use_stderr())
+    }
+
+    /// 0 after `--help`/`--version`, 2 (command-line error) otherwise.
+    pub fn exit_code(&self) -> u8 {
+        if self.is_help_or_version() { 0 } else { 2 }
+    }
+
+    /// Prints help or version to stdout, errors (with the usage line) to stderr.
+    pub fn print(&self) -> std::io::Result<()> {
+        match self {
+            CliError::Clap(e) => e.print(),
+            other => {
+                let kind = match other {
+                    CliError::Missing(_) => ErrorKind::MissingRequiredArgument,
+                    _ => ErrorKind::ValueValidation,
+                };
+                LauncherCli::command()
+                    .error(kind, other.to_string())
+                    .print()
+            }
+        }
+    }
+}
+
+impl fmt::Display for CliError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            CliError::Clap(e) => write!(f, "{}", e.render()),
+            CliError::Missing(flag) => write!(f, "{flag} is required (unless --hard-reset)"),
+            CliError::Invalid {
+                flag,
+                value,
+                reason,
+            } => write!(f, "invalid value '{value}' for '{flag}': {reason}"),
+        }
+    }
+}
+
+impl std::error::Error for CliError {}
+
+impl From<clap::Error> for CliError {
+    fn from(e: clap::Error) -> CliError {
+        CliError::Clap(e)
+    }
+}
+
+fn invalid(flag: &'static str, value: impl fmt::Display, reason: impl Into<String>) -> CliError {
+    CliError::Invalid {
+        flag,
+        value: value.to_string(),
+        reason: reason.into(),
+    }
+}
+
+fn parse_cidrs(flag: &'static str, values: Vec<String>) -> Result<Vec<Cidr>, CliError> {
+    values
+        .into_iter()
+        .map(|v| v.parse::<Cidr>().map_err(|r| invalid(flag, &v, r)))
+        .collect()
+}
+
+/// Catches what would only fail later when dialling: an empty host or a
+/// port that is not a number. Bare IPv6 addresses (`::1`) are allowed, as
+/// the dialler adds the port to them.
+fn check_server(s: &str) -> Result<(), String> {
+    if s.chars().any(char::is_whitespace) {
+        return Err("contains white space".into());
+    }
+    if s.parse::<std::net::SocketAddr>().is_ok()
+        || s.trim_matches(|c| c == '[' || c == ']')
+            .parse::<IpAddr>()
+            .is_ok()
+    {
+        return Ok(());
+    }
+    match s.rsplit_once(':') {
+        None => Ok(()),
+        Some(("", _)) => Err("no host before the port".into()),
+        Some((_, port)) if port.parse::<u16>().is_err() => {
+            Err(format!("port {port:?} is not a number from 0 to 65535"))
+        }
+        Some((host, _)) if host.contains(':') => {
+            Err("write an IPv6 address with a port as [ADDRESS]:PORT".into())
+        }
+        Some(_) => Ok(()),
+    }
+}
+
+impl LauncherCli {
+    /// Validates the command line and resolves its defaults.
+    pub fn into_config(self) -> Result<Config, CliError> {
+        let mode = if self.hard_reset {
+            Mode::HardReset
+        } else {
+            Mode::Run {
+                cacert: self.cacert.ok_or(CliError::Missing("--cacert"))?,
+                cert: self.cert.ok_or(CliError::Missing("--cert"))?,
+            }
+        };
+        // Go's default was "": an empty -server means "not given".
+        let server = self
+            .server
+            .map(|s| s.trim().to_string())
+            .filter(|s| !s.is_empty());
+        if let Some(s) = &server {
+            check_server(s).map_err(|r| invalid("--server", s, r))?;
+        }
+        if self.max_vm == 0 {
+            return Err(invalid(
+                "--max-vm",
+                0,
+                "the node must accept at least 1 instance",
+            ));
+        }
+        let stats_interval = match self.stats_interval {
+            None => self.protocol.stats_interval(),
+            Some(0) => return Err(invalid("--stats-interval", 0, "must be at least 1 second")),
+            Some(s) => Duration::from_secs(s),
+        };
+        let instance_stack_size = Some(self.instance_stack_kib)
+            .filter(|k| *k >= MIN_INSTANCE_STACK_KIB)
+            .and_then(|k| k.checked_mul(1024))
+            .ok_or_else(|| {
+                invalid(
+                    "--instance-stack-kib",
+                    self.instance_stack_kib,
+                    format!(
+                        "must be from {MIN_INSTANCE_STACK_KIB} to {}",
+                        usize::MAX / 1024
+                    ),
+                )
+            })?;
+        let verbosity = match self.verbosity {
+            0 => LevelFilter::Info,
+            1 | 2 => LevelFilter::Debug,
+            _ => LevelFilter::Trace,
+        };
+        let log = LogConfig {
+            verbosity,
+            logtostderr: self.logtostderr,
+            alsologtostderr: self.alsologtostderr,
+            dir: self.log_dir.unwrap_or_else(|| self.data_dir.join("logs")),
+            stderr_threshold: self.stderrthreshold.level_filter(),
+        };
+        Ok(Config {
+            mode,
+            server,
+            protocol: self.protocol,
+            verify_hostname: self.verify_hostname,
+            simulation: self.simulation,
+            network: self.network,
+            max_vm: self.max_vm,
+            compute_net: parse_cidrs("--compute-net", self.compute_net)?,
+            mgmt_net: parse_cidrs("--mgmt-net", self.mgmt_net)?,
+            disk_limit: self.disk_limit,
+            disk_limit_mb: self.disk_limit_mb,
+            mem_limit: self.mem_limit,
+            mem_limit_mb: self.mem_limit_mb,
+            stats_interval,
+            with_ui: self.with_ui,
+            instance_stack_size,
+            log,
+            data_dir: self.data_dir,
+        })
+    }
+}
+
+/// A `-word` left over by [`normalize_args`] that is no known long name and
+/// does not start with a known short flag (`-v3` does), before any `--`.
+fn unknown_single_dash_word(cmd: &clap::Command, args: &[OsString]) -> Option<String> {
+    args.iter()
+        .skip(1)
+        .map_while(|a| a.to_str().filter(|s| *s != "--"))
+        .find(|s| {
+            let Some(rest) = s.strip_prefix('-').filter(|r| !r.starts_with('-')) else {
+                return false;
+            };
+            let mut chars = rest.chars();
+            chars.next().is_some_and(|c| {
+                chars.next().is_some() && !cmd.get_arguments().any(|a| a.get_short() == Some(c))
+            })
+        })
+        .map(str::to_string)
+}
+
+/// `argv` (program name first) → [`Config`]: Go-style flags are normalized,
+/// clap parses, [`LauncherCli::into_config`] validates. On error, call
+/// [`CliError::print`] and exit with [`CliError::exit_code`] (0 after
+/// `--help`/`--version`).
+pub fn parse_launcher_args(args: impl IntoIterator<Item = OsString>) -> Result<Config, CliError> {
+    let mut cmd = LauncherCli::command();
+    // Building adds --help and --version, so that -help and -version work too.
+    cmd.build();
+    let args = normalize_args(&cmd, args);
+    if let Some(word) = unknown_single_dash_word(&cmd, &args) {
+        // clap would name only its first letter (`unexpected argument '-b'`).
+        let msg = format!("unexpected argument '{word}' found");
+        return Err(cmd.error(ErrorKind::UnknownArgument, msg).into());
+    }
+    let matches = cmd.try_get_matches_from_mut(args)?;
+    LauncherCli::from_arg_matches(&matches)?.into_config()
+}
+
+/// Hand-written sections appended to `ciao-launcher(8)` after the parts
+/// clap_mangen renders from [`LauncherCli`] (roff source).
+pub const LAUNCHER_MAN_EXTRA: &str = r#".SH "PROTOCOL PROFILES"
+The SSNTP framing (Go gob values over mutually authenticated TLS, roles proven by the
+certificates' extended key usage) is the same in every ciao generation; operand numbers,
+payload fields and some policies are not.
+\fB\-\-protocol\fR chooses them:
+.TP
+.B 2016
+ciao as of April 2016 (commit e7061307), the default.
+Commands START, STOP, RESTART and DELETE; a stopped or crashed instance is kept in state
+\fBexited\fR and can be restarted; running instances are reported as \fBrunning\fR;
+STATS every 30 seconds; START carries \fBimage_uuid\fR and a \fBrequested_resources\fR list;
+the node's networks come from \fB\-compute\-net\fR and \fB\-mgmt\-net\fR.
+.TP
+.B 2018
+ciao master, the last ciao release line.
+START (with a \fBrestart\fR flag), DELETE (with a \fBstop\fR flag), EVACUATE, Restore,
+AttachVolume and CONFIGURE; a stopped instance is deleted and reported with an
+InstanceStopped event; running instances are reported as \fBactive\fR; STATS every 6 seconds;
+START carries a \fBrequirements\fR map and \fBstorage\fR volumes; the node's configuration
+comes from the scheduler's CONNECTED frame, and flags given on the command line override it.
+.PP
+Both profiles read both shapes of START.
+.SH SIGNALS
+.TP
+.BR SIGTERM ", " SIGINT ", " SIGHUP
+The first of these signals stops the launcher: it closes its connection to the scheduler,
+stops watching its instances and exits within one second with status 0.
+Virtual machines and containers are left running; the next launcher on the same data
+directory finds them again.
+Signals that arrive while the launcher is stopping are ignored.
+If its threads have not finished within one second, it exits with status 6.
+.SH "EXIT STATUS"
+.TP
+.B 0
+Normal exit: stopped by a signal, \fB\-\-hard\-reset\fR done, or \fB\-\-help\fR/\fB\-\-version\fR.
+.TP
+.B 1
+Another launcher holds the data directory's lock.
+.TP
+.B 2
+Command-line error.
+.TP
+.B 3
+The certificates are unusable, or this node's certificate proves neither the agent nor the
+netagent role.
+.TP
+.B 4
+Security failure: the scheduler aborted the connection (it refused this node's identity),
+or it claimed a role its certificate does not prove. Not retried.
+.TP
+.B 5
+The data directory is unusable.
+.TP
+.B 6
+Threads did not exit within one second of a signal.
+.SH FILES
+Paths are relative to the data directory (\fB\-\-data\-dir\fR, \fI/var/lib/ciao\fR by default).
+.TP
+.I images/<image_uuid>
+Backing images of instances (raw or qcow2, detected).
+.TP
+.I volumes/<volume_uuid>
+Local volumes (the storage ids of the 2018 profile).
+.TP
+.I instances/<uuid>/state
+An instance's configuration (YAML, replaced atomically).
+.TP
+.I instances/<uuid>/image.qcow2
+A virtual machine's overlay disk.
+.TP
+.I instances/<uuid>/seed.iso
+A virtual machine's config drive.
+.TP
+.I instances/<uuid>/qmp.sock
+A virtual machine's QMP socket.
+.TP
+.I instances/<uuid>/console.log
+A virtual machine's serial console log.
+.TP
+.I local/uuid\-storage/role/client/0x<role>
+This node's UUID, kept across restarts; one file per role mask of the certificate
+(0x4 agent, 0x10 netagent, 0x14 both).
+.TP
+.I logs/
+Log files, unless \fB\-\-log\-dir\fR names another directory.
+.TP
+.I ciao\-launcher.lock
+Locked while a launcher uses the data directory, so that a second one exits with status 1.
+.SH EXAMPLE
+Make certificates, start the embedded scheduler of
+.BR ciao\-lc (1)
+and run a simulated node against it:
+.PP
+.RS 4
+.EX
+$ ciao\-lc certs \-\-dir certs
+$ ciao\-lc serve \-\-certs certs &
+$ ciao\-launcher \-cacert certs/CAcert.pem \-cert certs/cert\-CNAgent.pem \e
+      \-server 127.0.0.1:8888 \-\-data\-dir /tmp/ciao \-simulation
+.EE
+.RE
+.PP
+Stop it with SIGTERM or Ctrl-C; the instances stay.
+.SH "SEE ALSO"
+.BR ciao\-lc (1)
+"#;
+
+/// `ciao-lc`'s one-line description in its man page.
+pub const LC_ABOUT: &str =
+    "The operator's companion for ciao-launcher: certificates and an embedded SSNTP scheduler";
+
+/// `ciao-lc`'s DESCRIPTION in its man page.
+pub const LC_DESCRIPTION: &str =
+    "ciao-lc helps to try out and debug ciao-launcher without a ciao cluster.
+
+ciao-lc certs makes a certificate authority the way ciao does (the scheduler's own certificate \
+is the CA) and certificates for a compute node (agent role) and a network node (netagent role).
+
+ciao-lc serve runs an SSNTP scheduler with those certificates. It accepts launchers and prints \
+every connection, disconnection, rejected handshake and frame, naming operations after the \
+chosen protocol profile, until SIGTERM, SIGINT or SIGHUP.";
+
+/// Hand-written sections appended to `ciao-lc(1)` (roff source).
+pub const LC_MAN_EXTRA: &str = r#".SH FILES
+A certificate directory (\fBcerts \-\-dir\fR, \fBserve \-\-certs\fR) holds, each file made
+with mode 0600 and never overwritten:
+.TP
+.I CAcert.pem
+The CA certificate, which is also the scheduler's own certificate, as ciao makes it.
+Give it to launchers with \fB\-cacert\fR.
+.TP
+.I cert\-Scheduler.pem
+The scheduler's certificate and private key, used by \fBserve\fR.
+.TP
+.I cert\-CNAgent.pem
+A certificate and private key with the agent role, for \fBciao\-launcher \-cert\fR on a
+compute node.
+.TP
+.I cert\-NetworkingAgent.pem
+A certificate and private key with the netagent role, for a network node.
+.SH "EXIT STATUS"
+.TP
+.B 0
+Success; \fBserve\fR stopped by SIGTERM, SIGINT or SIGHUP.
+.TP
+.B 2
+Command-line error.
+.TP
+.B 3
+Certificates could not be written or read (or the \fB\-\-configuration\fR file could not be
+read).
+.TP
+.B 4
+\fBserve\fR failed: it could not listen on the address or handle signals.
+.SH EXAMPLE
+.RS 4
+.EX
+$ ciao\-lc certs \-\-dir certs \-\-ip 127.0.0.1
+$ ciao\-lc serve \-\-certs certs &
+$ ciao\-launcher \-cacert certs/CAcert.pem \-cert certs/cert\-CNAgent.pem \e
+      \-\-data\-dir /tmp/ciao \-simulation
+.EE
+.RE
+.PP
+With \fB\-\-ip 127.0.0.1\fR in the CA certificate the launcher needs no \fB\-server\fR.
+.SH "SEE ALSO"
+.BR ciao\-launcher (8)
+"#;
 
 #[cfg(test)]
 mod tests {
@@ -123,5 +864,394 @@ mod tests {
             norm(&["prog", "-bogus", "--", "-cacert"]),
             ["prog", "-bogus", "--", "-cacert"]
         );
+    }
+
+    // ---- LauncherCli ----
+
+    fn os(args: &[&str]) -> Vec<OsString> {
+        std::iter::once("ciao-launcher")
+            .chain(args.iter().copied())
+            .map(OsString::from)
+            .collect()
+    }
+
+    fn parse(args: &[&str]) -> Config {
+        match parse_launcher_args(os(args)) {
+            Ok(c) => c,
+            Err(e) => panic!("{args:?}: {e}"),
+        }
+    }
+
+    fn parse_err(args: &[&str]) -> CliError {
+        match parse_launcher_args(os(args)) {
+            Ok(c) => panic!("{args:?} parsed: {c:?}"),
+            Err(e) => e,
+        }
+    }
+
+    const CERTS: [&str; 4] = ["-cacert", "/ca.pem", "-cert", "/c.pem"];
+
+    fn with_certs(args: &[&str]) -> Config {
+        let mut v = CERTS.to_vec();
+        v.extend_from_slice(args);
+        parse(&v)
+    }
+
+    #[test]
+    fn commands_are_well_formed() {
+        LauncherCli::command().debug_assert();
+        crate::lc::LcCli::command().debug_assert();
+    }
+
+    #[test]
+    fn defaults() {
+        let c = with_certs(&[]);
+        assert_eq!(
+            c.mode,
+            Mode::Run {
+                cacert: "/ca.pem".into(),
+                cert: "/c.pem".into()
+            }
+        );
+        assert_eq!(c.server, None);
+        assert_eq!(c.protocol, Profile::P2016);
+        assert!(!c.verify_hostname);
+        assert_eq!(c.data_dir, PathBuf::from("/var/lib/ciao"));
+        assert!(!c.simulation);
+        assert_eq!(c.network, NetworkMode::None);
+        assert_eq!(c.max_vm, 32);
+        assert!(c.compute_net.is_empty() && c.mgmt_net.is_empty());
+        assert!(c.disk_limit && c.mem_limit);
+        assert_eq!((c.disk_limit_mb, c.mem_limit_mb), (80_000, 1_000));
+        assert_eq!(c.stats_interval, Duration::from_secs(30));
+        assert_eq!(c.with_ui, UiMode::None);
+        assert_eq!(c.instance_stack_size, 128 * 1024);
+        assert_eq!(
+            c.log,
+            LogConfig {
+                verbosity: LevelFilter::Info,
+                logtostderr: false,
+                alsologtostderr: false,
+                dir: "/var/lib/ciao/logs".into(),
+                stderr_threshold: LevelFilter::Error,
+            }
+        );
+    }
+
+    #[test]
+    fn profile_sets_stats_interval_unless_given() {
+        assert_eq!(
+            with_certs(&["--protocol", "2018"]).stats_interval,
+            Duration::from_secs(6)
+        );
+        let c = with_certs(&["-protocol=2018", "-stats-interval", "10"]);
+        assert_eq!(c.protocol, Profile::P2018);
+        assert_eq!(c.stats_interval, Duration::from_secs(10));
+        assert!(matches!(parse_err(&["-protocol=2017"]), CliError::Clap(_)));
+    }
+
+    #[test]
+    fn log_dir_follows_data_dir() {
+        let c = with_certs(&["-data-dir", "/tmp/x"]);
+        assert_eq!(c.log.dir, PathBuf::from("/tmp/x/logs"));
+        assert_eq!(c.data_dir, PathBuf::from("/tmp/x"));
+    }
+
+    /// The same settings spelt the Go way and the GNU way give the same Config.
+    #[test]
+    fn go_and_gnu_spellings_agree() {
+        let go = [
+            "-server=sched:8889",
+            "-cacert=/ca.pem",
+            "-cert",
+            "/c.pem",
+            "-protocol",
+            "2018",
+            "-verify-hostname",
+            "-data-dir=/d",
+            "-simulation",
+            "-network=nn",
+            "-max-vm=7",
+            "-compute-net=10.0.0.0/8",
+            "-compute-net",
+            "192.168.1.7/24",
+            "-mgmt-net=fd00::/64",
+            "-disk-limit=false",
+            "-disk-limit-mb=100",
+            "-mem-limit=0",
+            "-mem-limit-mb",
+            "200",
+            "-stats-interval=3",
+            "-with-ui=spice",
+            "-instance-stack-kib=256",
+            "-v=2",
+            "-logtostderr",
+            "-alsologtostderr=true",
+            "-log_dir=/l",
+            "-stderrthreshold=WARNING",
+        ];
+        let gnu = [
+            "--server",
+            "sched:8889",
+            "--cacert",
+            "/ca.pem",
+            "--cert=/c.pem",
+            "--protocol=2018",
+            "--verify-hostname",
+            "--data-dir",
+            "/d",
+            "--simulation=true",
+            "--network",
+            "nn",
+            "--max-vm",
+            "7",
+            "--compute-net",
+            "10.0.0.0/8",
+            "--compute-net=192.168.1.7/24",
+            "--mgmt-net",
+            "fd00::/64",
+            "--disk-limit=false",
+            "--disk-limit-mb",
+            "100",
+            "--mem-limit=false",
+            "--mem-limit-mb=200",
+            "--stats-interval",
+            "3",
+            "--with-ui",
+            "spice",
+            "--instance-stack-kib",
+            "256",
+            "--v",
+            "2",
+            "--logtostderr=true",
+            "--alsologtostderr",
+            "--log-dir",
+            "/l",
+            "--stderrthreshold",
+            "1",
+        ];
+        let c = parse(&go);
+        assert_eq!(c, parse(&gnu));
+        assert_eq!(c.server.as_deref(), Some("sched:8889"));
+        assert_eq!(c.protocol, Profile::P2018);
+        assert!(c.verify_hostname && c.simulation);
+        assert_eq!(c.data_dir, PathBuf::from("/d"));
+        assert_eq!(c.network, NetworkMode::Nn);
+        assert_eq!(c.max_vm, 7);
+        let nets: Vec<String> = c.compute_net.iter().map(ToString::to_string).collect();
+        assert_eq!(nets, ["10.0.0.0/8", "192.168.1.0/24"]);
+        assert_eq!(c.mgmt_net[0].to_string(), "fd00::/64");
+        assert!(!c.disk_limit && !c.mem_limit);
+        assert_eq!((c.disk_limit_mb, c.mem_limit_mb), (100, 200));
+        assert_eq!(c.stats_interval, Duration::from_secs(3));
+        assert_eq!(c.with_ui, UiMode::Spice);
+        assert_eq!(c.instance_stack_size, 256 * 1024);
+        assert_eq!(c.log.verbosity, LevelFilter::Debug);
+        assert!(c.log.logtostderr && c.log.alsologtostderr);
+        assert_eq!(c.log.dir, PathBuf::from("/l"));
+        assert_eq!(c.log.stderr_threshold, LevelFilter::Warn);
+    }
+
+    #[test]
+    fn network_accepts_modes_and_go_booleans() {
+        let net = |a: &[&str]| with_certs(a).network;
+        assert_eq!(net(&["-network=false"]), NetworkMode::None);
+        assert_eq!(net(&["-network=0"]), NetworkMode::None);
+        assert_eq!(net(&["-network=true"]), NetworkMode::Cn);
+        assert_eq!(net(&["-network"]), NetworkMode::Cn);
+        // A bare -network followed by another flag.
+        assert_eq!(net(&["-network", "-simulation"]), NetworkMode::Cn);
+        assert_eq!(net(&["-network", "nn"]), NetworkMode::Nn);
+        assert_eq!(net(&["--network", "cn"]), NetworkMode::Cn);
+        assert_eq!(net(&["--network=NONE"]), NetworkMode::None);
+        assert!(matches!(parse_err(&["-network=dual"]), CliError::Clap(_)));
+    }
+
+    #[test]
+    fn go_booleans() {
+        for (arg, want) in [
+            ("-simulation", true),
+            ("--simulation", true),
+            ("-simulation=true", true),
+            ("-simulation=T", true),
+            ("-simulation=1", true),
+            ("-simulation=false", false),
+            ("--simulation=False", false),
+            ("-simulation=f", false),
+        ] {
+            assert_eq!(with_certs(&[arg]).simulation, want, "{arg}");
+        }
+        // Go stops at `false` here; we refuse it rather than guess.
+        assert!(matches!(
+            parse_err(&["-cacert=/a", "-cert=/b", "-simulation", "false"]),
+            CliError::Clap(_)
+        ));
+        assert!(matches!(
+            parse_err(&["-cacert=/a", "-cert=/b", "-simulation=yes"]),
+            CliError::Clap(_)
+        ));
+    }
+
+    #[test]
+    fn verbosity_levels() {
+        let v = |a: &[&str]| with_certs(a).log.verbosity;
+        assert_eq!(v(&["-v=0"]), LevelFilter::Info);
+        assert_eq!(v(&["-v", "1"]), LevelFilter::Debug);
+        assert_eq!(v(&["-v=2"]), LevelFilter::Debug);
+        assert_eq!(v(&["-v3"]), LevelFilter::Trace);
+        assert_eq!(v(&["--v=9"]), LevelFilter::Trace);
+    }
+
+    #[test]
+    fn stderr_thresholds() {
+        let t = |s: &str| with_certs(&["-stderrthreshold", s]).log.stderr_threshold;
+        assert_eq!(t("INFO"), LevelFilter::Info);
+        assert_eq!(t("info"), LevelFilter::Info);
+        assert_eq!(t("0"), LevelFilter::Info);
+        assert_eq!(t("Warning"), LevelFilter::Warn);
+        assert_eq!(t("2"), LevelFilter::Error);
+        assert_eq!(t("FATAL"), LevelFilter::Error);
+        assert_eq!(t("3"), LevelFilter::Error);
+        assert!(matches!(
+            parse_err(&["-cacert=/a", "-cert=/b", "-stderrthreshold=4"]),
+            CliError::Clap(_)
+        ));
+    }
+
+    #[test]
+    fn hard_reset_needs_no_certificates() {
+        assert_eq!(parse(&["-hard-reset"]).mode, Mode::HardReset);
+        assert_eq!(
+            parse(&["--hard-reset=true", "-cacert=/a"]).mode,
+            Mode::HardReset
+        );
+        assert!(matches!(
+            parse_err(&["-hard-reset=false"]),
+            CliError::Missing("--cacert")
+        ));
+    }
+
+    #[test]
+    fn certificates_are_required() {
+        let e = parse_err(&[]);
+        assert!(matches!(e, CliError::Missing("--cacert")));
+        assert_eq!(e.to_string(), "--cacert is required (unless --hard-reset)");
+        assert_eq!(e.exit_code(), 2);
+        assert!(matches!(
+            parse_err(&["-cacert=/a"]),
+            CliError::Missing("--cert")
+        ));
+    }
+
+    fn invalid_flag(args: &[&str]) -> (&'static str, String) {
+        let mut v = CERTS.to_vec();
+        v.extend_from_slice(args);
+        match parse_err(&v) {
+            CliError::Invalid { flag, value, .. } => (flag, value),
+            e => panic!("{args:?}: {e}"),
+        }
+    }
+
+    #[test]
+    fn values_out_of_range_are_refused() {
+        assert_eq!(invalid_flag(&["-max-vm=0"]), ("--max-vm", "0".into()));
+        assert_eq!(
+            invalid_flag(&["-stats-interval=0"]),
+            ("--stats-interval", "0".into())
+        );
+        assert_eq!(
+            invalid_flag(&["-instance-stack-kib=8"]),
+            ("--instance-stack-kib", "8".into())
+        );
+        for bad in ["10.0.0.0", "10.0.0/8", "10.0.0.0/33", "fd00::/129", "x/8"] {
+            assert_eq!(
+                invalid_flag(&["-compute-net", "10.0.0.0/8", "-compute-net", bad]),
+                ("--compute-net", bad.into())
+            );
+        }
+        assert_eq!(
+            invalid_flag(&["-mgmt-net=192.168.0.0/-1"]),
+            ("--mgmt-net", "192.168.0.0/-1".into())
+        );
+        let mut v = CERTS.to_vec();
+        v.push("-compute-net=10.0.0.0/99");
+        let msg = parse_err(&v).to_string();
+        assert!(
+            msg.contains("'10.0.0.0/99'") && msg.contains("--compute-net"),
+            "{msg}"
+        );
+        for bad in ["host:port", ":8888", "a b", "::1:99999", "host:70000"] {
+            assert_eq!(invalid_flag(&["-server", bad]), ("--server", bad.into()));
+        }
+        // Clap refuses what does not even parse as a number.
+        assert!(matches!(
+            parse_err(&["-cacert=/a", "-cert=/b", "-max-vm=-1"]),
+            CliError::Clap(_)
+        ));
+    }
+
+    #[test]
+    fn server_forms() {
+        for ok in [
+            "sched",
+            "sched:8888",
+            "10.0.0.1",
+            "10.0.0.1:1",
+            "[::1]:8888",
+            "::1",
+            "[::1]",
+        ] {
+            assert_eq!(with_certs(&["-server", ok]).server.as_deref(), Some(ok));
+        }
+        // Go's default was "": an empty value means "not given".
+        assert_eq!(with_certs(&["-server="]).server, None);
+    }
+
+    #[test]
+    fn unknown_flags_are_usage_errors() {
+        let e = parse_err(&["-cacert=/a", "-cert=/b", "-bogus"]);
+        assert!(matches!(e, CliError::Clap(_)));
+        assert!(e.to_string().contains("'-bogus'"), "{e}");
+        assert!(!e.is_help_or_version());
+        assert_eq!(e.exit_code(), 2);
+    }
+
+    #[test]
+    fn help_and_version_exit_zero() {
+        for arg in ["--help", "-help", "-h", "--version", "-version", "-V"] {
+            let e = parse_err(&[arg]);
+            assert!(e.is_help_or_version(), "{arg}");
+            assert_eq!(e.exit_code(), 0, "{arg}");
+        }
+        let CliError::Clap(e) = parse_err(&["--help"]) else {
+            panic!("not a clap error")
+        };
+        let help = e.render().to_string();
+        assert!(help.contains("Logging options"), "{help}");
+    }
+
+    #[test]
+    fn cidr_masks_and_contains() {
+        let c: Cidr = "192.168.1.77/24".parse().expect("cidr");
+        assert_eq!(c.to_string(), "192.168.1.0/24");
+        assert_eq!(c.prefix(), 24);
+        assert!(c.contains("192.168.1.200".parse().expect("ip")));
+        assert!(!c.contains("192.168.2.1".parse().expect("ip")));
+        assert!(!c.contains("::1".parse().expect("ip")));
+        let all: Cidr = "0.0.0.0/0".parse().expect("cidr");
+        assert!(all.contains("8.8.8.8".parse().expect("ip")));
+        let host: Cidr = "fd00::1/128".parse().expect("cidr");
+        assert_eq!(host.to_string(), "fd00::1/128");
+    }
+
+    #[test]
+    fn go_bool_forms() {
+        for t in ["1", "t", "T", "true", "TRUE", "True"] {
+            assert_eq!(parse_go_bool(t), Ok(true));
+        }
+        for f in ["0", "f", "F", "false", "FALSE", "False"] {
+            assert_eq!(parse_go_bool(f), Ok(false));
+        }
+        assert!(parse_go_bool("yes").is_err());
     }
 }
