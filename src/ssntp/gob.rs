@@ -46,6 +46,14 @@ const MAX_DEPTH: usize = 64;
 /// Upper bound for the total size of the type definitions of one stream; SSNTP
 /// needs about 500 bytes, so this only stops a peer that defines types forever.
 const MAX_TYPE_BYTES: usize = 1 << 20;
+/// Fields of one struct definition (SSNTP's largest has 9).
+const MAX_FIELDS: usize = 1024;
+/// Values decoded from one message. A value costs ~50 bytes of memory but can
+/// take one byte on the wire, so without this a 16 MiB message of empty
+/// structs would cost ~800 MB. SSNTP frames hold fewer than a hundred.
+const MAX_VALUES: usize = 1 << 16;
+/// Elements reserved up front for a sequence; it grows as values really arrive.
+const MAX_PREALLOC: usize = 256;
 
 /// Everything that can go wrong decoding or matching a gob stream. Any of these
 /// leaves the stream unusable: the connection must be dropped.
@@ -248,6 +256,29 @@ pub struct FieldDef {
 pub struct StructDef {
     pub name: String,
     pub fields: Vec<FieldDef>,
+    /// Field names, for matching by name once per definition rather than
+    /// once per value.
+    index: HashMap<String, usize>,
+}
+
+impl StructDef {
+    pub fn new(name: String, fields: Vec<FieldDef>) -> StructDef {
+        let index = fields
+            .iter()
+            .enumerate()
+            .map(|(i, f)| (f.name.clone(), i))
+            .collect();
+        StructDef {
+            name,
+            fields,
+            index,
+        }
+    }
+
+    /// The wire index of the field called `name`.
+    pub fn field(&self, name: &str) -> Option<usize> {
+        self.index.get(name).copied()
+    }
 }
 
 /// A type definition received from the peer (gob's `wireType`).
@@ -315,6 +346,11 @@ fn read_wire_type(r: &mut Reader<'_>) -> Result<WireType> {
                 (0, 2) => len = r.int()?,
                 (2, 1) => {
                     let n = r.count()?;
+                    if n > MAX_FIELDS {
+                        return Err(GobError::BadDefinition(format!(
+                            "struct of {n} fields (at most {MAX_FIELDS})"
+                        )));
+                    }
                     for _ in 0..n {
                         let mut fd = FieldDef {
                             name: String::new(),
@@ -354,7 +390,7 @@ fn read_wire_type(r: &mut Reader<'_>) -> Result<WireType> {
                 WireType::Array { name, elem, len }
             }
             1 => WireType::Slice { name, elem },
-            2 => WireType::Struct(Arc::new(StructDef { name, fields })),
+            2 => WireType::Struct(Arc::new(StructDef::new(name, fields))),
             3 => WireType::Map { name, key, elem },
             4..=6 => WireType::Opaque { name },
             _ => {
@@ -629,7 +665,8 @@ impl Decoder {
                     return Err(GobError::Corrupt("non-zero delta for singleton".into()));
                 }
             }
-            let v = decode_value(types, &mut r, id, 0)?;
+            let mut budget = MAX_VALUES;
+            let v = decode_value(types, &mut r, id, 0, &mut budget)?;
             if r.remaining() != 0 {
                 return Err(GobError::ExtraData);
             }
@@ -643,10 +680,14 @@ fn decode_value(
     r: &mut Reader<'_>,
     id: TypeId,
     depth: usize,
+    budget: &mut usize,
 ) -> Result<Value> {
     if depth > MAX_DEPTH {
         return Err(GobError::TooDeep);
     }
+    *budget = budget.checked_sub(1).ok_or_else(|| {
+        GobError::Corrupt(format!("more than {MAX_VALUES} values in one message"))
+    })?;
     Ok(match id {
         ids::BOOL => Value::Bool(match r.uint()? {
             0 => false,
@@ -671,7 +712,7 @@ fn decode_value(
                     let fd = def.fields.get(idx).ok_or_else(|| {
                         GobError::Corrupt(format!("{} has no field {num}", def.name))
                     })?;
-                    fields.push((idx, decode_value(types, r, fd.id, depth + 1)?));
+                    fields.push((idx, decode_value(types, r, fd.id, depth + 1, budget)?));
                     Ok(())
                 })?;
                 Value::Struct(StructValue {
@@ -686,18 +727,18 @@ fn decode_value(
                         "{name}: {n} elements for an array of {len}"
                     )));
                 }
-                Value::Array(decode_seq(types, r, *elem, n, depth)?)
+                Value::Array(decode_seq(types, r, *elem, n, depth, budget)?)
             }
             WireType::Slice { elem, .. } => {
                 let n = r.count()?;
-                Value::Slice(decode_seq(types, r, *elem, n, depth)?)
+                Value::Slice(decode_seq(types, r, *elem, n, depth, budget)?)
             }
             WireType::Map { key, elem, .. } => {
                 let n = r.count()?;
-                let mut out = Vec::with_capacity(n);
+                let mut out = Vec::with_capacity(n.min(MAX_PREALLOC));
                 for _ in 0..n {
-                    let k = decode_value(types, r, *key, depth + 1)?;
-                    out.push((k, decode_value(types, r, *elem, depth + 1)?));
+                    let k = decode_value(types, r, *key, depth + 1, budget)?;
+                    out.push((k, decode_value(types, r, *elem, depth + 1, budget)?));
                 }
                 Value::Map(out)
             }
@@ -712,10 +753,11 @@ fn decode_seq(
     elem: TypeId,
     n: usize,
     depth: usize,
+    budget: &mut usize,
 ) -> Result<Vec<Value>> {
-    let mut out = Vec::with_capacity(n);
+    let mut out = Vec::with_capacity(n.min(MAX_PREALLOC));
     for _ in 0..n {
-        out.push(decode_value(types, r, elem, depth + 1)?);
+        out.push(decode_value(types, r, elem, depth + 1, budget)?);
     }
     Ok(out)
 }
@@ -1110,6 +1152,97 @@ mod tests {
         d.feed(&[0x90]);
         assert_eq!(d.next_value(), Ok(None));
         assert_eq!(d.buffered(), 2);
+    }
+
+    fn msg(body: &[u8]) -> Vec<u8> {
+        let mut m = Vec::new();
+        write_uint(&mut m, body.len() as u64);
+        m.extend_from_slice(body);
+        m
+    }
+
+    fn common(name: &[u8], id: i64) -> Vec<u8> {
+        let mut c = vec![1, 1];
+        write_uint(&mut c, name.len() as u64);
+        c.extend_from_slice(name);
+        c.push(1);
+        write_int(&mut c, id);
+        c.push(0);
+        c
+    }
+
+    /// `type S []S` with one value whose nested counts each claim every byte
+    /// left: found by fuzzing to reserve ~2 GB from a 1 MiB message.
+    #[test]
+    fn nested_hostile_counts_reserve_nothing_big() {
+        let len = 1usize << 20;
+        let mut def = Vec::new();
+        write_int(&mut def, -65);
+        def.push(2);
+        def.extend(common(b"S", 65));
+        def.push(1);
+        write_int(&mut def, 65);
+        def.extend([0, 0]);
+        let mut body = Vec::new();
+        write_int(&mut body, 65);
+        body.push(0);
+        for _ in 0..65 {
+            let left = len - body.len() - 4;
+            write_uint(&mut body, left as u64);
+        }
+        body.resize(len, 0);
+        let mut d = Decoder::new(2 << 20);
+        d.feed(&msg(&def));
+        d.feed(&msg(&body));
+        // Fails on depth, having reserved at most MAX_PREALLOC per level.
+        assert_eq!(d.next_value(), Err(GobError::TooDeep));
+    }
+
+    /// A struct definition with half a million fields made matching by name
+    /// quadratic (found by fuzzing): definitions are now capped, and names
+    /// are indexed once per definition.
+    #[test]
+    fn wide_struct_definitions_are_refused() {
+        let mut def = Vec::new();
+        write_int(&mut def, -65);
+        def.push(3);
+        def.extend(common(b"W", 65));
+        def.push(1);
+        write_uint(&mut def, 500_000);
+        def.extend(std::iter::repeat_n(0u8, 500_000));
+        def.extend([0, 0]);
+        let mut d = Decoder::default();
+        d.feed(&msg(&def));
+        assert!(matches!(d.next_value(), Err(GobError::BadDefinition(_))));
+    }
+
+    /// A message of a million empty structs would cost ~50 MB of values.
+    #[test]
+    fn values_per_message_are_bounded() {
+        let mut def = Vec::new();
+        write_int(&mut def, -65);
+        def.push(3);
+        def.extend(common(b"E", 65));
+        def.extend([0, 0]);
+        let mut sdef = Vec::new();
+        write_int(&mut sdef, -66);
+        sdef.push(2);
+        sdef.extend(common(b"[]E", 66));
+        sdef.push(1);
+        write_int(&mut sdef, 65);
+        sdef.extend([0, 0]);
+        let mut body = Vec::new();
+        write_int(&mut body, 66);
+        body.push(0);
+        write_uint(&mut body, 1_000_000);
+        body.extend(std::iter::repeat_n(0u8, 1_000_000));
+        let mut d = Decoder::new(2 << 20);
+        for m in [msg(&def), msg(&sdef), msg(&body)] {
+            d.feed(&m);
+        }
+        assert!(
+            matches!(d.next_value(), Err(GobError::Corrupt(e)) if e.contains("values in one message"))
+        );
     }
 
     #[test]
