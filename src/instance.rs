@@ -53,8 +53,12 @@ pub enum InstanceCmd {
     Restart,
     /// Stop if running, remove every file; `stop` selects InstanceStopped
     /// over InstanceDeleted (2018).
-    Delete { stop: bool },
-    AttachVolume { volume: String },
+    Delete {
+        stop: bool,
+    },
+    AttachVolume {
+        volume: String,
+    },
 }
 
 /// The state reported in STATS.
@@ -78,12 +82,21 @@ impl InstanceState {
 /// Instance → overseer.
 #[derive(Debug)]
 pub enum InstanceUpdate {
-    State { id: String, state: InstanceState },
-    Usage { id: String, usage: Usage, volumes: Vec<String> },
+    State {
+        id: String,
+        state: InstanceState,
+    },
+    Usage {
+        id: String,
+        usage: Usage,
+        volumes: Vec<String>,
+    },
     /// Send a STATUS now (after a successful START or a DELETE).
     StatusNow,
     /// The instance removed itself: forget it and free its allocations.
-    Gone { id: String },
+    Gone {
+        id: String,
+    },
 }
 
 /// What an instance thread starts from.
@@ -115,7 +128,10 @@ pub fn spawn(
     let name = format!("instance-{}", &id[..id.len().min(8)]);
     let cfg = match &seed {
         Seed::Recovered(s) => s.config.clone(),
-        Seed::New => InstanceConfig { instance_uuid: id.clone(), ..Default::default() },
+        Seed::New => InstanceConfig {
+            instance_uuid: id.clone(),
+            ..Default::default()
+        },
     };
     let vm = ctx.factory.create(&cfg);
     let (mon_tx, mon_rx) = crossbeam_channel::unbounded();
@@ -135,7 +151,10 @@ pub fn spawn(
         state: InstanceState::Pending,
         updates,
     };
-    let thread = thread::Builder::new().name(name).stack_size(stack).spawn(move || inst.run(seed, cmds, shutdown, tick))?;
+    let thread = thread::Builder::new()
+        .name(name)
+        .stack_size(stack)
+        .spawn(move || inst.run(seed, cmds, shutdown, tick))?;
     Ok(InstanceHandle { inbox, thread })
 }
 
@@ -165,7 +184,13 @@ struct Instance {
 }
 
 impl Instance {
-    fn run(mut self, seed: Seed, cmds: Receiver<InstanceCmd>, shutdown: Receiver<Never>, tick: Receiver<Instant>) {
+    fn run(
+        mut self,
+        seed: Seed,
+        cmds: Receiver<InstanceCmd>,
+        shutdown: Receiver<Never>,
+        tick: Receiver<Instant>,
+    ) {
         if let Seed::Recovered(s) = seed {
             self.recover(*s);
         }
@@ -199,22 +224,36 @@ impl Instance {
 
     fn set_state(&mut self, state: InstanceState) {
         self.state = state;
-        self.update(InstanceUpdate::State { id: self.id.clone(), state });
+        self.update(InstanceUpdate::State {
+            id: self.id.clone(),
+            state,
+        });
     }
 
     fn report_usage(&mut self) {
         let usage = self.vm.stats();
         let volumes = self.cfg.volumes.iter().map(|v| v.uuid.clone()).collect();
-        self.update(InstanceUpdate::Usage { id: self.id.clone(), usage, volumes });
+        self.update(InstanceUpdate::Usage {
+            id: self.id.clone(),
+            usage,
+            volumes,
+        });
     }
 
     fn save(&self) -> Result<(), StateError> {
-        self.ctx.store.save(&self.id, &StateFile { config: self.cfg.clone(), stopped: self.stopped })
+        self.ctx.store.save(
+            &self.id,
+            &StateFile {
+                config: self.cfg.clone(),
+                stopped: self.stopped,
+            },
+        )
     }
 
     fn fail(&self, kind: ErrorKind, reason: Reason) {
         warn!("{kind:?} failure for {}: {}", self.id, reason.as_str());
-        self.ctx.send_error(kind, &self.id, reason, self.cfg.restart, "");
+        self.ctx
+            .send_error(kind, &self.id, reason, self.cfg.restart, "");
     }
 
     fn recover(&mut self, s: StateFile) {
@@ -258,11 +297,23 @@ impl Instance {
     fn start(&mut self, cfg: InstanceConfig) -> Flow {
         if self.monitor.is_some() {
             let restart = cfg.restart;
-            self.ctx.send_error(ErrorKind::Start, &self.id, Reason::AlreadyRunning, restart, "");
+            self.ctx.send_error(
+                ErrorKind::Start,
+                &self.id,
+                Reason::AlreadyRunning,
+                restart,
+                "",
+            );
             return Flow::Continue;
         }
         if self.exists {
-            self.ctx.send_error(ErrorKind::Start, &self.id, Reason::InstanceExists, cfg.restart, "");
+            self.ctx.send_error(
+                ErrorKind::Start,
+                &self.id,
+                Reason::InstanceExists,
+                cfg.restart,
+                "",
+            );
             return Flow::Continue;
         }
         self.cfg = cfg;
@@ -298,7 +349,10 @@ impl Instance {
             warn!("{}: launch: {e}", self.id);
             return self.start_failed(Reason::LaunchFailure);
         }
-        info!("{} started ({:?}, {} vCPU, {} MB)", self.id, self.cfg.vm_type, self.cfg.vcpus, self.cfg.mem_mb);
+        info!(
+            "{} started ({:?}, {} vCPU, {} MB)",
+            self.id, self.cfg.vm_type, self.cfg.vcpus, self.cfg.mem_mb
+        );
         self.set_state(InstanceState::Pending);
         self.attach(false);
         self.update(InstanceUpdate::StatusNow);
@@ -314,7 +368,9 @@ impl Instance {
 
     /// Tells the overseer to drop this instance and ends the thread.
     fn forget(&mut self) -> Flow {
-        self.update(InstanceUpdate::Gone { id: self.id.clone() });
+        self.update(InstanceUpdate::Gone {
+            id: self.id.clone(),
+        });
         Flow::Exit
     }
 
@@ -348,7 +404,9 @@ impl Instance {
 
     /// Stops a running instance and waits; false if it would not stop.
     fn stop_running(&mut self, shutdown: &Receiver<Never>) -> bool {
-        let Some(mut m) = self.monitor.take() else { return true };
+        let Some(mut m) = self.monitor.take() else {
+            return true;
+        };
         if let Err(e) = m.stop() {
             warn!("{}: stop: {e}", self.id);
             self.monitor = Some(m);
@@ -374,7 +432,12 @@ impl Instance {
             return Flow::Continue;
         }
         if !self.stop_running(shutdown) {
-            if shutdown.is_empty() && !matches!(shutdown.try_recv(), Err(crossbeam_channel::TryRecvError::Disconnected)) {
+            if shutdown.is_empty()
+                && !matches!(
+                    shutdown.try_recv(),
+                    Err(crossbeam_channel::TryRecvError::Disconnected)
+                )
+            {
                 self.fail(ErrorKind::Stop, Reason::InstanceFailure);
                 return Flow::Continue;
             }
@@ -415,7 +478,10 @@ impl Instance {
 
     fn delete(&mut self, stop: bool, shutdown: &Receiver<Never>) -> Flow {
         if self.monitor.is_some() && !self.stop_running(shutdown) {
-            if matches!(shutdown.try_recv(), Err(crossbeam_channel::TryRecvError::Disconnected)) {
+            if matches!(
+                shutdown.try_recv(),
+                Err(crossbeam_channel::TryRecvError::Disconnected)
+            ) {
                 return Flow::Exit;
             }
             self.fail(ErrorKind::Delete, Reason::InstanceFailure);
@@ -424,25 +490,48 @@ impl Instance {
         self.remove_files();
         info!("{} deleted", self.id);
         self.ctx.send_gone_event(&self.id, stop);
-        self.update(InstanceUpdate::Gone { id: self.id.clone() });
+        self.update(InstanceUpdate::Gone {
+            id: self.id.clone(),
+        });
         self.update(InstanceUpdate::StatusNow);
         Flow::Exit
     }
 
     fn attach_volume(&mut self, volume: String) -> Flow {
         if self.cfg.vm_type == VmType::Docker {
-            self.ctx.send_error(ErrorKind::AttachVolume, &self.id, Reason::NotSupported, false, &volume);
+            self.ctx.send_error(
+                ErrorKind::AttachVolume,
+                &self.id,
+                Reason::NotSupported,
+                false,
+                &volume,
+            );
             return Flow::Continue;
         }
         if self.cfg.volumes.iter().any(|v| v.uuid == volume) {
-            self.ctx.send_error(ErrorKind::AttachVolume, &self.id, Reason::AlreadyAttached, false, &volume);
+            self.ctx.send_error(
+                ErrorKind::AttachVolume,
+                &self.id,
+                Reason::AlreadyAttached,
+                false,
+                &volume,
+            );
             return Flow::Continue;
         }
-        self.cfg.volumes.push(Volume { uuid: volume.clone(), bootable: false });
+        self.cfg.volumes.push(Volume {
+            uuid: volume.clone(),
+            bootable: false,
+        });
         if let Err(e) = self.save() {
             warn!("{}: {e}", self.id);
             self.cfg.volumes.retain(|v| v.uuid != volume);
-            self.ctx.send_error(ErrorKind::AttachVolume, &self.id, Reason::StateFailure, false, &volume);
+            self.ctx.send_error(
+                ErrorKind::AttachVolume,
+                &self.id,
+                Reason::StateFailure,
+                false,
+                &volume,
+            );
             return Flow::Continue;
         }
         self.report_usage();
@@ -481,7 +570,9 @@ impl Instance {
                         self.set_state(InstanceState::Exited);
                         self.remove_files();
                         self.ctx.send_gone_event(&self.id, true);
-                        self.update(InstanceUpdate::Gone { id: self.id.clone() });
+                        self.update(InstanceUpdate::Gone {
+                            id: self.id.clone(),
+                        });
                         self.update(InstanceUpdate::StatusNow);
                         Flow::Exit
                     }

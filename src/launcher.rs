@@ -75,18 +75,29 @@ impl Launcher {
     /// Creates the directories, recovers instances and starts the threads.
     pub fn start(s: Settings) -> Result<Launcher, StartError> {
         let store = Store::new(&s.data_dir);
-        store.ensure_dirs().map_err(|e| StartError::Io(std::io::Error::other(e.to_string())))?;
+        store
+            .ensure_dirs()
+            .map_err(|e| StartError::Io(std::io::Error::other(e.to_string())))?;
         let client = Client::start(s.client)?;
         let ctx = NodeContext {
             profile: s.profile,
             node_uuid: uuid::Uuid::from_bytes(client.uuid()).to_string(),
-            outbox: Arc::new(LinkOutbox { link: client.link(), profile: s.profile, origin: client.uuid() }),
+            outbox: Arc::new(LinkOutbox {
+                link: client.link(),
+                profile: s.profile,
+                origin: client.uuid(),
+            }),
             store,
             factory: s.factory,
             stop_wait: s.stop_wait,
             instance_stack: s.instance_stack,
         };
-        let mut overseer = Overseer::new(ctx.clone(), s.limits, s.node_stats, s.data_dir.join("maintenance"));
+        let mut overseer = Overseer::new(
+            ctx.clone(),
+            s.limits,
+            s.node_stats,
+            s.data_dir.join("maintenance"),
+        );
         if !s.usage_tick {
             overseer = overseer.with_usage_tick(crate::overseer::no_usage_tick);
         }
@@ -115,7 +126,12 @@ impl Launcher {
                 let _ = done_tx.send(end.map_or(Ended::Stopped, Ended::ClientFailed));
             })
             .map_err(StartError::Io)?;
-        Ok(Launcher { shutdown: Some(shutdown), done, server: Some(server), recovered })
+        Ok(Launcher {
+            shutdown: Some(shutdown),
+            done,
+            server: Some(server),
+            recovered,
+        })
     }
 
     /// Waits until the launcher ends by itself (client failure).
@@ -136,7 +152,9 @@ impl Launcher {
                 info!("launcher stopped in {:?}", start.elapsed());
                 Ok(end)
             }
-            Err(_) => Err(Stuck { threads: live_threads() }),
+            Err(_) => Err(Stuck {
+                threads: live_threads(),
+            }),
         }
     }
 }

@@ -5,10 +5,15 @@
 
 pub mod cli;
 pub mod daemon;
+pub mod instance;
+pub mod launcher;
 pub mod lc;
 pub mod logging;
+pub mod node;
 pub mod nodestats;
+pub mod overseer;
 pub mod payloads;
+pub mod server;
 pub mod signals;
 pub mod ssntp;
 pub mod state;

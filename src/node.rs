@@ -78,7 +78,14 @@ pub struct NodeContext {
 
 impl NodeContext {
     /// Sends an error frame for `kind` with the profile's payload shape.
-    pub fn send_error(&self, kind: ErrorKind, instance: &str, reason: Reason, restart: bool, volume: &str) {
+    pub fn send_error(
+        &self,
+        kind: ErrorKind,
+        instance: &str,
+        reason: Reason,
+        restart: bool,
+        volume: &str,
+    ) {
         let code = match kind {
             ErrorKind::Start => ErrorCode::StartFailure,
             ErrorKind::Stop => ErrorCode::StopFailure,
@@ -86,17 +93,34 @@ impl NodeContext {
             ErrorKind::Delete => ErrorCode::DeleteFailure,
             ErrorKind::AttachVolume => ErrorCode::AttachVolumeFailure,
         };
-        let payload = outgoing::error_payload(self.profile, kind, &self.node_uuid, instance, reason, restart, volume);
+        let payload = outgoing::error_payload(
+            self.profile,
+            kind,
+            &self.node_uuid,
+            instance,
+            reason,
+            restart,
+            volume,
+        );
         self.outbox.send(Operation::Error(code), payload);
     }
 
     /// Sends InstanceDeleted, or InstanceStopped where the profile has it.
     pub fn send_gone_event(&self, instance: &str, stopped: bool) {
-        let stopped_exists = self.profile.operand(Operation::Event(Event::InstanceStopped)).is_ok();
+        let stopped_exists = self
+            .profile
+            .operand(Operation::Event(Event::InstanceStopped))
+            .is_ok();
         if stopped && stopped_exists {
-            self.outbox.send(Operation::Event(Event::InstanceStopped), outgoing::instance_stopped_payload(instance));
+            self.outbox.send(
+                Operation::Event(Event::InstanceStopped),
+                outgoing::instance_stopped_payload(instance),
+            );
         } else {
-            self.outbox.send(Operation::Event(Event::InstanceDeleted), outgoing::instance_deleted_payload(instance));
+            self.outbox.send(
+                Operation::Event(Event::InstanceDeleted),
+                outgoing::instance_deleted_payload(instance),
+            );
         }
     }
 }

@@ -30,23 +30,34 @@ use crate::payloads::Reason;
 use crate::payloads::config::InstanceConfig;
 use crate::payloads::outgoing::{self, InstanceStat, NodeStatus};
 use crate::ssntp::{Command, Operation, Profile, Status};
-use crate::state::StateFile;
 use crate::virt::Usage;
 
 /// Server → overseer. Replies travel on the channel inside the request.
 #[derive(Debug)]
 pub enum OverseerReq {
     /// Admit a new instance (or return the inbox of a known one).
-    Add { cfg: Box<InstanceConfig>, reply: Sender<Result<Sender<InstanceCmd>, Reason>> },
+    Add {
+        cfg: Box<InstanceConfig>,
+        reply: Sender<Result<Sender<InstanceCmd>, Reason>>,
+    },
     /// The inbox of a known instance.
-    Get { id: String, reply: Sender<Option<Sender<InstanceCmd>>> },
+    Get {
+        id: String,
+        reply: Sender<Option<Sender<InstanceCmd>>>,
+    },
     /// Inboxes of every instance (EVACUATE).
-    All { reply: Sender<Vec<(String, Sender<InstanceCmd>)>> },
-    Maintenance { on: bool },
+    All {
+        reply: Sender<Vec<(String, Sender<InstanceCmd>)>>,
+    },
+    Maintenance {
+        on: bool,
+    },
     /// (Re)connected to the scheduler: send STATUS and STATS now.
     Connected,
     /// Snapshot for tests and the operator: (id, state) of every instance.
-    List { reply: Sender<Vec<(String, InstanceState)>> },
+    List {
+        reply: Sender<Vec<(String, InstanceState)>>,
+    },
 }
 
 /// Resource thresholds (spec/launcher-behaviour.md §5.2), in MB.
@@ -139,7 +150,12 @@ pub fn no_usage_tick() -> Receiver<Instant> {
 }
 
 impl Overseer {
-    pub fn new(ctx: NodeContext, limits: Limits, stats: Box<dyn NodeStatsSource>, maintenance_file: PathBuf) -> Overseer {
+    pub fn new(
+        ctx: NodeContext,
+        limits: Limits,
+        stats: Box<dyn NodeStatsSource>,
+        maintenance_file: PathBuf,
+    ) -> Overseer {
         let (updates_tx, updates) = crossbeam_channel::bounded(UPDATES);
         let (instance_shutdown, instance_shutdown_rx) = crossbeam_channel::bounded(0);
         Overseer {
@@ -180,7 +196,11 @@ impl Overseer {
                     if self.instances.contains_key(&id) {
                         continue;
                     }
-                    if let Err(e) = self.launch(id.clone(), Seed::Recovered(Box::new(state.clone())), &state.config) {
+                    if let Err(e) = self.launch(
+                        id.clone(),
+                        Seed::Recovered(Box::new(state.clone())),
+                        &state.config,
+                    ) {
                         error!("cannot recover {id}: {e}");
                         continue;
                     }
@@ -195,7 +215,12 @@ impl Overseer {
         n
     }
 
-    fn launch(&mut self, id: String, seed: Seed, cfg: &InstanceConfig) -> std::io::Result<Sender<InstanceCmd>> {
+    fn launch(
+        &mut self,
+        id: String,
+        seed: Seed,
+        cfg: &InstanceConfig,
+    ) -> std::io::Result<Sender<InstanceCmd>> {
         let h = instance::spawn(
             self.ctx.clone(),
             id.clone(),
@@ -225,10 +250,15 @@ impl Overseer {
 
     /// Moves the overseer into its thread.
     pub fn spawn(self, inputs: OverseerInputs) -> std::io::Result<JoinHandle<()>> {
-        std::thread::Builder::new().name("overseer".into()).spawn(move || self.run(inputs))
+        std::thread::Builder::new()
+            .name("overseer".into())
+            .spawn(move || self.run(inputs))
     }
 
     fn run(mut self, inputs: OverseerInputs) {
+        // Availability starts from real figures, not from zero (Go's started
+        // at 0 and refused every START until its first STATUS).
+        self.status();
         loop {
             select! {
                 recv(inputs.shutdown) -> _ => break,
@@ -256,13 +286,22 @@ impl Overseer {
                 let _ = reply.send(self.instances.get(&id).map(|r| r.inbox.clone()));
             }
             OverseerReq::All { reply } => {
-                let _ = reply.send(self.instances.iter().map(|(id, r)| (id.clone(), r.inbox.clone())).collect());
+                let _ = reply.send(
+                    self.instances
+                        .iter()
+                        .map(|(id, r)| (id.clone(), r.inbox.clone()))
+                        .collect(),
+                );
             }
             OverseerReq::Maintenance { on } => self.set_maintenance(on),
             OverseerReq::Connected => self.report(true),
             OverseerReq::List { reply } => {
-                let mut v: Vec<_> = self.instances.iter().map(|(id, r)| (id.clone(), r.state)).collect();
-                v.sort();
+                let mut v: Vec<_> = self
+                    .instances
+                    .iter()
+                    .map(|(id, r)| (id.clone(), r.state))
+                    .collect();
+                v.sort_by(|a, b| a.0.cmp(&b.0));
                 let _ = reply.send(v);
             }
         }
@@ -279,10 +318,14 @@ impl Overseer {
         if self.instances.len() >= self.limits.max_instances {
             return Err(Reason::FullCn);
         }
-        if self.limits.disk_limit && self.disk_available - cfg.disk_mb as i64 < self.limits.disk_refuse_mb {
+        if self.limits.disk_limit
+            && self.disk_available - (cfg.disk_mb as i64) < self.limits.disk_refuse_mb
+        {
             return Err(Reason::FullCn);
         }
-        if self.limits.mem_limit && self.mem_available - cfg.mem_mb as i64 < self.limits.mem_refuse_mb {
+        if self.limits.mem_limit
+            && self.mem_available - (cfg.mem_mb as i64) < self.limits.mem_refuse_mb
+        {
             return Err(Reason::FullCn);
         }
         let id = cfg.instance_uuid.clone();
@@ -331,7 +374,11 @@ impl Overseer {
             crate::state::write_atomic(&self.maintenance_file, b"", 0o600)
         } else {
             fs::remove_file(&self.maintenance_file).or_else(|e| {
-                if e.kind() == std::io::ErrorKind::NotFound { Ok(()) } else { Err(e) }
+                if e.kind() == std::io::ErrorKind::NotFound {
+                    Ok(())
+                } else {
+                    Err(e)
+                }
             })
         };
         if let Err(e) = r {
@@ -345,9 +392,16 @@ impl Overseer {
     fn status(&mut self) -> Status {
         let f = self.stats.sample();
         self.last_figures = f;
-        let disk_used: i64 = self.instances.values().filter_map(|r| r.usage.disk_mb).sum();
-        let mem_used: i64 =
-            self.instances.values().filter_map(|r| r.usage.memory_mb.map(|m| m.min(r.mem_mb))).sum();
+        let disk_used: i64 = self
+            .instances
+            .values()
+            .filter_map(|r| r.usage.disk_mb)
+            .sum();
+        let mem_used: i64 = self
+            .instances
+            .values()
+            .filter_map(|r| r.usage.memory_mb.map(|m| m.min(r.mem_mb)))
+            .sum();
         self.disk_available = f.disk_available_mb + disk_used - self.disk_allocated;
         self.mem_available = f.mem_available_mb + mem_used - self.mem_allocated;
         if self.maintenance {
@@ -408,17 +462,24 @@ impl Overseer {
             .collect();
         stats.sort_by(|a, b| a.instance_uuid.cmp(&b.instance_uuid));
         let payload = outgoing::stats_payload(profile, &node, status_name(status), &stats);
-        self.ctx.outbox.send(Operation::Command(Command::Stats), payload);
+        self.ctx
+            .outbox
+            .send(Operation::Command(Command::Stats), payload);
     }
 
     /// Closes every instance's shutdown channel and joins the threads,
     /// draining their updates meanwhile so none blocks on a full channel.
     fn shutdown(mut self) {
         self.instance_shutdown.take();
-        let mut threads: Vec<JoinHandle<()>> = self.instances.values_mut().filter_map(|r| r.thread.take()).collect();
+        let mut threads: Vec<JoinHandle<()>> = self
+            .instances
+            .values_mut()
+            .filter_map(|r| r.thread.take())
+            .collect();
         while !threads.is_empty() {
             while self.updates.try_recv().is_ok() {}
-            let (done, pending): (Vec<_>, Vec<_>) = threads.into_iter().partition(|t| t.is_finished());
+            let (done, pending): (Vec<_>, Vec<_>) =
+                threads.into_iter().partition(|t| t.is_finished());
             for t in done {
                 if t.join().is_err() {
                     error!("an instance thread panicked");
@@ -443,6 +504,3 @@ fn status_name(s: Status) -> &'static str {
         Status::Connected => "CONNECTED",
     }
 }
-
-/// The state file of a recovered instance (re-exported for tests).
-pub type Recovered = StateFile;

@@ -37,12 +37,20 @@ pub struct Server {
 
 impl Server {
     pub fn new(ctx: NodeContext, overseer: Sender<OverseerReq>) -> Server {
-        Server { ctx, overseer, cluster: None }
+        Server {
+            ctx,
+            overseer,
+            cluster: None,
+        }
     }
 
     /// Runs until shutdown or until the client stops for good; returns the
     /// client's fatal error, if any.
-    pub fn run(mut self, events: Receiver<ClientEvent>, shutdown: Receiver<Never>) -> Option<String> {
+    pub fn run(
+        mut self,
+        events: Receiver<ClientEvent>,
+        shutdown: Receiver<Never>,
+    ) -> Option<String> {
         loop {
             select! {
                 recv(shutdown) -> _ => return None,
@@ -58,7 +66,11 @@ impl Server {
     /// Handles one client event (public for tests that drive the server directly).
     pub fn event(&mut self, ev: ClientEvent) {
         match ev {
-            ClientEvent::Connected { server_role, configuration, .. } => {
+            ClientEvent::Connected {
+                server_role,
+                configuration,
+                ..
+            } => {
                 info!("connected to the {server_role}");
                 if self.cluster.is_none() && !configuration.is_empty() {
                     match commands::parse_configure(&configuration) {
@@ -72,9 +84,14 @@ impl Server {
                 let _ = self.overseer.send(OverseerReq::Connected);
             }
             ClientEvent::Disconnected { reason, unsent } => {
-                warn!("disconnected from the scheduler: {reason} ({} frame(s) not sent)", unsent.len());
+                warn!(
+                    "disconnected from the scheduler: {reason} ({} frame(s) not sent)",
+                    unsent.len()
+                );
             }
-            ClientEvent::ConnectFailed { error, retry_in } => warn!("{error}; retrying in {retry_in:.1?}"),
+            ClientEvent::ConnectFailed { error, retry_in } => {
+                warn!("{error}; retrying in {retry_in:.1?}")
+            }
             ClientEvent::Frame(f) => self.frame(&f),
             ClientEvent::Stopped { .. } => {}
         }
@@ -84,7 +101,10 @@ impl Server {
         match self.ctx.profile.frame_operation(f) {
             Ok(Operation::Command(c)) => self.command(c, &f.payload),
             Ok(op @ (Operation::Error(_) | Operation::Event(_))) => {
-                info!("scheduler sent {op}: {}", String::from_utf8_lossy(&f.payload).trim_end())
+                info!(
+                    "scheduler sent {op}: {}",
+                    String::from_utf8_lossy(&f.payload).trim_end()
+                )
             }
             Ok(op) => debug!("scheduler sent {op}"),
             Err(e) => warn!("ignored frame: {e}"),
@@ -104,15 +124,23 @@ impl Server {
                 Err(e) => self.payload_error(ErrorKind::Restart, e),
             },
             Command::Delete => match commands::parse_delete(payload) {
-                Ok(d) => self.route(ErrorKind::Delete, &d.instance_uuid, InstanceCmd::Delete { stop: d.stop }),
+                Ok(d) => self.route(
+                    ErrorKind::Delete,
+                    &d.instance_uuid,
+                    InstanceCmd::Delete { stop: d.stop },
+                ),
                 Err(e) => self.payload_error(ErrorKind::Delete, e),
             },
             Command::AttachVolume => match commands::parse_attach_volume(payload) {
                 Ok(a) => {
-                    let cmd = InstanceCmd::AttachVolume { volume: a.volume_uuid.clone() };
+                    let cmd = InstanceCmd::AttachVolume {
+                        volume: a.volume_uuid.clone(),
+                    };
                     self.route_volume(&a.instance_uuid, &a.volume_uuid, cmd)
                 }
-                Err(e) => self.ctx.send_error(ErrorKind::AttachVolume, "", e.reason, false, ""),
+                Err(e) => self
+                    .ctx
+                    .send_error(ErrorKind::AttachVolume, "", e.reason, false, ""),
             },
             // The 2016 launcher ignored EVACUATE.
             Command::Evacuate if p2016 => info!("EVACUATE ignored (2016 profile)"),
@@ -126,7 +154,8 @@ impl Server {
 
     fn payload_error(&self, kind: ErrorKind, e: PayloadError) {
         warn!("{kind:?}: {e}");
-        self.ctx.send_error(kind, &e.instance_uuid, e.reason, false, "");
+        self.ctx
+            .send_error(kind, &e.instance_uuid, e.reason, false, "");
     }
 
     fn start(&mut self, payload: &[u8]) {
@@ -137,14 +166,28 @@ impl Server {
         let (id, restart) = (cfg.instance_uuid.clone(), cfg.restart);
         let (reply, answer) = crossbeam_channel::bounded(1);
         let cfg = Box::new(cfg);
-        if self.overseer.send(OverseerReq::Add { cfg: cfg.clone(), reply }).is_err() {
+        if self
+            .overseer
+            .send(OverseerReq::Add {
+                cfg: cfg.clone(),
+                reply,
+            })
+            .is_err()
+        {
             return;
         }
         match answer.recv_timeout(OVERSEER_REPLY) {
-            Ok(Ok(inbox)) => self.deliver(ErrorKind::Start, &id, &inbox, InstanceCmd::Start(cfg), restart),
+            Ok(Ok(inbox)) => self.deliver(
+                ErrorKind::Start,
+                &id,
+                &inbox,
+                InstanceCmd::Start(cfg),
+                restart,
+            ),
             Ok(Err(reason)) => {
                 info!("START {id} refused: {}", reason.as_str());
-                self.ctx.send_error(ErrorKind::Start, &id, reason, restart, "");
+                self.ctx
+                    .send_error(ErrorKind::Start, &id, reason, restart, "");
             }
             Err(e) => warn!("overseer did not answer: {e}"),
         }
@@ -152,7 +195,12 @@ impl Server {
 
     fn lookup(&self, id: &str) -> Option<Sender<InstanceCmd>> {
         let (reply, answer) = crossbeam_channel::bounded(1);
-        self.overseer.send(OverseerReq::Get { id: id.to_string(), reply }).ok()?;
+        self.overseer
+            .send(OverseerReq::Get {
+                id: id.to_string(),
+                reply,
+            })
+            .ok()?;
         answer.recv_timeout(OVERSEER_REPLY).ok().flatten()
     }
 
@@ -167,23 +215,45 @@ impl Server {
         match self.lookup(id) {
             Some(inbox) => {
                 if let Err(e) = inbox.try_send(cmd) {
-                    let reason = if matches!(e, TrySendError::Full(_)) { Reason::InstanceBusy } else { Reason::NoInstance };
-                    self.ctx.send_error(ErrorKind::AttachVolume, id, reason, false, volume);
+                    let reason = if matches!(e, TrySendError::Full(_)) {
+                        Reason::InstanceBusy
+                    } else {
+                        Reason::NoInstance
+                    };
+                    self.ctx
+                        .send_error(ErrorKind::AttachVolume, id, reason, false, volume);
                 }
             }
-            None => self.ctx.send_error(ErrorKind::AttachVolume, id, Reason::NoInstance, false, volume),
+            None => self.ctx.send_error(
+                ErrorKind::AttachVolume,
+                id,
+                Reason::NoInstance,
+                false,
+                volume,
+            ),
         }
     }
 
-    fn deliver(&self, kind: ErrorKind, id: &str, inbox: &Sender<InstanceCmd>, cmd: InstanceCmd, restart: bool) {
+    fn deliver(
+        &self,
+        kind: ErrorKind,
+        id: &str,
+        inbox: &Sender<InstanceCmd>,
+        cmd: InstanceCmd,
+        restart: bool,
+    ) {
         match inbox.try_send(cmd) {
             Ok(()) => {}
             Err(TrySendError::Full(_)) => {
                 warn!("{kind:?} {id}: the instance's inbox is full");
-                self.ctx.send_error(kind, id, Reason::InstanceBusy, restart, "");
+                self.ctx
+                    .send_error(kind, id, Reason::InstanceBusy, restart, "");
             }
             // The instance went away between lookup and delivery.
-            Err(TrySendError::Disconnected(_)) => self.ctx.send_error(kind, id, Reason::NoInstance, restart, ""),
+            Err(TrySendError::Disconnected(_)) => {
+                self.ctx
+                    .send_error(kind, id, Reason::NoInstance, restart, "")
+            }
         }
     }
 
@@ -194,10 +264,18 @@ impl Server {
         if self.overseer.send(OverseerReq::All { reply }).is_err() {
             return;
         }
-        let Ok(all) = answer.recv_timeout(OVERSEER_REPLY) else { return };
+        let Ok(all) = answer.recv_timeout(OVERSEER_REPLY) else {
+            return;
+        };
         info!("evacuating {} instance(s)", all.len());
         for (id, inbox) in all {
-            self.deliver(ErrorKind::Delete, &id, &inbox, InstanceCmd::Delete { stop: true }, false);
+            self.deliver(
+                ErrorKind::Delete,
+                &id,
+                &inbox,
+                InstanceCmd::Delete { stop: true },
+                false,
+            );
         }
     }
 }

@@ -250,10 +250,7 @@ fn ready_then_full_at_max_vm_and_full_cn_beyond() {
         let mut n = Node::start(profile, limits(2));
         n.connected();
         assert_eq!(n.next().0, Operation::Status(Status::Ready));
-        assert_eq!(
-            n.expect(Operation::Command(Command::Stats)).is_empty(),
-            false
-        );
+        assert!(!n.expect(Operation::Command(Command::Stats)).is_empty());
         n.start_instance(&uuid_n(1));
         n.start_instance(&uuid_n(2));
         n.wait_state(&uuid_n(1), InstanceState::Running);
@@ -283,7 +280,7 @@ fn stop_restart_delete_2016() {
     let mut n = Node::start(Profile::P2016, limits(8));
     let id = uuid_n(7);
     n.start_instance(&id);
-    assert_eq!(n.expect(Operation::Status(Status::Ready)).is_empty(), false);
+    assert!(!n.expect(Operation::Status(Status::Ready)).is_empty());
     n.wait_state(&id, InstanceState::Running);
     assert!(n.sim.is_running(&id));
 
@@ -469,7 +466,10 @@ fn hostile_payloads_get_error_frames() {
     assert_eq!(e.reason, "invalid_data");
     assert!(!n.dir.join("etc").exists());
 
-    n.command(Command::Start, b"start: [unclosed".to_vec());
+    n.command(
+        Command::Start,
+        b"start:\n  instance_uuid: [unclosed\n".to_vec(),
+    );
     assert_eq!(
         n.expect_error(ErrorCode::StartFailure).reason,
         "invalid_payload"
@@ -492,10 +492,21 @@ fn hostile_payloads_get_error_frames() {
         n.expect_error(ErrorCode::DeleteFailure).reason,
         "invalid_data"
     );
+    // 100 MB: no start document at all (invalid_data, as in Go), then a
+    // start document with a 100 MB value (invalid_data: no usable id).
     n.command(Command::Start, vec![b'x'; 100 << 20]);
     assert_eq!(
         n.expect_error(ErrorCode::StartFailure).reason,
-        "invalid_payload"
+        "invalid_data"
+    );
+    let mut huge = b"start:\n  instance_uuid: ".to_vec();
+    huge.resize(100 << 20, b'a');
+    huge.push(b'\n');
+    n.command(Command::Start, huge);
+    let reason = n.expect_error(ErrorCode::StartFailure).reason;
+    assert!(
+        ["invalid_data", "invalid_payload"].contains(&reason.as_str()),
+        "{reason}"
     );
     // An unknown operand is ignored, and the node still works.
     n.server.event(ClientEvent::Frame(Frame::new(
