@@ -1,38 +1,52 @@
-//! The `ciao-launcher` main thread.
+//! The `ciao-launcher` main thread: command line, the data directory's lock,
+//! logging, hard reset, RLIMIT_NOFILE, then the [`Launcher`] and the signal
+//! wait with the 1-second rule.
 //!
-//! At this stage the daemon is the SSNTP agent only: it loads its
-//! certificate, keeps its node UUID, connects to the scheduler (reconnecting
-//! as needed) and logs what it receives. Instance management (server,
-//! overseer and instance threads) is not built yet.
-//!
-//! Threads: main (this module: waits for the first signal or a fatal client
-//! event), `signals`, and the SSNTP client's `ssntp-io`.
+//! Threads: main (this module), `signals`, and what [`Launcher`] starts
+//! (`server`, `ssntp-io`, `overseer`, `instance-…`). On the first SIGTERM,
+//! SIGINT or SIGHUP main drops the shutdown sender and gives every thread one
+//! second to be joined; instances keep running. If some thread is still alive
+//! after that second, main logs the names of the threads left and exits with
+//! [`LauncherExit::Stuck`]. Later signals are ignored.
 
 use std::ffi::OsString;
-use std::path::PathBuf;
+use std::fs::{self, File, OpenOptions};
+use std::path::Path;
 use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
 
-use clap::{CommandFactory, Parser};
 use crossbeam_channel::select;
-use log::{error, info, warn};
+use log::{LevelFilter, error, info, warn};
+use simplelog::{CombinedLogger, ConfigBuilder, SharedLogger, ThreadLogMode, WriteLogger};
 
-use crate::ssntp::client::{self, Client, ClientConfig, ClientEvent};
-use crate::ssntp::{Profile, Role, tls};
+use crate::cli::{self, Config, LogConfig, Mode, NetworkMode};
+use crate::launcher::{Ended, Launcher, Settings};
+use crate::nodestats::ProcNodeStats;
+use crate::overseer::Limits;
+use crate::ssntp::client::{self, ClientConfig};
+use crate::ssntp::{Role, tls};
+use crate::state::Store;
+use crate::virt::sim::SimFactory;
 
 /// Exit codes of `ciao-launcher` (documented in the man page).
 #[repr(u8)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LauncherExit {
     Ok = 0,
-    /// Bad command line.
+    /// Another launcher holds this data directory's lock.
+    Locked = 1,
+    /// Bad command line, or a feature this build lacks.
     Usage = 2,
     /// Certificates unreadable, or ours proves no agent/netagent role.
     Certificates = 3,
     /// The scheduler refused our identity (ConnectionAborted) or proved a
     /// role it does not hold: a security failure, not retried.
     Security = 4,
-    /// The data directory is unusable.
+    /// The data directory (or the log directory) is unusable.
     DataDir = 5,
+    /// Threads were still alive one second after a signal.
+    Stuck = 6,
 }
 
 impl From<LauncherExit> for ExitCode {
@@ -41,58 +55,56 @@ impl From<LauncherExit> for ExitCode {
     }
 }
 
-/// ciao-launcher: the CIAO compute-node agent (SSNTP client).
-#[derive(Debug, Parser)]
-#[command(name = "ciao-launcher", version, about)]
-pub struct Cli {
-    /// CA certificate (PEM); its SANs name the scheduler when -server is not given.
-    #[arg(long)]
-    pub cacert: PathBuf,
-    /// This node's certificate and key in one PEM file (role agent and/or netagent).
-    #[arg(long)]
-    pub cert: PathBuf,
-    /// Scheduler address host[:port] (default: the CA certificate's SANs, then localhost; port 8888).
-    #[arg(long)]
-    pub server: Option<String>,
-    /// Root of the launcher's files.
-    #[arg(long = "data-dir", default_value = "/var/lib/ciao")]
-    pub data_dir: PathBuf,
-    /// Protocol profile: 2016 (the seed-era scheduler) or 2018 (ciao master).
-    #[arg(long, default_value = "2016")]
-    pub protocol: Profile,
-    /// Also require the scheduler certificate to name the host dialled.
-    #[arg(long = "verify-hostname")]
-    pub verify_hostname: bool,
-    /// Log verbosity (glog style: 0 info, 1+ debug, 3+ trace).
-    #[arg(short = 'v', long = "v", default_value_t = 0)]
-    pub verbosity: u8,
-}
+/// The lock file inside the data directory.
+pub const LOCK_FILE: &str = "ciao-launcher.lock";
+/// How long threads get after a signal.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(1);
 
 /// Entry point of the `ciao-launcher` binary.
 pub fn main(args: impl IntoIterator<Item = OsString>) -> ExitCode {
-    let args = crate::cli::normalize_args(&Cli::command(), args);
-    let cli = match Cli::try_parse_from(args) {
+    let cfg = match cli::parse_launcher_args(args) {
         Ok(c) => c,
         Err(e) => {
             let _ = e.print();
-            return if e.use_stderr() {
-                LauncherExit::Usage.into()
-            } else {
-                LauncherExit::Ok.into()
-            };
+            return ExitCode::from(e.exit_code());
         }
     };
-    let level = match cli.verbosity {
-        0 => log::LevelFilter::Info,
-        1 | 2 => log::LevelFilter::Debug,
-        _ => log::LevelFilter::Trace,
-    };
-    crate::logging::to_stderr(level);
-    run(cli).into()
+    run(cfg).into()
 }
 
-fn run(cli: Cli) -> LauncherExit {
-    let (ca, identity) = match (tls::load_ca(&cli.cacert), tls::load_identity(&cli.cert)) {
+fn run(cfg: Config) -> LauncherExit {
+    if let Err(e) = fs::create_dir_all(&cfg.data_dir) {
+        eprintln!("ciao-launcher: {}: {e}", cfg.data_dir.display());
+        return LauncherExit::DataDir;
+    }
+    // One launcher per data directory; the lock lives as long as the process.
+    let _lock = match lock(&cfg.data_dir) {
+        Ok(l) => l,
+        Err(code) => return code,
+    };
+    if let Err(e) = init_logging(&cfg.log) {
+        eprintln!("ciao-launcher: {e}");
+        return LauncherExit::DataDir;
+    }
+    let (cacert, cert) = match &cfg.mode {
+        Mode::HardReset => return hard_reset(&cfg.data_dir),
+        Mode::Run { cacert, cert } => (cacert.clone(), cert.clone()),
+    };
+    if cfg.network != NetworkMode::None {
+        warn!(
+            "tenant networking ({:?}) is not implemented yet: running with -network none",
+            cfg.network
+        );
+    }
+    if !cfg.simulation {
+        error!(
+            "this build runs instances only with -simulation: the QEMU and Docker virtualizers are not part of it yet"
+        );
+        return LauncherExit::Usage;
+    }
+    raise_nofile();
+
+    let (ca, identity) = match (tls::load_ca(&cacert), tls::load_identity(&cert)) {
         (Ok(ca), Ok(id)) => (ca, id),
         (Err(e), _) | (_, Err(e)) => {
             error!("{e}");
@@ -102,35 +114,55 @@ fn run(cli: Cli) -> LauncherExit {
     if !identity.role.intersects(Role::AGENT.union(Role::NETAGENT)) {
         error!(
             "{}: role {} is neither agent nor netagent",
-            cli.cert.display(),
+            cert.display(),
             identity.role
         );
         return LauncherExit::Certificates;
     }
-    let node = match client::node_uuid(&cli.data_dir, identity.role) {
+    let node = match client::node_uuid(&cfg.data_dir, identity.role) {
         Ok(n) => n,
         Err(e) => {
-            error!("{}: cannot keep the node UUID: {e}", cli.data_dir.display());
+            error!("{}: cannot keep the node UUID: {e}", cfg.data_dir.display());
             return LauncherExit::DataDir;
         }
     };
-    let servers = client::server_list(cli.server.as_deref(), &ca, client::DEFAULT_PORT);
+    let servers = client::server_list(cfg.server.as_deref(), &ca, client::DEFAULT_PORT);
     info!(
-        "node {} ({}) dialling {}",
+        "ciao-launcher {} starting: node {} ({}), {} profile, dialling {}",
+        env!("CARGO_PKG_VERSION"),
         node.uuid,
         identity.role,
+        cfg.protocol,
         servers.join(", ")
     );
-    let mut cfg = ClientConfig::new(identity, ca, *node.uuid.as_bytes(), servers);
-    cfg.profile = cli.protocol;
-    cfg.verify_hostname = cli.verify_hostname;
-    let client = match Client::start(cfg) {
-        Ok(c) => c,
-        Err(e) => {
-            error!("{e}");
-            return LauncherExit::Certificates;
-        }
+    let mut client_cfg = ClientConfig::new(identity, ca, *node.uuid.as_bytes(), servers);
+    client_cfg.profile = cfg.protocol;
+    client_cfg.verify_hostname = cfg.verify_hostname;
+
+    let store = Store::new(&cfg.data_dir);
+    let limits = Limits {
+        max_instances: cfg.max_vm as usize,
+        disk_limit: cfg.disk_limit,
+        mem_limit: cfg.mem_limit,
+        disk_full_mb: cfg.disk_limit_mb as i64,
+        mem_full_mb: cfg.mem_limit_mb as i64,
+        // ciao refuses STARTs at half its FULL marks (40 000 / 512 vs 80 000 / 1 000).
+        disk_refuse_mb: (cfg.disk_limit_mb / 2) as i64,
+        mem_refuse_mb: (cfg.mem_limit_mb * 512 / 1000) as i64,
     };
+    let settings = Settings {
+        client: client_cfg,
+        profile: cfg.protocol,
+        data_dir: cfg.data_dir.clone(),
+        limits,
+        stats_interval: cfg.stats_interval,
+        factory: Arc::new(SimFactory::default()),
+        node_stats: Box::new(ProcNodeStats::new("/proc", store.instances_dir())),
+        instance_stack: cfg.instance_stack_size,
+        stop_wait: Duration::from_secs(60),
+        usage_tick: true,
+    };
+    // Signals before the launcher: a signal during start-up is not lost.
     let signals = match crate::signals::spawn() {
         Ok(s) => s,
         Err(e) => {
@@ -138,30 +170,134 @@ fn run(cli: Cli) -> LauncherExit {
             return LauncherExit::Usage;
         }
     };
-    let exit = loop {
-        select! {
-            recv(signals.done) -> s => {
-                info!("signal {}: shutting down", s.unwrap_or(0));
-                break LauncherExit::Ok;
-            }
-            recv(client.events()) -> ev => match ev {
-                Ok(ClientEvent::Connected { server_role, .. }) => info!("connected to the {server_role}"),
-                Ok(ClientEvent::Disconnected { reason, unsent }) => {
-                    warn!("disconnected: {reason} ({} frames not sent)", unsent.len())
-                }
-                Ok(ClientEvent::ConnectFailed { error, retry_in }) => warn!("{error}; retrying in {retry_in:?}"),
-                Ok(ClientEvent::Frame(f)) => {
-                    let op = cli.protocol.frame_operation(&f).map_or_else(|e| e.to_string(), |o| o.to_string());
-                    info!("received {op} ({} bytes)", f.payload.len());
-                }
-                Ok(ClientEvent::Stopped { error: Some(e) }) => {
-                    error!("{e}");
-                    break LauncherExit::Security;
-                }
-                Ok(ClientEvent::Stopped { error: None }) | Err(_) => break LauncherExit::Ok,
-            }
+    let launcher = match Launcher::start(settings) {
+        Ok(l) => l,
+        Err(e) => {
+            error!("{e}");
+            return LauncherExit::DataDir;
         }
     };
-    client.close();
-    exit
+    info!("running ({} instance(s) recovered)", launcher.recovered);
+    let ended = select! {
+        recv(signals.done) -> s => {
+            info!("signal {}: shutting down, instances keep running", s.unwrap_or(0));
+            None
+        }
+        recv(launcher.done()) -> e => e.ok(),
+    };
+    let result = match ended {
+        Some(Ended::ClientFailed(e)) => {
+            error!("{e}");
+            let _ = launcher.stop(SHUTDOWN_GRACE);
+            LauncherExit::Security
+        }
+        _ => match launcher.stop(SHUTDOWN_GRACE) {
+            Ok(Ended::ClientFailed(e)) => {
+                error!("{e}");
+                LauncherExit::Security
+            }
+            Ok(Ended::Stopped) => LauncherExit::Ok,
+            Err(stuck) => {
+                error!(
+                    "threads still alive {SHUTDOWN_GRACE:?} after the signal: {}",
+                    stuck.threads.join(", ")
+                );
+                LauncherExit::Stuck
+            }
+        },
+    };
+    log::logger().flush();
+    result
+}
+
+fn lock(data_dir: &Path) -> Result<File, LauncherExit> {
+    let path = data_dir.join(LOCK_FILE);
+    let file = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|e| {
+            eprintln!("ciao-launcher: {}: {e}", path.display());
+            LauncherExit::DataDir
+        })?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => {
+            eprintln!(
+                "ciao-launcher: another launcher is running with data directory {}",
+                data_dir.display()
+            );
+            Err(LauncherExit::Locked)
+        }
+        Err(std::fs::TryLockError::Error(e)) => {
+            eprintln!("ciao-launcher: {}: {e}", path.display());
+            Err(LauncherExit::DataDir)
+        }
+    }
+}
+
+fn hard_reset(data_dir: &Path) -> LauncherExit {
+    let store = Store::new(data_dir);
+    match store.hard_reset() {
+        Ok(n) => {
+            info!("hard reset: removed {n} instance(s)");
+            println!(
+                "hard reset: removed {n} instance(s) from {}",
+                store.instances_dir().display()
+            );
+            let _ = fs::remove_file(data_dir.join("maintenance"));
+            LauncherExit::Ok
+        }
+        Err(e) => {
+            error!("hard reset: {e}");
+            eprintln!("ciao-launcher: hard reset: {e}");
+            LauncherExit::DataDir
+        }
+    }
+}
+
+/// Lets the launcher hold a descriptor per instance connection and file.
+fn raise_nofile() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok((soft, hard)) if soft < hard => {
+            if let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+                warn!("cannot raise the open-file limit from {soft} to {hard}: {e}");
+            }
+        }
+        Ok(_) => {}
+        Err(e) => warn!("cannot read the open-file limit: {e}"),
+    }
+}
+
+/// glog's behaviour: a log file in the log directory, and on standard error
+/// what reaches the threshold (everything with -logtostderr, which also
+/// disables the file).
+fn init_logging(log: &LogConfig) -> Result<(), String> {
+    let config = ConfigBuilder::new()
+        .set_thread_level(LevelFilter::Error)
+        .set_thread_mode(ThreadLogMode::Names)
+        .set_target_level(LevelFilter::Off)
+        .build();
+    let mut loggers: Vec<Box<dyn SharedLogger>> = Vec::new();
+    if !log.logtostderr {
+        fs::create_dir_all(&log.dir).map_err(|e| format!("{}: {e}", log.dir.display()))?;
+        let path = log.dir.join("ciao-launcher.log");
+        let file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .map_err(|e| format!("{}: {e}", path.display()))?;
+        loggers.push(WriteLogger::new(log.verbosity, config.clone(), file));
+    }
+    let stderr_level = if log.logtostderr || log.alsologtostderr {
+        log.verbosity
+    } else {
+        log.verbosity.min(log.stderr_threshold)
+    };
+    loggers.push(WriteLogger::new(stderr_level, config, std::io::stderr()));
+    // Fails only if a logger is already set (tests): keep that one.
+    let _ = CombinedLogger::init(loggers);
+    Ok(())
 }

@@ -9,6 +9,10 @@
 //! ([`SimControl::fail_image`], [`SimControl::fail_start`]) and crashes
 //! ([`SimControl::crash`]).
 //!
+//! An instance this process never saw is assumed to have outlived a launcher
+//! restart (as a VM would), unless [`SimControl::power_cut`] simulated a
+//! host reboot.
+//!
 //! Usage figures follow ciao's simulation: a tenth of the configured memory,
 //! disk and vCPUs.
 
@@ -28,6 +32,10 @@ struct Table {
     /// Instances "running" (survives a launcher restart within the process,
     /// like a VM survives the launcher).
     running: HashSet<String>,
+    /// Instances stopped or crashed in this process.
+    stopped: HashSet<String>,
+    /// After [`SimControl::power_cut`] nothing survives.
+    rebooted: bool,
     /// Instances whose Running report is held back (manual mode).
     held: HashSet<String>,
     manual: bool,
@@ -78,6 +86,7 @@ impl SimControl {
         if !t.running.remove(id) {
             return false;
         }
+        t.stopped.insert(id.to_string());
         t.held.remove(id);
         if let Some(m) = t.monitors.get(id) {
             let _ = m.send(MonitorEvent::Exited("simulated crash".into()));
@@ -113,6 +122,7 @@ impl SimControl {
         let mut t = self.lock();
         t.running.clear();
         t.held.clear();
+        t.rebooted = true;
     }
 }
 
@@ -153,6 +163,7 @@ impl Monitor for SimMonitor {
             return Ok(());
         }
         t.running.remove(&self.id);
+        t.stopped.insert(self.id.clone());
         t.held.remove(&self.id);
         match t.monitors.get(&self.id) {
             Some(m) => m
@@ -197,6 +208,7 @@ impl Virtualizer for Sim {
             return Err(VirtError("simulated launch failure".into()));
         }
         t.running.insert(self.id.clone());
+        t.stopped.remove(&self.id);
         Ok(())
     }
 
