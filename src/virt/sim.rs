@@ -215,9 +215,14 @@ impl Virtualizer for Sim {
     fn monitor(
         &mut self,
         events: Sender<MonitorEvent>,
-        _boot: bool,
+        boot: bool,
     ) -> Result<Box<dyn Monitor>, VirtError> {
         let mut t = self.control.lock();
+        // Re-attaching to an instance this process never saw (the launcher
+        // restarted): like a VM, it outlived the launcher.
+        if boot && !t.rebooted && !t.running.contains(&self.id) && !t.stopped.contains(&self.id) {
+            t.running.insert(self.id.clone());
+        }
         let up = t.running.contains(&self.id);
         if !up {
             // Re-attached after a "reboot", or never started.
@@ -308,6 +313,17 @@ mod tests {
         assert!(rx.try_recv().is_err());
         assert!(c.report_running("c"));
         assert_eq!(rx.try_recv(), Ok(MonitorEvent::Running));
+    }
+
+    #[test]
+    fn unknown_instances_outlive_a_launcher_restart() {
+        // A fresh control is a fresh launcher process.
+        let c = SimControl::new();
+        let mut v = sim(&c, "e");
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let _m = v.monitor(tx, true).expect("re-attach");
+        assert_eq!(rx.try_recv(), Ok(MonitorEvent::Running));
+        assert!(c.is_running("e"));
     }
 
     #[test]
