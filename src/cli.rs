@@ -184,9 +184,9 @@ pub struct LauncherCli {
     #[arg(long, value_name = "N", default_value_t = 1_000, help_heading = NODE)]
     pub mem_limit_mb: u64,
 
-    /// Seconds between STATUS and STATS reports (default: 30 with --protocol 2016, 6 with 2018).
+    /// Seconds between STATUS and STATS reports, fractions allowed (default: 30 with --protocol 2016, 6 with 2018).
     #[arg(long, value_name = "SECONDS", help_heading = NODE)]
-    pub stats_interval: Option<u64>,
+    pub stats_interval: Option<f64>,
 
     /// User interface of virtual machines: none (headless), nc (serial console on a TCP port, for netcat) or spice.
     #[arg(long, value_name = "UI", default_value = "none", help_heading = NODE)]
@@ -548,8 +548,14 @@ impl LauncherCli {
         }
         let stats_interval = match self.stats_interval {
             None => self.protocol.stats_interval(),
-            Some(0) => return Err(invalid("--stats-interval", 0, "must be at least 1 second")),
-            Some(s) => Duration::from_secs(s),
+            Some(s) if !(0.01..=86_400.0).contains(&s) => {
+                return Err(invalid(
+                    "--stats-interval",
+                    s,
+                    "must be between 0.01 and 86400 seconds",
+                ));
+            }
+            Some(s) => Duration::from_secs_f64(s),
         };
         let instance_stack_size = Some(self.instance_stack_kib)
             .filter(|k| *k >= MIN_INSTANCE_STACK_KIB)
@@ -745,8 +751,7 @@ Stop it with SIGTERM or Ctrl-C; the instances stay.
 "#;
 
 /// `ciao-lc`'s one-line description in its man page.
-pub const LC_ABOUT: &str =
-    "The operator's companion for ciao-launcher: certificates and an embedded SSNTP scheduler";
+pub const LC_ABOUT: &str = "The operator's companion for ciao-launcher: certificates, an embedded SSNTP scheduler, and commands to drive launchers through it";
 
 /// `ciao-lc`'s DESCRIPTION in its man page.
 pub const LC_DESCRIPTION: &str =
@@ -755,9 +760,16 @@ pub const LC_DESCRIPTION: &str =
 ciao-lc certs makes a certificate authority the way ciao does (the scheduler's own certificate \
 is the CA) and certificates for a compute node (agent role) and a network node (netagent role).
 
-ciao-lc serve runs an SSNTP scheduler with those certificates. It accepts launchers and prints \
-every connection, disconnection, rejected handshake and frame, naming operations after the \
-chosen protocol profile, until SIGTERM, SIGINT or SIGHUP.";
+ciao-lc serve runs an SSNTP scheduler with those certificates. It accepts launchers, prints \
+every connection, disconnection, rejected handshake and frame (naming operations after the \
+chosen protocol profile), remembers each launcher's last STATUS and STATS, and listens on a \
+control socket (ciao-lc.sock in the certificate directory) until SIGTERM, SIGINT or SIGHUP.
+
+The other commands talk to a running serve through that socket: start sends a START (built \
+from flags, or a payload file), stop, restart and delete address one instance, list and stats \
+show what the launchers last reported, watch prints events as they arrive, evacuate and \
+restore switch a launcher's maintenance mode. Commands are asynchronous, as a scheduler's \
+are: a refusal comes back as an error frame, shown by watch and by serve.";
 
 /// Hand-written sections appended to `ciao-lc(1)` (roff source).
 pub const LC_MAN_EXTRA: &str = r#".SH FILES
@@ -777,10 +789,17 @@ compute node.
 .TP
 .I cert\-NetworkingAgent.pem
 A certificate and private key with the netagent role, for a network node.
+.TP
+.I ciao\-lc.sock
+The control socket of a running \fBserve\fR, removed when it stops.
 .SH "EXIT STATUS"
 .TP
 .B 0
 Success; \fBserve\fR stopped by SIGTERM, SIGINT or SIGHUP.
+.TP
+.B 1
+The command failed: no launcher or several (use \fB\-\-node\fR), an unknown node, a
+malformed UUID, or an operation the protocol profile lacks.
 .TP
 .B 2
 Command-line error.
@@ -790,14 +809,23 @@ Certificates could not be written or read (or the \fB\-\-configuration\fR file c
 read).
 .TP
 .B 4
-\fBserve\fR failed: it could not listen on the address or handle signals.
+\fBserve\fR failed: it could not listen on the address or the control socket, or handle
+signals.
+.TP
+.B 5
+No \fBserve\fR answers on the control socket of the certificate directory.
 .SH EXAMPLE
 .RS 4
 .EX
 $ ciao\-lc certs \-\-dir certs \-\-ip 127.0.0.1
 $ ciao\-lc serve \-\-certs certs &
 $ ciao\-launcher \-cacert certs/CAcert.pem \-cert certs/cert\-CNAgent.pem \e
-      \-\-data\-dir /tmp/ciao \-simulation
+      \-\-data\-dir /tmp/ciao \-simulation \-\-disk\-limit=false \-\-stats\-interval 1 &
+$ ciao\-lc start \-\-sim \-\-vcpus 2 \-\-mem\-mb 512
+START 5f0c…\ sent
+$ ciao\-lc list
+$ ciao\-lc stop 5f0c…
+$ ciao\-lc delete 5f0c…
 .EE
 .RE
 .PP
