@@ -93,6 +93,14 @@ const UPDATES: usize = 4096;
 /// How often instance threads sample their usage.
 pub const USAGE_PERIOD: Duration = Duration::from_secs(30);
 
+/// What one instance adds to the used-resource sums (spec §5.2).
+fn contribution(usage: &Usage, mem_mb: i64) -> (i64, i64) {
+    (
+        usage.disk_mb.unwrap_or(0).max(0),
+        usage.memory_mb.map_or(0, |m| m.clamp(0, mem_mb.max(0))),
+    )
+}
+
 #[derive(Debug)]
 struct Record {
     inbox: Sender<InstanceCmd>,
@@ -120,6 +128,10 @@ pub struct Overseer {
     disk_allocated: i64,
     disk_available: i64,
     mem_available: i64,
+    /// Σ disk usage and Σ min(memory usage, configured memory) over the
+    /// instances, kept up to date with every update so a STATUS costs O(1).
+    disk_used: i64,
+    mem_used: i64,
     maintenance: bool,
     maintenance_file: PathBuf,
     last_figures: NodeFigures,
@@ -168,6 +180,8 @@ impl Overseer {
             disk_allocated: 0,
             disk_available: 0,
             mem_available: 0,
+            disk_used: 0,
+            mem_used: 0,
             maintenance: false,
             maintenance_file,
             last_figures: NodeFigures::UNKNOWN,
@@ -258,7 +272,7 @@ impl Overseer {
     fn run(mut self, inputs: OverseerInputs) {
         // Availability starts from real figures, not from zero (Go's started
         // at 0 and refused every START until its first STATUS).
-        self.status();
+        self.status(true);
         loop {
             select! {
                 recv(inputs.shutdown) -> _ => break,
@@ -344,6 +358,10 @@ impl Overseer {
             }
             InstanceUpdate::Usage { id, usage, volumes } => {
                 if let Some(r) = self.instances.get_mut(&id) {
+                    let (d0, m0) = contribution(&r.usage, r.mem_mb);
+                    let (d1, m1) = contribution(&usage, r.mem_mb);
+                    self.disk_used += d1 - d0;
+                    self.mem_used += m1 - m0;
                     r.usage = usage;
                     r.volumes = volumes;
                 }
@@ -351,6 +369,9 @@ impl Overseer {
             InstanceUpdate::StatusNow => self.report(false),
             InstanceUpdate::Gone { id } => {
                 if let Some(mut r) = self.instances.remove(&id) {
+                    let (d, m) = contribution(&r.usage, r.mem_mb);
+                    self.disk_used -= d;
+                    self.mem_used -= m;
                     self.vcpus_allocated = (self.vcpus_allocated - r.vcpus).max(0);
                     self.mem_allocated = (self.mem_allocated - r.mem_mb).max(0);
                     self.disk_allocated = (self.disk_allocated - r.disk_mb).max(0);
@@ -389,21 +410,16 @@ impl Overseer {
     }
 
     /// Recomputes availability and the node status (spec §5.2).
-    fn status(&mut self) -> Status {
-        let f = self.stats.sample();
-        self.last_figures = f;
-        let disk_used: i64 = self
-            .instances
-            .values()
-            .filter_map(|r| r.usage.disk_mb)
-            .sum();
-        let mem_used: i64 = self
-            .instances
-            .values()
-            .filter_map(|r| r.usage.memory_mb.map(|m| m.min(r.mem_mb)))
-            .sum();
-        self.disk_available = f.disk_available_mb + disk_used - self.disk_allocated;
-        self.mem_available = f.mem_available_mb + mem_used - self.mem_allocated;
+    /// `resample`: read the node's figures again (the stats tick, a
+    /// connection); STATUS after a START or DELETE reuses the last ones, so a
+    /// burst of commands does not re-read /proc each time.
+    fn status(&mut self, resample: bool) -> Status {
+        if resample {
+            self.last_figures = self.stats.sample();
+        }
+        let f = self.last_figures;
+        self.disk_available = f.disk_available_mb + self.disk_used - self.disk_allocated;
+        self.mem_available = f.mem_available_mb + self.mem_used - self.mem_allocated;
         if self.maintenance {
             Status::Maintenance
         } else if self.instances.len() >= self.limits.max_instances
@@ -433,7 +449,7 @@ impl Overseer {
 
     /// Sends STATUS, and STATS too when `with_stats`.
     fn report(&mut self, with_stats: bool) {
-        let status = self.status();
+        let status = self.status(with_stats);
         let node = self.node_status();
         let profile = self.ctx.profile;
         // Master sends FULL/MAINTENANCE without payload; 2016 sent the READY body.
@@ -467,29 +483,20 @@ impl Overseer {
             .send(Operation::Command(Command::Stats), payload);
     }
 
-    /// Closes every instance's shutdown channel and joins the threads,
-    /// draining their updates meanwhile so none blocks on a full channel.
+    /// Closes every instance's shutdown channel and joins the threads.
+    /// Dropping the update receiver first makes any update an instance sends
+    /// while exiting fail at once, so none can block on a full channel.
     fn shutdown(mut self) {
         self.instance_shutdown.take();
-        let mut threads: Vec<JoinHandle<()>> = self
+        let threads: Vec<JoinHandle<()>> = self
             .instances
             .values_mut()
             .filter_map(|r| r.thread.take())
             .collect();
-        while !threads.is_empty() {
-            while self.updates.try_recv().is_ok() {}
-            let (done, pending): (Vec<_>, Vec<_>) =
-                threads.into_iter().partition(|t| t.is_finished());
-            for t in done {
-                if t.join().is_err() {
-                    error!("an instance thread panicked");
-                }
-            }
-            threads = pending;
-            if !threads.is_empty() {
-                // Sleep-free wait: block until an update arrives or a short
-                // interval passes, then look again.
-                let _ = self.updates.recv_timeout(Duration::from_millis(1));
+        drop(self.updates);
+        for t in threads {
+            if t.join().is_err() {
+                error!("an instance thread panicked");
             }
         }
     }
