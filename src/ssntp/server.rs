@@ -336,7 +336,6 @@ fn connection(shared: Arc<Shared>, sock: std::net::TcpStream, peer: SocketAddr) 
             return;
         }
     };
-    let deadline = Instant::now() + Duration::from_secs(1);
     let connect = match v {
         Value::Struct(s) => ConnectFrame::from_struct(&s).map_err(|e| e.to_string()),
         _ => Err("CONNECT is not a struct".to_string()),
@@ -344,15 +343,13 @@ fn connection(shared: Arc<Shared>, sock: std::net::TcpStream, peer: SocketAddr) 
     let connect = match connect {
         Ok(c) => c,
         Err(e) => {
-            t.queue(&Frame::new(
-                FrameType::Error,
-                shared.op(ErrorCode::ConnectionFailure),
-                [0; 16],
-                Vec::new(),
-            ));
-            let _ = t.flush_all(deadline);
-            reject(&shared, Some(peer), format!("bad CONNECT: {e}"));
-            return;
+            return refuse(
+                &shared,
+                t,
+                ErrorCode::ConnectionFailure,
+                peer,
+                format!("bad CONNECT: {e}"),
+            );
         }
     };
     // The role check comes before the frame check, as in Go.
@@ -361,43 +358,21 @@ fn connection(shared: Arc<Shared>, sock: std::net::TcpStream, peer: SocketAddr) 
         .peer_certificates()
         .map_or(Role::UNKNOWN, tls::peer_role);
     if !cert_role.contains(connect.role) {
-        t.queue(&Frame::new(
-            FrameType::Error,
-            shared.op(ErrorCode::ConnectionAborted),
-            [0; 16],
-            Vec::new(),
-        ));
-        let _ = t.flush_all(deadline);
-        reject(
-            &shared,
-            Some(peer),
-            format!(
-                "client claims role {} that its certificate ({}) does not prove",
-                connect.role, cert_role
-            ),
+        let why = format!(
+            "client claims role {} that its certificate ({cert_role}) does not prove",
+            connect.role
         );
-        return;
+        return refuse(&shared, t, ErrorCode::ConnectionAborted, peer, why);
     }
     if connect.ftype != FrameType::Command.to_u8()
         || connect.operand != 0
         || connect.source.len() < 16
     {
-        t.queue(&Frame::new(
-            FrameType::Error,
-            shared.op(ErrorCode::ConnectionFailure),
-            [0; 16],
-            Vec::new(),
-        ));
-        let _ = t.flush_all(deadline);
-        reject(
-            &shared,
-            Some(peer),
-            format!(
-                "expected CONNECT, got type {} operand {}",
-                connect.ftype, connect.operand
-            ),
+        let why = format!(
+            "expected CONNECT, got type {} operand {}",
+            connect.ftype, connect.operand
         );
-        return;
+        return refuse(&shared, t, ErrorCode::ConnectionFailure, peer, why);
     }
     let mut uuid = [0u8; 16];
     uuid.copy_from_slice(&connect.source[..16]);
@@ -477,6 +452,19 @@ fn connection(shared: Arc<Shared>, sock: std::net::TcpStream, peer: SocketAddr) 
         reason,
         unsent,
     });
+}
+
+/// Ends a handshake with an ERROR frame (on the still-fresh encoder, as Go's
+/// throw-away one) and reports why.
+fn refuse(shared: &Shared, mut t: Transport, code: ErrorCode, peer: SocketAddr, why: String) {
+    t.queue(&Frame::new(
+        FrameType::Error,
+        shared.op(code),
+        [0; 16],
+        Vec::new(),
+    ));
+    let _ = t.flush_all(Instant::now() + Duration::from_secs(1));
+    reject(shared, Some(peer), why);
 }
 
 fn reject(shared: &Shared, peer: Option<SocketAddr>, error: String) {
