@@ -158,6 +158,14 @@ pub fn spawn(
     Ok(InstanceHandle { inbox, thread })
 }
 
+/// The overseer closed the shutdown channel (it carries no messages).
+fn shutting_down(shutdown: &Receiver<Never>) -> bool {
+    matches!(
+        shutdown.try_recv(),
+        Err(crossbeam_channel::TryRecvError::Disconnected)
+    )
+}
+
 #[derive(Debug, PartialEq, Eq)]
 enum Flow {
     Continue,
@@ -202,7 +210,7 @@ impl Instance {
                     Err(_) => Flow::Exit,
                 },
                 recv(self.mon_rx) -> ev => match ev {
-                    Ok(ev) => self.monitor_event(ev, &shutdown),
+                    Ok(ev) => self.monitor_event(ev),
                     Err(_) => Flow::Continue,
                 },
                 recv(tick) -> _ => {
@@ -432,16 +440,11 @@ impl Instance {
             return Flow::Continue;
         }
         if !self.stop_running(shutdown) {
-            if shutdown.is_empty()
-                && !matches!(
-                    shutdown.try_recv(),
-                    Err(crossbeam_channel::TryRecvError::Disconnected)
-                )
-            {
-                self.fail(ErrorKind::Stop, Reason::InstanceFailure);
-                return Flow::Continue;
+            if shutting_down(shutdown) {
+                return Flow::Exit;
             }
-            return Flow::Exit;
+            self.fail(ErrorKind::Stop, Reason::InstanceFailure);
+            return Flow::Continue;
         }
         self.stopped = true;
         if let Err(e) = self.save() {
@@ -478,10 +481,7 @@ impl Instance {
 
     fn delete(&mut self, stop: bool, shutdown: &Receiver<Never>) -> Flow {
         if self.monitor.is_some() && !self.stop_running(shutdown) {
-            if matches!(
-                shutdown.try_recv(),
-                Err(crossbeam_channel::TryRecvError::Disconnected)
-            ) {
+            if shutting_down(shutdown) {
                 return Flow::Exit;
             }
             self.fail(ErrorKind::Delete, Reason::InstanceFailure);
@@ -538,7 +538,7 @@ impl Instance {
         Flow::Continue
     }
 
-    fn monitor_event(&mut self, ev: MonitorEvent, _shutdown: &Receiver<Never>) -> Flow {
+    fn monitor_event(&mut self, ev: MonitorEvent) -> Flow {
         match ev {
             MonitorEvent::Running => {
                 if self.monitor.is_some() && self.state != InstanceState::Running {
