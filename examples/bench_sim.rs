@@ -10,6 +10,8 @@
 //!
 //! Usage: bench_sim --launcher PATH [--n 1000,4000,10000] [--stack-kib K]
 //! (run it through scripts/bench-sim.sh, which builds the release binary).
+//! Environment: BENCH_DEBUG=1 shows the launcher's log; BENCH_PAUSE=S waits
+//! S seconds before the SIGTERM (to inspect /proc/<pid>/smaps).
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -205,6 +207,12 @@ fn run_in(dir: &Path, launcher: &Path, n: usize, stack_kib: usize) -> Result<Row
     // Periodic STATUS frames count as acks too; the first N cover the STARTs.
     let hwm_mb = status_field(pid, "VmHWM:").unwrap_or(0) as f64 / 1024.0;
     let threads = status_field(pid, "Threads:").unwrap_or(0) as usize;
+    if let Some(secs) =
+        std::env::var_os("BENCH_PAUSE").and_then(|v| v.into_string().ok()?.parse().ok())
+    {
+        eprintln!("pausing {secs} s before SIGTERM: launcher pid {pid}");
+        std::thread::sleep(Duration::from_secs(secs));
+    }
     let t = Instant::now();
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(pid as i32),
