@@ -154,9 +154,9 @@ pub struct LauncherCli {
           default_missing_value = "cn", action = ArgAction::Set, ignore_case = true, help_heading = NODE)]
     pub network: NetworkMode,
 
-    /// Largest number of instances the node accepts; a START beyond it is refused with full_cn.
-    #[arg(long, value_name = "N", default_value_t = 32, help_heading = NODE)]
-    pub max_vm: u32,
+    /// Largest number of instances the node accepts; a START beyond it is refused with full_cn (default: 32 with --protocol 2016, the open-file limit / 5 with 2018).
+    #[arg(long, value_name = "N", help_heading = NODE)]
+    pub max_vm: Option<u32>,
 
     /// Compute (tenant) network of this node; repeat the flag for several.
     #[arg(long, value_name = "CIDR", action = ArgAction::Append, help_heading = NODE)]
@@ -390,8 +390,9 @@ pub struct Config {
     pub data_dir: PathBuf,
     pub simulation: bool,
     pub network: NetworkMode,
-    /// At least 1.
-    pub max_vm: u32,
+    /// At least 1; `None`: the profile's default (32 in 2016, the open-file
+    /// limit / 5 in 2018, known only once the limit is raised).
+    pub max_vm: Option<u32>,
     pub compute_net: Vec<Cidr>,
     pub mgmt_net: Vec<Cidr>,
     pub disk_limit: bool,
@@ -539,7 +540,7 @@ impl LauncherCli {
         if let Some(s) = &server {
             check_server(s).map_err(|r| invalid("--server", s, r))?;
         }
-        if self.max_vm == 0 {
+        if self.max_vm == Some(0) {
             return Err(invalid(
                 "--max-vm",
                 0,
@@ -947,7 +948,7 @@ mod tests {
         assert_eq!(c.data_dir, PathBuf::from("/var/lib/ciao"));
         assert!(!c.simulation);
         assert_eq!(c.network, NetworkMode::None);
-        assert_eq!(c.max_vm, 32);
+        assert_eq!(c.max_vm, None);
         assert!(c.compute_net.is_empty() && c.mgmt_net.is_empty());
         assert!(c.disk_limit && c.mem_limit);
         assert_eq!((c.disk_limit_mb, c.mem_limit_mb), (80_000, 1_000));
@@ -1065,7 +1066,7 @@ mod tests {
         assert!(c.verify_hostname && c.simulation);
         assert_eq!(c.data_dir, PathBuf::from("/d"));
         assert_eq!(c.network, NetworkMode::Nn);
-        assert_eq!(c.max_vm, 7);
+        assert_eq!(c.max_vm, Some(7));
         let nets: Vec<String> = c.compute_net.iter().map(ToString::to_string).collect();
         assert_eq!(nets, ["10.0.0.0/8", "192.168.1.0/24"]);
         assert_eq!(c.mgmt_net[0].to_string(), "fd00::/64");

@@ -25,7 +25,7 @@ use crate::launcher::{Ended, Launcher, Settings};
 use crate::nodestats::ProcNodeStats;
 use crate::overseer::Limits;
 use crate::ssntp::client::{self, ClientConfig};
-use crate::ssntp::{Role, tls};
+use crate::ssntp::{Profile, Role, tls};
 use crate::state::Store;
 use crate::virt::sim::SimFactory;
 
@@ -102,7 +102,13 @@ fn run(cfg: Config) -> LauncherExit {
         );
         return LauncherExit::Usage;
     }
-    raise_nofile();
+    let nofile = raise_nofile();
+    let max_vm = match (cfg.max_vm, cfg.protocol) {
+        (Some(n), _) => n as usize,
+        (None, Profile::P2016) => 32,
+        // ciao master: one instance per five descriptors (QMP socket, files, …).
+        (None, Profile::P2018) => (nofile / 5).max(1) as usize,
+    };
 
     let (ca, identity) = match (tls::load_ca(&cacert), tls::load_identity(&cert)) {
         (Ok(ca), Ok(id)) => (ca, id),
@@ -128,7 +134,7 @@ fn run(cfg: Config) -> LauncherExit {
     };
     let servers = client::server_list(cfg.server.as_deref(), &ca, client::DEFAULT_PORT);
     info!(
-        "ciao-launcher {} starting: node {} ({}), {} profile, dialling {}",
+        "ciao-launcher {} starting: node {} ({}), {} profile, up to {max_vm} instances, dialling {}",
         env!("CARGO_PKG_VERSION"),
         node.uuid,
         identity.role,
@@ -141,7 +147,7 @@ fn run(cfg: Config) -> LauncherExit {
 
     let store = Store::new(&cfg.data_dir);
     let limits = Limits {
-        max_instances: cfg.max_vm as usize,
+        max_instances: max_vm,
         disk_limit: cfg.disk_limit,
         mem_limit: cfg.mem_limit,
         disk_full_mb: cfg.disk_limit_mb as i64,
@@ -257,17 +263,23 @@ fn hard_reset(data_dir: &Path) -> LauncherExit {
     }
 }
 
-/// Lets the launcher hold a descriptor per instance connection and file.
-fn raise_nofile() {
+/// Lets the launcher hold a descriptor per instance connection and file;
+/// returns the soft limit in force afterwards.
+fn raise_nofile() -> u64 {
     use nix::sys::resource::{Resource, getrlimit, setrlimit};
     match getrlimit(Resource::RLIMIT_NOFILE) {
-        Ok((soft, hard)) if soft < hard => {
-            if let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+        Ok((soft, hard)) if soft < hard => match setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+            Ok(()) => hard,
+            Err(e) => {
                 warn!("cannot raise the open-file limit from {soft} to {hard}: {e}");
+                soft
             }
+        },
+        Ok((soft, _)) => soft,
+        Err(e) => {
+            warn!("cannot read the open-file limit: {e}");
+            1024
         }
-        Ok(_) => {}
-        Err(e) => warn!("cannot read the open-file limit: {e}"),
     }
 }
 
