@@ -5,7 +5,7 @@
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
@@ -388,5 +388,4 @@ fn hard_reset_removes_every_instance() {
         text(&out.stdout)
     );
     assert_eq!(env.instance_dirs(), 0);
-    let _ = Path::new("unused");
 }
