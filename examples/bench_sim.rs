@@ -22,7 +22,7 @@ use ciao_launcher::payloads::config::VmType;
 use ciao_launcher::payloads::outgoing;
 use ciao_launcher::payloads::start::{StartRequest, start_payload};
 use ciao_launcher::ssntp::certgen::{self, CertSpec};
-use ciao_launcher::ssntp::conn::SendError;
+use ciao_launcher::ssntp::conn::send_patiently;
 use ciao_launcher::ssntp::server::{Server, ServerConfig, ServerEvent};
 use ciao_launcher::ssntp::{Command as Cmd, Frame, FrameType, Operation, Profile, Role, tls};
 
@@ -155,17 +155,8 @@ fn run_in(dir: &Path, launcher: &Path, n: usize, stack_kib: usize) -> Result<Row
 
     let t0 = Instant::now();
     for p in payloads {
-        let mut f = Frame::new(FrameType::Command, op, server.uuid(), p);
-        loop {
-            match server.send(&node, f) {
-                Ok(()) => break,
-                Err(SendError::QueueFull(back)) => {
-                    f = back;
-                    std::thread::yield_now();
-                }
-                Err(e) => return Err(e.to_string()),
-            }
-        }
+        let f = Frame::new(FrameType::Command, op, server.uuid(), p);
+        send_patiently(|f| server.send(&node, f), f, wait).map_err(|e| e.to_string())?;
     }
     let (mut statuses, mut ack, mut running) = (0usize, None, None);
     while running.is_none() {

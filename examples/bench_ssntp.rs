@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use ciao_launcher::ssntp::certgen::{self, CertSpec};
 use ciao_launcher::ssntp::client::{Client, ClientConfig, ClientEvent};
-use ciao_launcher::ssntp::conn::SendError;
+use ciao_launcher::ssntp::conn::{SendError, send_patiently};
 use ciao_launcher::ssntp::gob::{Decoder, Encoder};
 use ciao_launcher::ssntp::server::{Server, ServerConfig, ServerEvent};
 use ciao_launcher::ssntp::tls;
@@ -75,17 +75,7 @@ fn codec(n: usize) -> (f64, f64) {
 
 fn send_all(mut send: impl FnMut(Frame) -> Result<(), SendError>, f: &Frame, n: usize) {
     for _ in 0..n {
-        let mut fr = f.clone();
-        loop {
-            match send(fr) {
-                Ok(()) => break,
-                Err(SendError::QueueFull(back)) => {
-                    fr = back;
-                    std::thread::yield_now();
-                }
-                Err(e) => panic!("send: {e}"),
-            }
-        }
+        send_patiently(&mut send, f.clone(), Duration::from_secs(30)).expect("send");
     }
 }
 

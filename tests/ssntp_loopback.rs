@@ -8,7 +8,7 @@ use std::time::{Duration, SystemTime};
 
 use ciao_launcher::ssntp::certgen::{self, Authority, CertSpec, Issued};
 use ciao_launcher::ssntp::client::{Backoff, Client, ClientConfig, ClientEvent};
-use ciao_launcher::ssntp::conn::SendError;
+use ciao_launcher::ssntp::conn::{SendError, send_patiently};
 use ciao_launcher::ssntp::server::{Server, ServerConfig, ServerEvent};
 use ciao_launcher::ssntp::tls::{self, CertificateDer, Identity};
 use ciao_launcher::ssntp::{ErrorCode, Frame, FrameType, Operation, Profile, Role};
@@ -210,34 +210,16 @@ fn both_directions_concurrently() {
             let link = client.link();
             thread::spawn(move || {
                 for i in 0..N {
-                    let mut f = frame(2, origin, &format!("t{t} {i}"));
-                    // A full queue hands the frame back: retry, never lose it.
-                    loop {
-                        match link.send(f) {
-                            Ok(()) => break,
-                            Err(SendError::QueueFull(back)) => {
-                                f = back;
-                                thread::yield_now();
-                            }
-                            Err(e) => panic!("client send: {e}"),
-                        }
-                    }
+                    // A full queue hands the frame back: wait, never lose it.
+                    let f = frame(2, origin, &format!("t{t} {i}"));
+                    send_patiently(|f| link.send(f), f, WAIT).expect("client send");
                 }
             })
         })
         .collect();
     for i in 0..N {
-        let mut f = frame(1, server.uuid(), &format!("s {i}"));
-        loop {
-            match server.send(&uuid, f) {
-                Ok(()) => break,
-                Err(SendError::QueueFull(back)) => {
-                    f = back;
-                    thread::yield_now();
-                }
-                Err(e) => panic!("server send: {e}"),
-            }
-        }
+        let f = frame(1, server.uuid(), &format!("s {i}"));
+        send_patiently(|f| server.send(&uuid, f), f, WAIT).expect("server send");
     }
     for s in senders {
         s.join().expect("sender thread");
@@ -616,17 +598,7 @@ fn saturated_outbound_queue_keeps_draining() {
     let body = "z".repeat(1000);
     let sender = thread::spawn(move || {
         for _ in 0..N {
-            let mut f = frame(2, origin, &body);
-            loop {
-                match link.send(f) {
-                    Ok(()) => break,
-                    Err(SendError::QueueFull(back)) => {
-                        f = back;
-                        thread::yield_now();
-                    }
-                    Err(e) => panic!("send: {e}"),
-                }
-            }
+            send_patiently(|f| link.send(f), frame(2, origin, &body), WAIT).expect("send");
         }
     });
     for got in 0..N {

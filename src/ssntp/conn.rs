@@ -250,6 +250,27 @@ impl Link {
     }
 }
 
+/// Sends through `send` (a [`Link::send`] or a server's send), waiting while
+/// the queue is full, up to `within`; any other refusal is returned at once.
+/// For bulk senders that would rather wait than drop.
+pub fn send_patiently(
+    mut send: impl FnMut(Frame) -> Result<(), SendError>,
+    frame: Frame,
+    within: Duration,
+) -> Result<(), SendError> {
+    let deadline = Instant::now() + within;
+    let mut frame = frame;
+    loop {
+        match send(frame) {
+            Err(SendError::QueueFull(back)) if Instant::now() < deadline => {
+                frame = back;
+                std::thread::yield_now();
+            }
+            other => return other,
+        }
+    }
+}
+
 fn wake(waker: &UnixStream) {
     // WouldBlock means a wake-up byte is already pending: as good as sent.
     let _ = (&*waker).write(&[1]);
