@@ -1,7 +1,21 @@
 //! ciao-launcher: the compute-node agent of the CIAO cloud orchestrator.
 //!
 //! Library first: the binaries `ciao-launcher` and `ciao-lc` are thin shells
-//! over this crate. See ARCHITECTURE.md (shared) for the thread map.
+//! over this crate. Synchronous: named OS threads coordinated with
+//! crossbeam channels, no async runtime.
+//!
+//! ```text
+//! main ──> signals
+//!   └────> server ──> ssntp-io          (the TLS connection to the scheduler)
+//!            └─────> overseer ──> instance-<uuid8>   (one per instance)
+//! ```
+//! * [`daemon`]: main — command line, lock, logging, the 1-second shutdown rule;
+//! * [`server`]: parses and routes what the scheduler sends, never blocking;
+//! * [`overseer`]: the instance map, admission, STATUS and STATS;
+//! * [`instance`]: one instance's state machine and virtualizer;
+//! * [`ssntp`]: the protocol, usable on its own.
+//!
+//! Shutdown is a broadcast by dropping senders; instances keep running.
 
 pub mod cli;
 pub mod daemon;

@@ -6,7 +6,9 @@
 //! - [`frame`]: the three frame structs and their typed operations;
 //! - [`profile`]: operand numbering per protocol generation;
 //! - [`role`] and [`tls`]: roles, rustls configurations and the ciao certificate verifier;
-//! - [`client`] and [`server`]: connection handling, one io thread per connection.
+//! - [`conn`]: one connection owned by one io thread, and the [`conn::Link`]
+//!   other threads send through;
+//! - [`client`] and [`server`]: dialling, handshakes, reconnection, sessions.
 
 pub mod certgen;
 pub mod client;
