@@ -128,7 +128,7 @@ pub enum LcCommand {
         /// A simulated instance (for launchers run with -simulation): no image needed.
         #[arg(long)]
         sim: bool,
-        /// Backing image UUID of a VM (a file under <data-dir>/images on the node).
+        /// Backing image UUID of a VM (the file images/UUID in the node's data directory).
         #[arg(long, value_name = "UUID")]
         image: Option<String>,
         /// Run a container of this image instead of a VM.
