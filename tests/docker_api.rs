@@ -1,0 +1,437 @@
+//! Integration tests of `virt::docker_api` against a real, private dockerd.
+//!
+//! The engine is started by `scripts/start-dockerd.sh` (which installs
+//! docker.io and busybox-static when missing and imports `ciao-busybox:latest`)
+//! and stopped by `scripts/stop-dockerd.sh` when the last test holding it
+//! finishes. Tests share it through a `Mutex<Weak<Engine>>`: while tests run
+//! concurrently there is one engine; if every holder has finished before the
+//! next test asks, a fresh one is started (in a fresh directory), so nothing
+//! is ever left running. A script failure fails the test with its output:
+//! these tests never skip.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::{Arc, Mutex, Weak, mpsc};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use ciao_launcher::virt::docker_api::{
+    ApiVersion, CreateSpec, DockerApi, DockerError, MAX_API_VERSION,
+};
+
+const IMAGE: &str = "ciao-busybox:latest";
+
+/// A private dockerd; stopped (and its directory removed) on drop.
+#[derive(Debug)]
+struct Engine {
+    dir: PathBuf,
+    socket: PathBuf,
+}
+
+impl Drop for Engine {
+    fn drop(&mut self) {
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/stop-dockerd.sh");
+        let failure = match Command::new(&script).arg(&self.dir).output() {
+            Ok(o) if o.status.success() => return,
+            Ok(o) => format!(
+                "stop-dockerd.sh {} failed ({}):\n{}{}",
+                self.dir.display(),
+                o.status,
+                String::from_utf8_lossy(&o.stdout),
+                String::from_utf8_lossy(&o.stderr)
+            ),
+            Err(e) => format!("cannot run {}: {e}", script.display()),
+        };
+        // Fail the test that dropped the last handle, unless it is already
+        // failing (a second panic would abort the test binary).
+        if thread::panicking() {
+            eprintln!("{failure}");
+        } else {
+            panic!("{failure}");
+        }
+    }
+}
+
+static ENGINE: Mutex<Weak<Engine>> = Mutex::new(Weak::new());
+
+/// The shared engine, started on first use.
+fn engine() -> Arc<Engine> {
+    // A panicking test poisons the lock but leaves the Weak intact.
+    let mut slot = ENGINE.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(e) = slot.upgrade() {
+        return e;
+    }
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/start-dockerd.sh");
+    let started = Instant::now();
+    let out = Command::new(&script)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {}: {e}", script.display()));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "{} failed ({}):\n--- stdout\n{stdout}\n--- stderr\n{stderr}",
+        script.display(),
+        out.status
+    );
+    let socket = PathBuf::from(stdout.lines().last().unwrap_or("").trim());
+    let dir = socket
+        .parent()
+        .unwrap_or_else(|| panic!("no socket path in the output of start-dockerd.sh:\n{stdout}"))
+        .to_path_buf();
+    assert!(
+        socket.ends_with("docker.sock"),
+        "start-dockerd.sh printed no socket path:\n{stdout}\n{stderr}"
+    );
+    eprintln!(
+        "private dockerd on {} ready in {:?}\n{stderr}",
+        socket.display(),
+        started.elapsed()
+    );
+    let e = Arc::new(Engine { dir, socket });
+    *slot = Arc::downgrade(&e);
+    e
+}
+
+fn api(e: &Engine) -> DockerApi {
+    DockerApi::connect(&e.socket).unwrap_or_else(|err| panic!("connect: {err}"))
+}
+
+fn unique(prefix: &str) -> String {
+    format!(
+        "{prefix}-{}",
+        &uuid::Uuid::new_v4().simple().to_string()[..12]
+    )
+}
+
+/// Force-removes a container on drop, so failing tests leave nothing behind.
+struct Cleanup<'a>(&'a DockerApi, String);
+
+impl Drop for Cleanup<'_> {
+    fn drop(&mut self) {
+        let _ = self.0.container_remove(&self.1, true, true);
+    }
+}
+
+/// Polls `f` every 100 ms until it yields `Some`, for at most `limit`.
+fn poll<T>(limit: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(v) = f() {
+            return Some(v);
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Runs `Waiter::wait` on a thread; the receiver gets its result.
+fn wait_in_thread(
+    api: &DockerApi,
+    id: &str,
+) -> (
+    mpsc::Receiver<Result<i64, DockerError>>,
+    ciao_launcher::virt::docker_api::WaitCanceller,
+) {
+    let waiter = api.waiter();
+    let canceller = waiter.canceller();
+    let (tx, rx) = mpsc::channel();
+    let id = id.to_string();
+    thread::Builder::new()
+        .name("docker-wait".into())
+        .spawn(move || {
+            let _ = tx.send(waiter.wait(&id));
+        })
+        .expect("spawn waiter");
+    (rx, canceller)
+}
+
+#[test]
+fn version_is_negotiated_from_the_engine() {
+    let e = engine();
+    let api = api(&e);
+    let v = api.version();
+    eprintln!("{v:?}");
+    assert!(!v.engine_version.is_empty());
+    assert_eq!(
+        v.negotiated,
+        ApiVersion::negotiate(v.api_version, v.min_api_version)
+    );
+    assert!(v.negotiated <= MAX_API_VERSION.max(v.min_api_version));
+    assert!(v.negotiated >= v.min_api_version);
+    assert!(
+        v.negotiated >= ApiVersion(1, 24),
+        "an old pinned version: {v:?}"
+    );
+}
+
+#[test]
+fn image_inspect_present_and_missing() {
+    let e = engine();
+    let api = api(&e);
+    let img = api
+        .image_inspect(IMAGE)
+        .expect("inspect")
+        .expect("ciao-busybox:latest is imported by start-dockerd.sh");
+    assert!(img.id.starts_with("sha256:"), "{img:?}");
+    assert!(img.repo_tags.iter().any(|t| t == IMAGE), "{img:?}");
+    assert!(img.size > 0);
+    assert_eq!(
+        api.image_inspect("ciao-no-such-image:nope")
+            .expect("inspect"),
+        None
+    );
+}
+
+#[test]
+fn pull_without_a_registry_fails_with_dockers_message() {
+    let e = engine();
+    let api = api(&e);
+    // Port 1 on loopback refuses at once, so the engine fails fast.
+    let t = Instant::now();
+    match api.image_pull("127.0.0.1:1/ciao-none:latest") {
+        Err(DockerError::Api { status, message }) => {
+            eprintln!("pull failed after {:?}: {status} {message}", t.elapsed());
+            assert!(message.contains("127.0.0.1:1"), "{message}");
+        }
+        other => panic!("expected an Api error, got {other:?}"),
+    }
+}
+
+#[test]
+fn invalid_references_are_api_errors_with_dockers_message() {
+    let e = engine();
+    let api = api(&e);
+    for r in [
+        api.image_pull("UPPER:case!!"),
+        api.container_create(
+            &unique("ciao-bad"),
+            &CreateSpec {
+                image: "UPPER:case!!".into(),
+                ..CreateSpec::default()
+            },
+        )
+        .map(drop),
+    ] {
+        match r {
+            Err(DockerError::Api { status, message }) => {
+                assert_eq!(status, 400, "{message}");
+                assert!(message.contains("invalid reference format"), "{message}");
+            }
+            other => panic!("expected Api 400, got {other:?}"),
+        }
+    }
+}
+
+#[test]
+fn missing_socket_is_a_connect_error_naming_the_path() {
+    let p = std::env::temp_dir()
+        .join(unique("ciao-no-dockerd"))
+        .join("docker.sock");
+    match DockerApi::connect(&p) {
+        Err(err @ DockerError::Connect(_)) => {
+            assert!(err.to_string().contains(&*p.to_string_lossy()), "{err}");
+        }
+        other => panic!("expected Connect, got {other:?}"),
+    }
+}
+
+#[test]
+fn container_lifecycle_limits_labels_stats_cancel_stop() {
+    let e = engine();
+    let api = api(&e);
+    let name = unique("ciao-test");
+    let label_value = unique("inst");
+    let labels = BTreeMap::from([
+        ("ciao.instance".to_string(), label_value.clone()),
+        ("ciao.test".to_string(), "docker_api".to_string()),
+    ]);
+    let spec = CreateSpec {
+        image: IMAGE.into(),
+        cmd: ["sh", "-c", "echo hi > /tmp/marker; sleep 300"]
+            .map(String::from)
+            .to_vec(),
+        hostname: "ciao-host".into(),
+        labels: labels.clone(),
+        memory_bytes: Some(64 << 20),
+        nano_cpus: Some(500_000_000),
+        network_none: true,
+        privileged: false,
+        env: vec!["CIAO=1".into()],
+    };
+    let t = Instant::now();
+    let id = api.container_create(&name, &spec).expect("create");
+    let _cleanup = Cleanup(&api, id.clone());
+    api.container_start(&id).expect("start");
+    eprintln!("create + start: {:?}", t.elapsed());
+
+    let info = api
+        .container_inspect(&id)
+        .expect("inspect")
+        .expect("exists");
+    assert_eq!(info.id, id);
+    assert_eq!(info.name, name);
+    assert!(info.running, "{info:?}");
+    assert_eq!(info.status, "running");
+    assert!(info.pid > 0);
+    assert_eq!(info.memory_limit, 64 << 20);
+    assert_eq!(info.nano_cpus, 500_000_000);
+    assert_eq!(info.network_mode, "none");
+    assert_eq!(info.labels, labels);
+    // By name as well as by id.
+    assert_eq!(
+        api.container_inspect(&name).expect("inspect").map(|i| i.id),
+        Some(id.clone())
+    );
+
+    let found = api
+        .containers_by_label("ciao.instance", &label_value)
+        .expect("list");
+    assert_eq!(found.len(), 1, "{found:?}");
+    assert_eq!(found[0].id, id);
+    assert_eq!(found[0].state, "running");
+    assert_eq!(found[0].names, vec![format!("/{name}")]);
+    assert!(
+        api.containers_by_label("ciao.instance", "nobody")
+            .expect("list")
+            .is_empty()
+    );
+
+    // The first sample after start may lack figures: poll, bounded.
+    let stats = poll(Duration::from_secs(20), || {
+        api.container_stats_once(&id).expect("stats")
+    })
+    .expect("no stats sample with memory usage within 20 s");
+    eprintln!("stats: {stats:?}");
+    assert!(stats.memory_usage_bytes > 0);
+    if let Some(p) = stats.cpu_percent {
+        assert!(p >= 0.0, "{p}");
+    }
+
+    // A blocked wait is cancelled promptly, and the container keeps running.
+    let (rx, canceller) = wait_in_thread(&api, &id);
+    // The wait must still be blocked: the container runs `sleep 300`.
+    assert!(
+        rx.recv_timeout(Duration::from_millis(300)).is_err(),
+        "wait returned early"
+    );
+    let t = Instant::now();
+    canceller.cancel();
+    match rx.recv_timeout(Duration::from_secs(2)) {
+        Ok(Err(DockerError::Cancelled)) => eprintln!("wait cancelled in {:?}", t.elapsed()),
+        other => panic!("expected Cancelled within 2 s, got {other:?}"),
+    }
+    let info = api
+        .container_inspect(&id)
+        .expect("inspect")
+        .expect("exists");
+    assert!(
+        info.running,
+        "cancelling the wait must not stop the container: {info:?}"
+    );
+    // The shared client is unaffected by the waiter's shutdown.
+    api.container_inspect(&id).expect("inspect after cancel");
+
+    // Stop (SIGTERM, SIGKILL after 1 s): a blocked waiter gets the exit code.
+    let (rx, _canceller) = wait_in_thread(&api, &id);
+    let t = Instant::now();
+    api.container_stop(&id, 1).expect("stop");
+    let code = rx
+        .recv_timeout(Duration::from_secs(30))
+        .expect("wait did not return within 30 s of stop")
+        .expect("wait");
+    eprintln!("stop + wait: {:?}, exit code {code}", t.elapsed());
+    let info = api
+        .container_inspect(&id)
+        .expect("inspect")
+        .expect("exists");
+    assert!(!info.running);
+    assert_eq!(info.exit_code, code);
+    // sh as PID 1 ignores SIGTERM, so the engine kills it: 128 + 9.
+    assert!(code == 137 || code == 143, "{code}");
+    // Stopping or starting twice is a no-op.
+    api.container_stop(&id, 1).expect("stop again");
+
+    api.container_remove(&id, true, true).expect("remove");
+    assert_eq!(api.container_inspect(&id).expect("inspect"), None);
+    assert!(matches!(
+        api.container_remove(&id, true, true),
+        Err(DockerError::NotFound(_))
+    ));
+    assert!(matches!(
+        api.waiter().wait(&id),
+        Err(DockerError::NotFound(_))
+    ));
+}
+
+#[test]
+fn wait_returns_the_exit_code_of_a_command_that_exits() {
+    let e = engine();
+    let api = api(&e);
+    let name = unique("ciao-exit");
+    let spec = CreateSpec {
+        image: IMAGE.into(),
+        cmd: ["sh", "-c", "exit 3"].map(String::from).to_vec(),
+        network_none: true,
+        ..CreateSpec::default()
+    };
+    let id = api.container_create(&name, &spec).expect("create");
+    let _cleanup = Cleanup(&api, id.clone());
+    api.container_start(&id).expect("start");
+    // Waited on after the start: "not-running" would return at once for a
+    // container that was created but not yet started.
+    let (rx, _c) = wait_in_thread(&api, &id);
+    let code = rx
+        .recv_timeout(Duration::from_secs(30))
+        .expect("wait did not return within 30 s")
+        .expect("wait");
+    assert_eq!(code, 3);
+    // Waiting on an exited container answers at once.
+    assert_eq!(api.waiter().wait(&id).expect("wait again"), 3);
+    let info = api
+        .container_inspect(&id)
+        .expect("inspect")
+        .expect("exists");
+    assert_eq!(
+        (info.running, info.status.as_str(), info.exit_code),
+        (false, "exited", 3)
+    );
+    // Stats of a stopped container: no data, not an error or a panic.
+    assert_eq!(api.container_stats_once(&id).expect("stats"), None);
+    // Killing a stopped container is refused by the engine.
+    assert!(matches!(
+        api.container_kill(&id),
+        Err(DockerError::Api { status: 409, .. })
+    ));
+    api.container_remove(&id, false, true).expect("remove");
+    assert_eq!(api.container_inspect(&id).expect("inspect"), None);
+}
+
+#[test]
+fn kill_ends_a_running_container() {
+    let e = engine();
+    let api = api(&e);
+    let id = api
+        .container_create(
+            &unique("ciao-kill"),
+            &CreateSpec {
+                image: IMAGE.into(),
+                cmd: ["sleep", "300"].map(String::from).to_vec(),
+                network_none: true,
+                ..CreateSpec::default()
+            },
+        )
+        .expect("create");
+    let _cleanup = Cleanup(&api, id.clone());
+    api.container_start(&id).expect("start");
+    let (rx, _c) = wait_in_thread(&api, &id);
+    api.container_kill(&id).expect("kill");
+    let code = rx
+        .recv_timeout(Duration::from_secs(30))
+        .expect("wait did not return within 30 s of kill")
+        .expect("wait");
+    assert_eq!(code, 137);
+}
