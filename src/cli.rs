@@ -196,6 +196,14 @@ pub struct LauncherCli {
     #[arg(long, value_name = "N", default_value_t = 128, help_heading = NODE)]
     pub instance_stack_kib: usize,
 
+    /// The Docker engine's API socket (containers: vm_type docker).
+    #[arg(long, value_name = "PATH", default_value = "/var/run/docker.sock", help_heading = NODE)]
+    pub docker_socket: PathBuf,
+
+    /// Seconds a STOP waits for an instance to shut down before it is killed.
+    #[arg(long, value_name = "SECONDS", default_value_t = 30, help_heading = NODE)]
+    pub stop_timeout: u64,
+
     /// Verbosity: 0 logs information, 1 and 2 add debugging, 3 and more trace everything.
     #[arg(short = 'v', long = "v", value_name = "N", default_value_t = 0, help_heading = LOGGING)]
     pub verbosity: u8,
@@ -406,6 +414,8 @@ pub struct Config {
     pub with_ui: UiMode,
     /// Stack size of instance threads, in bytes.
     pub instance_stack_size: usize,
+    pub docker_socket: PathBuf,
+    pub stop_timeout: Duration,
     pub log: LogConfig,
 }
 
@@ -600,6 +610,8 @@ impl LauncherCli {
             stats_interval,
             with_ui: self.with_ui,
             instance_stack_size,
+            docker_socket: self.docker_socket,
+            stop_timeout: Duration::from_secs(self.stop_timeout),
             log,
             data_dir: self.data_dir,
         })

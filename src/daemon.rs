@@ -96,12 +96,17 @@ fn run(cfg: Config) -> LauncherExit {
             cfg.network
         );
     }
-    if !cfg.simulation {
-        error!(
-            "this build runs instances only with -simulation: the QEMU and Docker virtualizers are not part of it yet"
-        );
-        return LauncherExit::Usage;
-    }
+    let factory: Arc<dyn crate::virt::VirtualizerFactory> = if cfg.simulation {
+        Arc::new(SimFactory::default())
+    } else {
+        warn!("VMs are not supported by this build yet (QEMU virtualizer): only containers run");
+        Arc::new(crate::virt::NodeFactory {
+            docker: crate::virt::docker::DockerFactory {
+                socket: cfg.docker_socket.clone(),
+                stop_timeout: cfg.stop_timeout,
+            },
+        })
+    };
     let nofile = raise_nofile();
     let max_vm = match (cfg.max_vm, cfg.protocol) {
         (Some(n), _) => n as usize,
@@ -162,10 +167,11 @@ fn run(cfg: Config) -> LauncherExit {
         data_dir: cfg.data_dir.clone(),
         limits,
         stats_interval: cfg.stats_interval,
-        factory: Arc::new(SimFactory::default()),
+        factory,
         node_stats: Box::new(ProcNodeStats::new("/proc", store.instances_dir())),
         instance_stack: cfg.instance_stack_size,
-        stop_wait: Duration::from_secs(60),
+        // The virtualizer escalates within its own timeout; allow it that and more.
+        stop_wait: cfg.stop_timeout + Duration::from_secs(30),
         usage_tick: true,
     };
     // Signals before the launcher: a signal during start-up is not lost.

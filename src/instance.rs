@@ -340,6 +340,9 @@ impl Instance {
             }
         }
         self.exists = true;
+        // The configuration decides the virtualizer (container or VM): a new
+        // instance only learns it here.
+        self.vm = self.ctx.factory.create(&self.cfg);
         self.vm.init(&self.cfg, &self.dir);
         if let Err(e) = self.vm.ensure_backing_image() {
             warn!("{}: image: {e}", self.id);

@@ -10,89 +10,16 @@
 //! these tests never skip.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
-use std::process::Command;
-use std::sync::{Arc, Mutex, Weak, mpsc};
+use std::sync::mpsc;
 use std::thread;
 use std::time::{Duration, Instant};
+
+mod common;
 
 use ciao_launcher::virt::docker_api::{
     ApiVersion, CreateSpec, DockerApi, DockerError, MAX_API_VERSION,
 };
-
-const IMAGE: &str = "ciao-busybox:latest";
-
-/// A private dockerd; stopped (and its directory removed) on drop.
-#[derive(Debug)]
-struct Engine {
-    dir: PathBuf,
-    socket: PathBuf,
-}
-
-impl Drop for Engine {
-    fn drop(&mut self) {
-        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/stop-dockerd.sh");
-        let failure = match Command::new(&script).arg(&self.dir).output() {
-            Ok(o) if o.status.success() => return,
-            Ok(o) => format!(
-                "stop-dockerd.sh {} failed ({}):\n{}{}",
-                self.dir.display(),
-                o.status,
-                String::from_utf8_lossy(&o.stdout),
-                String::from_utf8_lossy(&o.stderr)
-            ),
-            Err(e) => format!("cannot run {}: {e}", script.display()),
-        };
-        // Fail the test that dropped the last handle, unless it is already
-        // failing (a second panic would abort the test binary).
-        if thread::panicking() {
-            eprintln!("{failure}");
-        } else {
-            panic!("{failure}");
-        }
-    }
-}
-
-static ENGINE: Mutex<Weak<Engine>> = Mutex::new(Weak::new());
-
-/// The shared engine, started on first use.
-fn engine() -> Arc<Engine> {
-    // A panicking test poisons the lock but leaves the Weak intact.
-    let mut slot = ENGINE.lock().unwrap_or_else(|p| p.into_inner());
-    if let Some(e) = slot.upgrade() {
-        return e;
-    }
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/start-dockerd.sh");
-    let started = Instant::now();
-    let out = Command::new(&script)
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {}: {e}", script.display()));
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        out.status.success(),
-        "{} failed ({}):\n--- stdout\n{stdout}\n--- stderr\n{stderr}",
-        script.display(),
-        out.status
-    );
-    let socket = PathBuf::from(stdout.lines().last().unwrap_or("").trim());
-    let dir = socket
-        .parent()
-        .unwrap_or_else(|| panic!("no socket path in the output of start-dockerd.sh:\n{stdout}"))
-        .to_path_buf();
-    assert!(
-        socket.ends_with("docker.sock"),
-        "start-dockerd.sh printed no socket path:\n{stdout}\n{stderr}"
-    );
-    eprintln!(
-        "private dockerd on {} ready in {:?}\n{stderr}",
-        socket.display(),
-        started.elapsed()
-    );
-    let e = Arc::new(Engine { dir, socket });
-    *slot = Arc::downgrade(&e);
-    e
-}
+use common::{Engine, IMAGE, engine};
 
 fn api(e: &Engine) -> DockerApi {
     DockerApi::connect(&e.socket).unwrap_or_else(|err| panic!("connect: {err}"))

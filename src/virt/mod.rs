@@ -10,6 +10,7 @@
 //! dropping the handle detaches the monitor *without* stopping the instance
 //! (launcher shutdown leaves instances running).
 
+pub mod docker;
 pub mod docker_api;
 pub mod sim;
 
@@ -87,4 +88,52 @@ pub trait Virtualizer: Send + fmt::Debug {
 /// Makes a virtualizer for a new or recovered instance.
 pub trait VirtualizerFactory: Send + Sync + fmt::Debug {
     fn create(&self, cfg: &InstanceConfig) -> Box<dyn Virtualizer>;
+}
+
+/// Production: containers through Docker; VMs are refused with a clear
+/// reason until the QEMU virtualizer exists.
+#[derive(Debug, Clone)]
+pub struct NodeFactory {
+    pub docker: docker::DockerFactory,
+}
+
+impl VirtualizerFactory for NodeFactory {
+    fn create(&self, cfg: &InstanceConfig) -> Box<dyn Virtualizer> {
+        match cfg.vm_type {
+            crate::payloads::config::VmType::Docker => self.docker.create(cfg),
+            crate::payloads::config::VmType::Qemu => Box::new(Unavailable(
+                "the QEMU virtualizer is not part of this build",
+            )),
+        }
+    }
+}
+
+/// A virtualizer that refuses everything, saying why.
+#[derive(Debug)]
+pub struct Unavailable(pub &'static str);
+
+impl Virtualizer for Unavailable {
+    fn init(&mut self, _cfg: &InstanceConfig, _dir: &Path) {}
+    fn ensure_backing_image(&mut self) -> Result<(), VirtError> {
+        Err(VirtError(self.0.into()))
+    }
+    fn create_image(&mut self) -> Result<(), VirtError> {
+        Err(VirtError(self.0.into()))
+    }
+    fn delete_image(&mut self) -> Result<(), VirtError> {
+        Ok(())
+    }
+    fn start(&mut self) -> Result<(), VirtError> {
+        Err(VirtError(self.0.into()))
+    }
+    fn monitor(
+        &mut self,
+        _events: Sender<MonitorEvent>,
+        _boot: bool,
+    ) -> Result<Box<dyn Monitor>, VirtError> {
+        Err(VirtError(self.0.into()))
+    }
+    fn stats(&mut self) -> Usage {
+        Usage::default()
+    }
 }

@@ -1,0 +1,346 @@
+//! Harness shared by the integration tests: real processes started by the
+//! tests and stopped by PID ([`Proc`], [`Env`]), and a private dockerd shared
+//! by the tests of one binary ([`engine`]).
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::{Arc, Mutex, Weak};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::Receiver;
+
+pub const LAUNCHER: &str = env!("CARGO_BIN_EXE_ciao-launcher");
+pub const LC: &str = env!("CARGO_BIN_EXE_ciao-lc");
+pub const WAIT: Duration = Duration::from_secs(20);
+
+/// A child process killed (SIGKILL) and reaped when dropped.
+pub struct Proc {
+    child: Child,
+    name: &'static str,
+}
+
+impl Proc {
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    pub fn kill9(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM, then the exit status within `within`.
+    pub fn terminate(mut self, within: Duration) -> Option<i32> {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.pid()),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+        let deadline = Instant::now() + within;
+        while Instant::now() < deadline {
+            if let Ok(Some(st)) = self.child.try_wait() {
+                return st.code();
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        None
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            eprintln!("stopping {} (pid {})", self.name, self.child.id());
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+pub struct Env {
+    pub dir: PathBuf,
+}
+
+impl Env {
+    pub fn new() -> Env {
+        let dir = std::env::temp_dir().join(format!("ciao-e2e-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(&dir).expect("tmpdir");
+        let out = Command::new(LC)
+            .arg("certs")
+            .arg("--dir")
+            .arg(dir.join("certs"))
+            .output()
+            .expect("certs");
+        assert!(out.status.success(), "{out:?}");
+        Env { dir }
+    }
+
+    pub fn certs(&self) -> PathBuf {
+        self.dir.join("certs")
+    }
+
+    /// Starts `ciao-lc serve` and returns it with the address it listens on.
+    pub fn serve(&self, listen: &str, profile: &str) -> (Proc, SocketAddr) {
+        let mut child = Command::new(LC)
+            .args([
+                "serve",
+                "--listen",
+                listen,
+                "--protocol",
+                profile,
+                "--certs",
+            ])
+            .arg(self.certs())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("serve");
+        let stdout = child.stdout.take().expect("stdout");
+        let lines = lines_of(stdout);
+        let first = lines.recv_timeout(WAIT).expect("serve prints its address");
+        let addr = first
+            .split_whitespace()
+            .skip_while(|w| *w != "on")
+            .nth(1)
+            .and_then(|a| a.parse().ok())
+            .unwrap_or_else(|| panic!("no address in {first:?}"));
+        // Keep draining its output so it never blocks on a full pipe.
+        std::thread::spawn(move || for _ in lines.iter() {});
+        (
+            Proc {
+                child,
+                name: "ciao-lc serve",
+            },
+            addr,
+        )
+    }
+
+    pub fn launcher(&self, server: SocketAddr, profile: &str) -> Proc {
+        self.launcher_with(server, profile, &["-simulation"])
+    }
+
+    /// A launcher with `extra` flags instead of `-simulation`.
+    pub fn launcher_with(&self, server: SocketAddr, profile: &str, extra: &[&str]) -> Proc {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("launcher.log"))
+            .expect("log");
+        let child = Command::new(LAUNCHER)
+            .arg("-cacert")
+            .arg(self.certs().join("CAcert.pem"))
+            .arg("-cert")
+            .arg(self.certs().join("cert-CNAgent.pem"))
+            .arg(format!("-server={server}"))
+            .arg("--data-dir")
+            .arg(self.dir.join("data"))
+            .args(extra)
+            .args([
+                "--protocol",
+                profile,
+                "--stats-interval",
+                "1",
+                "--disk-limit=false",
+                "-logtostderr",
+            ])
+            .stderr(log)
+            .spawn()
+            .expect("launcher");
+        Proc {
+            child,
+            name: "ciao-launcher",
+        }
+    }
+
+    pub fn lc(&self, args: &[&str]) -> Output {
+        Command::new(LC)
+            .args(args)
+            .arg("--certs")
+            .arg(self.certs())
+            .output()
+            .expect("ciao-lc")
+    }
+
+    pub fn lc_ok(&self, args: &[&str]) -> String {
+        let out = self.lc(args);
+        assert!(
+            out.status.success(),
+            "ciao-lc {args:?}: {}{}",
+            text(&out.stdout),
+            text(&out.stderr)
+        );
+        text(&out.stdout)
+    }
+
+    /// (instance, state) from `ciao-lc list`.
+    pub fn list(&self) -> Vec<(String, String)> {
+        let out = self.lc(&["list"]);
+        if !out.status.success() {
+            return Vec::new();
+        }
+        let mut v: Vec<_> = text(&out.stdout)
+            .lines()
+            .skip(1)
+            .filter_map(|l| {
+                let w: Vec<&str> = l.split_whitespace().collect();
+                (w.len() >= 3).then(|| (w[1].to_string(), w[2].to_string()))
+            })
+            .collect();
+        v.sort();
+        v
+    }
+
+    /// Polls `ciao-lc list` until `want` holds (bounded).
+    pub fn wait_list(
+        &self,
+        what: &str,
+        want: impl Fn(&[(String, String)]) -> bool,
+    ) -> Vec<(String, String)> {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let l = self.list();
+            if want(&l) {
+                return l;
+            }
+            if Instant::now() > deadline {
+                panic!(
+                    "timed out waiting for {what}; last list: {l:?}\nlauncher log:\n{}",
+                    self.log()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn wait_connected(&self) {
+        let deadline = Instant::now() + WAIT;
+        while Instant::now() < deadline {
+            let out = self.lc(&["stats"]);
+            if out.status.success() && text(&out.stdout).lines().count() > 1 {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("the launcher never connected\n{}", self.log());
+    }
+
+    pub fn start(&self) -> String {
+        let out = self.lc_ok(&["start", "--sim", "--vcpus", "2", "--mem-mb", "256"]);
+        out.split_whitespace()
+            .nth(1)
+            .expect("instance id")
+            .to_string()
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("launcher.log")).unwrap_or_default()
+    }
+
+    pub fn instance_dirs(&self) -> usize {
+        std::fs::read_dir(self.dir.join("data/instances")).map_or(0, |d| d.count())
+    }
+}
+
+impl Drop for Env {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+pub fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+pub fn lines_of(r: impl std::io::Read + Send + 'static) -> Receiver<String> {
+    let (tx, rx) = crossbeam_channel::unbounded();
+    std::thread::spawn(move || {
+        for l in BufReader::new(r).lines() {
+            let Ok(l) = l else { break };
+            if tx.send(l).is_err() {
+                break;
+            }
+        }
+    });
+    rx
+}
+
+pub fn state_of<'a>(l: &'a [(String, String)], id: &str) -> Option<&'a str> {
+    l.iter().find(|(i, _)| i == id).map(|(_, s)| s.as_str())
+}
+
+pub const IMAGE: &str = "ciao-busybox:latest";
+
+/// A private dockerd; stopped (and its directory removed) on drop.
+#[derive(Debug)]
+pub struct Engine {
+    pub dir: PathBuf,
+    pub socket: PathBuf,
+}
+
+impl Drop for Engine {
+    fn drop(&mut self) {
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/stop-dockerd.sh");
+        let failure = match Command::new(&script).arg(&self.dir).output() {
+            Ok(o) if o.status.success() => return,
+            Ok(o) => format!(
+                "stop-dockerd.sh {} failed ({}):\n{}{}",
+                self.dir.display(),
+                o.status,
+                String::from_utf8_lossy(&o.stdout),
+                String::from_utf8_lossy(&o.stderr)
+            ),
+            Err(e) => format!("cannot run {}: {e}", script.display()),
+        };
+        // Fail the test that dropped the last handle, unless it is already
+        // failing (a second panic would abort the test binary).
+        if thread::panicking() {
+            eprintln!("{failure}");
+        } else {
+            panic!("{failure}");
+        }
+    }
+}
+
+static ENGINE: Mutex<Weak<Engine>> = Mutex::new(Weak::new());
+
+/// The shared engine, started on first use.
+pub fn engine() -> Arc<Engine> {
+    // A panicking test poisons the lock but leaves the Weak intact.
+    let mut slot = ENGINE.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(e) = slot.upgrade() {
+        return e;
+    }
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/start-dockerd.sh");
+    let started = Instant::now();
+    let out = Command::new(&script)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {}: {e}", script.display()));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "{} failed ({}):\n--- stdout\n{stdout}\n--- stderr\n{stderr}",
+        script.display(),
+        out.status
+    );
+    let socket = PathBuf::from(stdout.lines().last().unwrap_or("").trim());
+    let dir = socket
+        .parent()
+        .unwrap_or_else(|| panic!("no socket path in the output of start-dockerd.sh:\n{stdout}"))
+        .to_path_buf();
+    assert!(
+        socket.ends_with("docker.sock"),
+        "start-dockerd.sh printed no socket path:\n{stdout}\n{stderr}"
+    );
+    eprintln!(
+        "private dockerd on {} ready in {:?}\n{stderr}",
+        socket.display(),
+        started.elapsed()
+    );
+    let e = Arc::new(Engine { dir, socket });
+    *slot = Arc::downgrade(&e);
+    e
+}

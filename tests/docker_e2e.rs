@@ -1,0 +1,129 @@
+//! Containers through the real `ciao-launcher` (no simulation) and a real
+//! private dockerd, driven with `ciao-lc` over TLS.
+
+mod common;
+
+use std::process::Command;
+
+use common::*;
+
+fn docker(engine: &Engine, args: &[&str]) -> std::process::Output {
+    Command::new("docker")
+        .arg("-H")
+        .arg(format!("unix://{}", engine.socket.display()))
+        .args(args)
+        .output()
+        .expect("docker CLI")
+}
+
+fn launcher(env: &Env, engine: &Engine, addr: std::net::SocketAddr) -> Proc {
+    let socket = engine.socket.display().to_string();
+    env.launcher_with(
+        addr,
+        "2016",
+        &["--docker-socket", &socket, "--stop-timeout", "2"],
+    )
+}
+
+fn start_container(env: &Env, user_data: &str) -> String {
+    let ud = env.dir.join(format!("ud-{}", uuid::Uuid::new_v4()));
+    std::fs::write(&ud, user_data).expect("user data");
+    let out = env.lc_ok(&[
+        "start",
+        "--docker-image",
+        IMAGE,
+        "--vcpus",
+        "1",
+        "--mem-mb",
+        "64",
+        "--user-data",
+        ud.to_str().expect("path"),
+    ]);
+    out.split_whitespace()
+        .nth(1)
+        .expect("instance id")
+        .to_string()
+}
+
+#[test]
+fn container_lifecycle_2016() {
+    let engine = engine();
+    let env = Env::new();
+    let (_serve, addr) = env.serve("127.0.0.1:0", "2016");
+    let _launcher = launcher(&env, &engine, addr);
+    env.wait_connected();
+
+    let id = start_container(
+        &env,
+        "#cloud-config\nruncmd:\n  - [ sh, -c, \"echo hi > /tmp/marker; sleep 300\" ]\n",
+    );
+    env.wait_list("running", |l| state_of(l, &id) == Some("running"));
+    // The runcmd ran inside the container.
+    let out = docker(&engine, &["exec", &id, "cat", "/tmp/marker"]);
+    assert_eq!(text(&out.stdout).trim(), "hi", "{}", text(&out.stderr));
+    // Limits and labels from the payload.
+    let out = docker(
+        &engine,
+        &[
+            "inspect",
+            "-f",
+            "{{.HostConfig.Memory}} {{.HostConfig.NanoCpus}} {{index .Config.Labels \"org.ciao.instance\"}}",
+            &id,
+        ],
+    );
+    assert_eq!(
+        text(&out.stdout).trim(),
+        format!("{} 1000000000 {id}", 64 << 20)
+    );
+
+    env.lc_ok(&["stop", &id]);
+    env.wait_list("exited", |l| state_of(l, &id) == Some("exited"));
+    env.lc_ok(&["restart", &id]);
+    env.wait_list("running again", |l| state_of(l, &id) == Some("running"));
+    env.lc_ok(&["delete", &id]);
+    env.wait_list("deleted", |l| state_of(l, &id).is_none());
+    let out = docker(&engine, &["inspect", &id]);
+    assert!(!out.status.success(), "container still there");
+    assert_eq!(env.instance_dirs(), 0);
+}
+
+#[test]
+fn container_that_exits_by_itself_is_exited_2016() {
+    let engine = engine();
+    let env = Env::new();
+    let (_serve, addr) = env.serve("127.0.0.1:0", "2016");
+    let _launcher = launcher(&env, &engine, addr);
+    env.wait_connected();
+    let id = start_container(
+        &env,
+        "#cloud-config\nruncmd:\n  - [ sh, -c, \"sleep 1; exit 3\" ]\n",
+    );
+    env.wait_list("exited by itself", |l| state_of(l, &id) == Some("exited"));
+    assert!(env.log().contains("exited with code 3"), "{}", env.log());
+    env.lc_ok(&["delete", &id]);
+    env.wait_list("deleted", |l| state_of(l, &id).is_none());
+}
+
+#[test]
+fn missing_image_is_an_image_failure_and_leaves_nothing() {
+    let engine = engine();
+    let env = Env::new();
+    let (_serve, addr) = env.serve("127.0.0.1:0", "2016");
+    let _launcher = launcher(&env, &engine, addr);
+    env.wait_connected();
+    let out = env.lc_ok(&["start", "--docker-image", "127.0.0.1:1/none/such:tag"]);
+    let id = out.split_whitespace().nth(1).expect("id").to_string();
+    // The failure reaches the log; nothing is left on disk or in the engine.
+    let deadline = std::time::Instant::now() + WAIT;
+    while !env.log().contains("image_failure") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no image_failure:\n{}",
+            env.log()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    env.wait_list("nothing listed", |l| state_of(l, &id).is_none());
+    assert_eq!(env.instance_dirs(), 0);
+    assert!(!docker(&engine, &["inspect", &id]).status.success());
+}
