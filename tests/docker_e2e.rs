@@ -127,3 +127,42 @@ fn missing_image_is_an_image_failure_and_leaves_nothing() {
     assert_eq!(env.instance_dirs(), 0);
     assert!(!docker(&engine, &["inspect", &id]).status.success());
 }
+
+#[test]
+fn kill9_with_5_containers_then_restart_finds_and_stops_them() {
+    let engine = engine();
+    let env = Env::new();
+    let (_serve, addr) = env.serve("127.0.0.1:0", "2016");
+    let first = launcher(&env, &engine, addr);
+    env.wait_connected();
+    let ids: Vec<String> = (0..5)
+        .map(|_| {
+            start_container(
+                &env,
+                "#cloud-config\nruncmd:\n  - [ sh, -c, \"sleep 300\" ]\n",
+            )
+        })
+        .collect();
+    env.wait_list("5 running", |l| {
+        ids.iter().all(|i| state_of(l, i) == Some("running"))
+    });
+
+    first.kill9();
+    let _second = launcher(&env, &engine, addr);
+    let after = env.wait_list("5 found again", |l| {
+        l.len() == 5 && ids.iter().all(|i| state_of(l, i) == Some("running"))
+    });
+    assert_eq!(after.len(), 5, "none duplicated");
+    for id in &ids {
+        env.lc_ok(&["stop", id]);
+    }
+    env.wait_list("5 stopped", |l| {
+        ids.iter().all(|i| state_of(l, i) == Some("exited"))
+    });
+    for id in &ids {
+        let out = docker(&engine, &["inspect", "-f", "{{.State.Running}}", id]);
+        assert_eq!(text(&out.stdout).trim(), "false", "{id}");
+        env.lc_ok(&["delete", id]);
+    }
+    env.wait_list("all deleted", |l| l.is_empty());
+}
