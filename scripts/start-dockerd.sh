@@ -8,7 +8,8 @@
 # (data-root) and exec/ (exec-root). The host's /var/run/docker.sock and any
 # host dockerd are never used. No networking is set up (--iptables=false
 # --bridge=none), so containers must use network mode "none"; vfs storage
-# avoids needing overlayfs in nested sandboxes.
+# avoids needing overlayfs in nested sandboxes. --live-restore keeps containers
+# running while dockerd itself restarts (tests of a dockerd restart rely on it).
 #
 # Installs docker.io / busybox-static with apt-get when missing, and imports a
 # test image ciao-busybox:latest (busybox + applet symlinks; no registry is
@@ -87,7 +88,7 @@ else
     start_ns=$(date +%s%N)
     # setsid: the daemon must not die with the caller's terminal/process group.
     setsid dockerd \
-        --iptables=false --ip-masq=false --bridge=none --storage-driver=vfs \
+        --iptables=false --ip-masq=false --bridge=none --storage-driver=vfs --live-restore \
         -H "unix://$SOCK" --data-root "$DIR/root" --exec-root "$DIR/exec" \
         --pidfile "$PIDFILE" >"$LOGFILE" 2>&1 </dev/null &
     dpid=$!
