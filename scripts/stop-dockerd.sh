@@ -22,6 +22,14 @@ fi
 # Only signal the PID if it is still a dockerd using this DIR (PIDs get reused).
 if [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null \
     && tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -q -- "$DIR/docker.sock"; then
+    # The engine runs with --live-restore: its containers would outlive it.
+    # Remove them through the engine first, so nothing it started is left.
+    ids=$(docker -H "unix://$DIR/docker.sock" ps -aq 2>/dev/null || true)
+    if [ -n "$ids" ]; then
+        log "removing $(echo "$ids" | wc -w) container(s) left in this engine"
+        # shellcheck disable=SC2086
+        docker -H "unix://$DIR/docker.sock" rm -f -v $ids >/dev/null 2>&1 || true
+    fi
     log "stopping dockerd pid $pid"
     kill -TERM "$pid" 2>/dev/null || true
     deadline=$(( $(date +%s) + STOP_TIMEOUT ))

@@ -200,6 +200,10 @@ pub struct LauncherCli {
     #[arg(long, value_name = "PATH", default_value = "/var/run/docker.sock", help_heading = NODE)]
     pub docker_socket: PathBuf,
 
+    /// Seconds between samples of each instance's CPU, memory and disk use (fractions allowed).
+    #[arg(long, value_name = "SECONDS", default_value_t = 30.0, help_heading = NODE)]
+    pub usage_interval: f64,
+
     /// Seconds a STOP waits for an instance to shut down before it is killed.
     #[arg(long, value_name = "SECONDS", default_value_t = 30, help_heading = NODE)]
     pub stop_timeout: u64,
@@ -416,6 +420,7 @@ pub struct Config {
     pub instance_stack_size: usize,
     pub docker_socket: PathBuf,
     pub stop_timeout: Duration,
+    pub usage_interval: Duration,
     pub log: LogConfig,
 }
 
@@ -568,6 +573,14 @@ impl LauncherCli {
             }
             Some(s) => Duration::from_secs_f64(s),
         };
+        if !(0.01..=86_400.0).contains(&self.usage_interval) {
+            return Err(invalid(
+                "--usage-interval",
+                self.usage_interval,
+                "must be between 0.01 and 86400 seconds",
+            ));
+        }
+        let usage_interval = Duration::from_secs_f64(self.usage_interval);
         let instance_stack_size = Some(self.instance_stack_kib)
             .filter(|k| *k >= MIN_INSTANCE_STACK_KIB)
             .and_then(|k| k.checked_mul(1024))
@@ -611,6 +624,7 @@ impl LauncherCli {
             with_ui: self.with_ui,
             instance_stack_size,
             docker_socket: self.docker_socket,
+            usage_interval,
             stop_timeout: Duration::from_secs(self.stop_timeout),
             log,
             data_dir: self.data_dir,

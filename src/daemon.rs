@@ -172,7 +172,7 @@ fn run(cfg: Config) -> LauncherExit {
         instance_stack: cfg.instance_stack_size,
         // The virtualizer escalates within its own timeout; allow it that and more.
         stop_wait: cfg.stop_timeout + Duration::from_secs(30),
-        usage_tick: true,
+        usage_period: Some(cfg.usage_interval),
     };
     // Signals before the launcher: a signal during start-up is not lost.
     let signals = match crate::signals::spawn() {

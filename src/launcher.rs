@@ -41,8 +41,8 @@ pub struct Settings {
     pub node_stats: Box<dyn NodeStatsSource>,
     pub instance_stack: usize,
     pub stop_wait: Duration,
-    /// Per-instance usage sampling (None: never, for deterministic tests).
-    pub usage_tick: bool,
+    /// Per-instance usage sampling period (None: never, for deterministic tests).
+    pub usage_period: Option<Duration>,
 }
 
 /// How the launcher ended.
@@ -98,9 +98,7 @@ impl Launcher {
             s.node_stats,
             s.data_dir.join("maintenance"),
         );
-        if !s.usage_tick {
-            overseer = overseer.with_usage_tick(crate::overseer::no_usage_tick);
-        }
+        overseer = overseer.with_usage_period(s.usage_period);
         let recovered = overseer.recover();
         let (req_tx, req_rx) = crossbeam_channel::bounded(1024);
         let (ovs_shutdown, ovs_shutdown_rx) = crossbeam_channel::bounded::<Never>(0);

@@ -140,8 +140,9 @@ pub struct Overseer {
     /// Dropped at shutdown: closes every instance's shutdown channel.
     instance_shutdown: Option<Sender<Never>>,
     instance_shutdown_rx: Receiver<Never>,
-    /// Per-instance usage tick factory (never() in tests).
-    usage_tick: fn() -> Receiver<Instant>,
+    /// How often instance threads sample their usage (None: never, for
+    /// deterministic tests).
+    usage_period: Option<Duration>,
 }
 
 /// The overseer's inputs, kept apart from its state.
@@ -150,15 +151,6 @@ pub struct OverseerInputs {
     pub requests: Receiver<OverseerReq>,
     pub stats_tick: Receiver<Instant>,
     pub shutdown: Receiver<Never>,
-}
-
-fn production_usage_tick() -> Receiver<Instant> {
-    crossbeam_channel::tick(USAGE_PERIOD)
-}
-
-/// No periodic usage sampling (deterministic tests).
-pub fn no_usage_tick() -> Receiver<Instant> {
-    crossbeam_channel::never()
 }
 
 impl Overseer {
@@ -189,13 +181,13 @@ impl Overseer {
             updates,
             instance_shutdown: Some(instance_shutdown),
             instance_shutdown_rx,
-            usage_tick: production_usage_tick,
+            usage_period: Some(USAGE_PERIOD),
         }
     }
 
-    /// Replaces the per-instance usage tick (tests: [`no_usage_tick`]).
-    pub fn with_usage_tick(mut self, f: fn() -> Receiver<Instant>) -> Overseer {
-        self.usage_tick = f;
+    /// Sets how often instance threads sample their usage (None: never).
+    pub fn with_usage_period(mut self, period: Option<Duration>) -> Overseer {
+        self.usage_period = period;
         self
     }
 
@@ -241,7 +233,8 @@ impl Overseer {
             seed,
             self.updates_tx.clone(),
             self.instance_shutdown_rx.clone(),
-            (self.usage_tick)(),
+            self.usage_period
+                .map_or_else(crossbeam_channel::never, crossbeam_channel::tick),
         )?;
         let rec = Record {
             inbox: h.inbox.clone(),

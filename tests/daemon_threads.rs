@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use ciao_launcher::instance::{InstanceState, Never};
 use ciao_launcher::node::{ChannelOutbox, NodeContext};
 use ciao_launcher::nodestats::{FixedNodeStats, NodeFigures};
-use ciao_launcher::overseer::{Limits, Overseer, OverseerInputs, OverseerReq, no_usage_tick};
+use ciao_launcher::overseer::{Limits, Overseer, OverseerInputs, OverseerReq};
 use ciao_launcher::payloads::commands;
 use ciao_launcher::payloads::config::VmType;
 use ciao_launcher::payloads::outgoing;
@@ -84,7 +84,7 @@ impl Node {
             Box::new(FixedNodeStats(big_node())),
             dir.join("maintenance"),
         )
-        .with_usage_tick(no_usage_tick);
+        .with_usage_period(None);
         ovs.recover();
         let (requests, req_rx) = crossbeam_channel::bounded(64);
         let (tick, tick_rx) = crossbeam_channel::bounded(0);

@@ -61,6 +61,27 @@ fn container_lifecycle_2016() {
     // The runcmd ran inside the container.
     let out = docker(&engine, &["exec", &id, "cat", "/tmp/marker"]);
     assert_eq!(text(&out.stdout).trim(), "hi", "{}", text(&out.stderr));
+    // STATS carry the container's real figures (sampled every 0.5 s): known
+    // memory (a busybox sleep uses under 1 MiB, so it may read 0) and CPU.
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let list = env.lc_ok(&["list"]);
+        let row: Vec<&str> = list
+            .lines()
+            .find(|l| l.contains(&id))
+            .map(|l| l.split_whitespace().collect())
+            .unwrap_or_default();
+        // NODE INSTANCE STATE <mem> MiB <disk…> <cpu%>: both numbers known.
+        let known = |v: Option<&&str>| v.is_some_and(|v| v.parse::<u64>().is_ok());
+        if known(row.get(3)) && known(row.last()) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no memory figure in STATS:\n{list}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
     // Limits and labels from the payload.
     let out = docker(
         &engine,
