@@ -187,3 +187,75 @@ fn kill9_with_5_containers_then_restart_finds_and_stops_them() {
     }
     env.wait_list("all deleted", |l| l.is_empty());
 }
+
+/// Waits until the launcher log contains `what`.
+fn wait_log(env: &Env, what: &str) {
+    let deadline = std::time::Instant::now() + WAIT;
+    while !env.log().contains(what) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no {what:?} in the log:\n{}",
+            env.log()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn invalid_reference_and_missing_engine_are_image_failures() {
+    let engine = engine();
+    let env = Env::new();
+    let (_serve, addr) = env.serve("127.0.0.1:0", "2016");
+    let first = launcher(&env, &engine, addr);
+    env.wait_connected();
+    let out = env.lc_ok(&["start", "--docker-image", "UPPER:case!!"]);
+    let bad = out.split_whitespace().nth(1).expect("id").to_string();
+    wait_log(&env, "invalid reference format");
+    wait_log(&env, "image_failure");
+    env.wait_list("nothing listed", |l| state_of(l, &bad).is_none());
+    assert_eq!(env.instance_dirs(), 0);
+    assert_eq!(first.terminate(std::time::Duration::from_secs(5)), Some(0));
+
+    // An engine socket that does not exist: the START fails clearly.
+    let _second = env.launcher_with(
+        addr,
+        "2016",
+        &["--docker-socket", "/nonexistent/docker.sock"],
+    );
+    env.wait_connected();
+    let out = env.lc_ok(&["start", "--docker-image", IMAGE]);
+    let id = out.split_whitespace().nth(1).expect("id").to_string();
+    wait_log(&env, "/nonexistent/docker.sock");
+    env.wait_list("nothing listed", |l| state_of(l, &id).is_none());
+    assert_eq!(env.instance_dirs(), 0);
+}
+
+#[test]
+fn container_that_exits_by_itself_is_stopped_and_gone_2018() {
+    let engine = engine();
+    let env = Env::new();
+    let (_serve, addr) = env.serve("127.0.0.1:0", "2018");
+    let socket = engine.socket.display().to_string();
+    let _launcher = env.launcher_with(
+        addr,
+        "2018",
+        &["--docker-socket", &socket, "--usage-interval", "0.5"],
+    );
+    env.wait_connected();
+    let id = start_container(
+        &env,
+        "#cloud-config\nruncmd:\n  - [ sh, -c, \"sleep 1; exit 4\" ]\n",
+    );
+    // 2018: an exit deletes the instance (InstanceStopped), container included.
+    wait_log(&env, "exited with code 4");
+    env.wait_list("gone", |l| state_of(l, &id).is_none());
+    let deadline = std::time::Instant::now() + WAIT;
+    while docker(&engine, &["inspect", &id]).status.success() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "container {id} still there"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    assert_eq!(env.instance_dirs(), 0);
+}
