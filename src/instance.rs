@@ -413,12 +413,14 @@ impl Instance {
         }
     }
 
-    /// Stops a running instance and waits; false if it would not stop.
-    fn stop_running(&mut self, shutdown: &Receiver<Never>) -> bool {
+    /// Stops (gracefully, or at once with `kill`) a running instance and
+    /// waits until it is gone; false if it would not stop.
+    fn end_running(&mut self, kill: bool, shutdown: &Receiver<Never>) -> bool {
         let Some(mut m) = self.monitor.take() else {
             return true;
         };
-        if let Err(e) = m.stop() {
+        let asked = if kill { m.kill() } else { m.stop() };
+        if let Err(e) = asked {
             warn!("{}: stop: {e}", self.id);
             self.monitor = Some(m);
             return false;
@@ -442,7 +444,7 @@ impl Instance {
             self.fail(ErrorKind::Stop, Reason::AlreadyStopped);
             return Flow::Continue;
         }
-        if !self.stop_running(shutdown) {
+        if !self.end_running(false, shutdown) {
             if shutting_down(shutdown) {
                 return Flow::Exit;
             }
@@ -483,7 +485,7 @@ impl Instance {
     }
 
     fn delete(&mut self, stop: bool, shutdown: &Receiver<Never>) -> Flow {
-        if self.monitor.is_some() && !self.stop_running(shutdown) {
+        if self.monitor.is_some() && !self.end_running(true, shutdown) {
             if shutting_down(shutdown) {
                 return Flow::Exit;
             }

@@ -434,6 +434,7 @@ fn serve(
 
     let events = server.events().clone();
     let st = Arc::clone(&state);
+    let srv = Arc::clone(&server);
     let printer = thread::Builder::new()
         .name("lc-events".into())
         .spawn(move || {
@@ -441,6 +442,14 @@ fn serve(
                 let line = describe(profile, &ev, verbose);
                 println!("{line}");
                 let short = describe(profile, &ev, false);
+                // A launcher that reconnects (same node UUID) replaces its old
+                // session, whose disconnection may be reported after the new
+                // connection: forget the node only if no session of it remains.
+                if let ServerEvent::Disconnected { uuid, .. } = &ev
+                    && srv.sessions().iter().any(|(u, _)| u == uuid)
+                {
+                    continue;
+                }
                 let mut s = lock(&st);
                 record(&mut s, &ev);
                 s.watchers.retain(|w| w.send(short.clone()).is_ok());

@@ -123,6 +123,9 @@ pub struct Overseer {
     limits: Limits,
     stats: Box<dyn NodeStatsSource>,
     instances: HashMap<String, Record>,
+    /// Threads of instances that said Gone; joined once finished (never
+    /// waited for here: the overseer must not block on an instance).
+    exiting: Vec<JoinHandle<()>>,
     vcpus_allocated: i64,
     mem_allocated: i64,
     disk_allocated: i64,
@@ -167,6 +170,7 @@ impl Overseer {
             limits,
             stats,
             instances: HashMap::new(),
+            exiting: Vec::new(),
             vcpus_allocated: 0,
             mem_allocated: 0,
             disk_allocated: 0,
@@ -278,7 +282,10 @@ impl Overseer {
                         self.instance_update(u);
                     }
                 }
-                recv(inputs.stats_tick) -> _ => self.report(true),
+                recv(inputs.stats_tick) -> _ => {
+                    self.reap();
+                    self.report(true);
+                }
             }
         }
         self.shutdown();
@@ -368,13 +375,23 @@ impl Overseer {
                     self.vcpus_allocated = (self.vcpus_allocated - r.vcpus).max(0);
                     self.mem_allocated = (self.mem_allocated - r.mem_mb).max(0);
                     self.disk_allocated = (self.disk_allocated - r.disk_mb).max(0);
-                    // The thread sends Gone as its last act: joining is quick.
-                    if let Some(t) = r.thread.take()
-                        && t.join().is_err()
-                    {
-                        error!("instance thread of {id} panicked");
+                    if let Some(t) = r.thread.take() {
+                        self.exiting.push(t);
                     }
                 }
+                self.reap();
+            }
+        }
+    }
+
+    /// Joins the exited instance threads that have finished.
+    fn reap(&mut self) {
+        let (done, running): (Vec<_>, Vec<_>) =
+            self.exiting.drain(..).partition(|t| t.is_finished());
+        self.exiting = running;
+        for t in done {
+            if t.join().is_err() {
+                error!("an instance thread panicked");
             }
         }
     }

@@ -21,7 +21,14 @@ fn launcher(env: &Env, engine: &Engine, addr: std::net::SocketAddr) -> Proc {
     env.launcher_with(
         addr,
         "2016",
-        &["--docker-socket", &socket, "--stop-timeout", "2"],
+        &[
+            "--docker-socket",
+            &socket,
+            "--stop-timeout",
+            "2",
+            "--usage-interval",
+            "0.5",
+        ],
     )
 }
 

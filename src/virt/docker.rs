@@ -41,6 +41,7 @@ impl VirtualizerFactory for DockerFactory {
             stop_timeout: self.stop_timeout,
             cfg: cfg.clone(),
             api: None,
+            last_cpu: None,
         })
     }
 }
@@ -54,6 +55,8 @@ pub struct Docker {
     /// Connected lazily, so an engine that is down at launcher start does not
     /// prevent recovery; reconnected after errors.
     api: Option<DockerApi>,
+    /// The previous CPU sample (when, total CPU ns) for CPU %.
+    last_cpu: Option<(std::time::Instant, u64)>,
 }
 
 fn verr(what: &str, e: DockerError) -> VirtError {
@@ -139,6 +142,14 @@ impl Virtualizer for Docker {
         self.cfg = cfg.clone();
     }
 
+    fn connected(&mut self) {
+        self.last_cpu = None;
+    }
+
+    fn lost(&mut self) {
+        self.last_cpu = None;
+    }
+
     fn ensure_backing_image(&mut self) -> Result<(), VirtError> {
         if self.cfg.docker_image.is_empty() {
             return Err(VirtError("no docker_image in the START payload".into()));
@@ -211,13 +222,25 @@ impl Virtualizer for Docker {
             return Usage::default();
         };
         match api.container_stats_once(self.name()) {
-            Ok(Some(s)) => Usage {
-                memory_mb: Some((s.memory_usage_bytes >> 20) as i64),
-                disk_mb: None,
-                cpu_percent: s
-                    .cpu_percent_of_limit(f64::from(self.cfg.vcpus.max(1)))
-                    .map(|p| p.round() as i64),
-            },
+            Ok(Some(s)) => {
+                let now = std::time::Instant::now();
+                // CPU % of the instance's vCPUs between this sample and the last.
+                let cpu = match (s.cpu_total_usage_ns, self.last_cpu) {
+                    (Some(ns), Some((then, prev))) if ns >= prev => {
+                        let wall = now.duration_since(then).as_nanos() as f64;
+                        let vcpus = f64::from(self.cfg.vcpus.max(1));
+                        (wall > 0.0)
+                            .then(|| ((ns - prev) as f64 / wall * 100.0 / vcpus).round() as i64)
+                    }
+                    _ => None,
+                };
+                self.last_cpu = s.cpu_total_usage_ns.map(|ns| (now, ns));
+                Usage {
+                    memory_mb: Some((s.memory_usage_bytes >> 20) as i64),
+                    disk_mb: None,
+                    cpu_percent: cpu,
+                }
+            }
             _ => Usage::default(),
         }
     }
@@ -328,11 +351,16 @@ struct DockerMonitor {
 }
 
 impl Monitor for DockerMonitor {
+    /// DELETE force-removes, as `docker rm -f` (and ciao, which killed).
+    fn kill(&mut self) -> Result<(), VirtError> {
+        info!("{}: killing the container", self.name);
+        self.api()?
+            .container_kill(&self.name)
+            .map_err(|e| verr("kill container", e))
+    }
+
     fn stop(&mut self) -> Result<(), VirtError> {
-        let api = match &self.api {
-            Some(a) => a.clone(),
-            None => DockerApi::connect(&self.socket).map_err(|e| verr("docker engine", e))?,
-        };
+        let api = self.api()?;
         let secs = u32::try_from(self.stop_timeout.as_secs()).unwrap_or(u32::MAX);
         info!("{}: stopping the container (timeout {secs} s)", self.name);
         api.container_stop(&self.name, secs)
@@ -340,11 +368,24 @@ impl Monitor for DockerMonitor {
     }
 }
 
+impl DockerMonitor {
+    fn api(&self) -> Result<DockerApi, VirtError> {
+        match &self.api {
+            Some(a) => Ok(a.clone()),
+            None => DockerApi::connect(&self.socket).map_err(|e| verr("docker engine", e)),
+        }
+    }
+}
+
 impl Drop for DockerMonitor {
     /// Detaches: the container keeps running.
     fn drop(&mut self) {
         self.stop_tx.take();
-        if let Ok(s) = self.waiter.lock()
+        // Only a monitor still blocked in /wait needs cancelling (and
+        // cancelling shuts its HTTP agent down, which is not free).
+        let running = self.thread.as_ref().is_some_and(|t| !t.is_finished());
+        if running
+            && let Ok(s) = self.waiter.lock()
             && let Some(c) = s.as_ref()
         {
             c.cancel();

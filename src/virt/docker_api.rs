@@ -554,13 +554,19 @@ impl DockerApi {
     /// One `GET /containers/{id}/stats?stream=false` sample. `Ok(None)` when
     /// the sample carries no memory figure yet (right after start, or when the
     /// container is not running); `NotFound` when there is no such container.
+    /// From API 1.41 on it asks for `one-shot`: without it the engine waits
+    /// about a second for a second CPU sample, which would block the caller
+    /// (an instance thread) for that long; `cpu_percent` is then `None` and
+    /// callers compute CPU use from successive `cpu_total_usage_ns`.
     pub fn container_stats_once(&self, id: &str) -> Result<Option<ContainerStats>, DockerError> {
-        let resp = self
+        let mut req = self
             .agent
             .get(self.url(&format!("/containers/{}/stats", encode_path(id, false))))
-            .query("stream", "false")
-            .call()
-            .map_err(|e| self.err(e))?;
+            .query("stream", "false");
+        if self.version.negotiated >= ApiVersion(1, 41) {
+            req = req.query("one-shot", "true");
+        }
+        let resp = req.call().map_err(|e| self.err(e))?;
         let v = expect_json(resp, &self.socket)?;
         Ok(parse_stats(&v))
     }

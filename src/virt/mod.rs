@@ -56,6 +56,10 @@ pub struct Usage {
 pub trait Monitor: Send + fmt::Debug {
     /// Asks for a graceful stop; `Exited` follows when it is done.
     fn stop(&mut self) -> Result<(), VirtError>;
+    /// Ends the instance at once (DELETE); `Exited` follows. Defaults to a stop.
+    fn kill(&mut self) -> Result<(), VirtError> {
+        self.stop()
+    }
 }
 
 /// One way of running instances.
