@@ -310,7 +310,13 @@ fn watch(
         ) {
             return;
         }
-        match waiter.wait(name) {
+        let waited = waiter.wait(name);
+        // Done waiting: nothing for the handle to cancel any more (cancelling
+        // shuts the agent down, which lingers), so clear it before reporting.
+        if let Ok(mut s) = slot.lock() {
+            *s = None;
+        }
+        match waited {
             Ok(code) => {
                 let _ = events.send(MonitorEvent::Exited(format!(
                     "container exited with code {code}"
