@@ -18,12 +18,13 @@ use std::time::{Duration, Instant};
 use ciao_launcher::payloads::commands::delete_payload;
 use ciao_launcher::payloads::config::VmType;
 use ciao_launcher::payloads::start::{StartRequest, start_payload};
-use ciao_launcher::ssntp::certgen::{self, CertSpec};
 use ciao_launcher::ssntp::conn::send_patiently;
-use ciao_launcher::ssntp::server::{Server, ServerConfig, ServerEvent};
-use ciao_launcher::ssntp::{
-    Command as Cmd, Event, Frame, FrameType, Operation, Profile, Role, tls,
-};
+use ciao_launcher::ssntp::server::ServerEvent;
+use ciao_launcher::ssntp::{Command as Cmd, Event, Frame, FrameType, Operation, Profile};
+
+#[path = "support/scheduler.rs"]
+mod support_scheduler;
+use support_scheduler::scheduler;
 
 const PROFILE: Profile = Profile::P2016;
 const IMAGE: &str = "ciao-busybox:latest";
@@ -109,22 +110,7 @@ fn run(launcher: &Path, ns: &[usize]) -> Result<(), String> {
     let engine = start_dockerd()?;
     let dir = std::env::temp_dir().join(format!("ciao-bench-docker-{}", uuid::Uuid::new_v4()));
     fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
-    let mut spec = CertSpec::new(Role::SCHEDULER);
-    spec.is_ca = true;
-    let (ca, ca_cert) = certgen::self_signed_ca(&spec).map_err(|e| e.to_string())?;
-    let agent = certgen::issue(&ca, &CertSpec::new(Role::AGENT)).map_err(|e| e.to_string())?;
-    fs::write(dir.join("ca.pem"), &ca_cert.cert_pem).map_err(|e| e.to_string())?;
-    fs::write(dir.join("agent.pem"), agent.combined_pem()).map_err(|e| e.to_string())?;
-    let sid = tls::identity_from_pem(ca_cert.combined_pem().as_bytes(), "ca")
-        .map_err(|e| e.to_string())?;
-    let mut cfg = ServerConfig::new(
-        sid,
-        vec![ca_cert.der.clone()],
-        *uuid::Uuid::new_v4().as_bytes(),
-        "127.0.0.1:0".parse().map_err(|_| "addr")?,
-    );
-    cfg.profile = PROFILE;
-    let server = Server::start(cfg).map_err(|e| e.to_string())?;
+    let server = scheduler(&dir, PROFILE)?;
     let mut child = Command::new(launcher)
         .arg("-cacert")
         .arg(dir.join("ca.pem"))

@@ -1,0 +1,30 @@
+//! Shared by the benchmarks: an in-process SSNTP scheduler over TLS on
+//! 127.0.0.1, with ciao-style certificates written into `dir` (`ca.pem` for
+//! `-cacert`, `agent.pem` for `-cert`).
+
+use std::fs;
+use std::path::Path;
+
+use ciao_launcher::ssntp::certgen::{self, CertSpec};
+use ciao_launcher::ssntp::server::{Server, ServerConfig};
+use ciao_launcher::ssntp::{Profile, Role, tls};
+
+pub fn scheduler(dir: &Path, profile: Profile) -> Result<Server, String> {
+    let mut spec = CertSpec::new(Role::SCHEDULER);
+    spec.is_ca = true;
+    let (ca, ca_cert) = certgen::self_signed_ca(&spec).map_err(|e| e.to_string())?;
+    let agent = certgen::issue(&ca, &CertSpec::new(Role::AGENT)).map_err(|e| e.to_string())?;
+    fs::write(dir.join("ca.pem"), &ca_cert.cert_pem).map_err(|e| e.to_string())?;
+    fs::write(dir.join("agent.pem"), agent.combined_pem()).map_err(|e| e.to_string())?;
+    let sid = tls::identity_from_pem(ca_cert.combined_pem().as_bytes(), "ca")
+        .map_err(|e| e.to_string())?;
+    let listen = "127.0.0.1:0".parse().map_err(|_| "address")?;
+    let mut cfg = ServerConfig::new(
+        sid,
+        vec![ca_cert.der.clone()],
+        *uuid::Uuid::new_v4().as_bytes(),
+        listen,
+    );
+    cfg.profile = profile;
+    Server::start(cfg).map_err(|e| e.to_string())
+}
