@@ -36,7 +36,7 @@ pub enum LauncherExit {
     Ok = 0,
     /// Another launcher holds this data directory's lock.
     Locked = 1,
-    /// Bad command line, or a feature this build lacks.
+    /// Bad command line (or signal handlers could not be installed).
     Usage = 2,
     /// Certificates unreadable, or ours proves no agent/netagent role.
     Certificates = 3,

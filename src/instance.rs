@@ -34,7 +34,7 @@ use crate::payloads::config::{InstanceConfig, VmType, Volume};
 use crate::payloads::outgoing::ErrorKind;
 use crate::ssntp::Profile;
 use crate::state::{StateError, StateFile};
-use crate::virt::{Monitor, MonitorEvent, Usage, Virtualizer};
+use crate::virt::{Monitor, MonitorEvent, Unavailable, Usage, Virtualizer};
 
 /// Commands queued in an instance's inbox before the server answers "busy".
 pub const INBOX: usize = 16;
@@ -133,7 +133,11 @@ pub fn spawn(
             ..Default::default()
         },
     };
-    let vm = ctx.factory.create(&cfg);
+    // A new instance gets its virtualizer from its START configuration.
+    let vm: Box<dyn Virtualizer> = match &seed {
+        Seed::Recovered(_) => ctx.factory.create(&cfg),
+        Seed::New => Box::new(Unavailable("the instance has not been started")),
+    };
     let (mon_tx, mon_rx) = crossbeam_channel::unbounded();
     let dir = ctx.store.instance_dir(&id).unwrap_or_default();
     let stack = ctx.instance_stack;

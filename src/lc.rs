@@ -434,7 +434,8 @@ fn serve(
 
     let events = server.events().clone();
     let st = Arc::clone(&state);
-    let srv = Arc::clone(&server);
+    // Weak: only main holds the server, so it can stop it at the end.
+    let srv = Arc::downgrade(&server);
     let printer = thread::Builder::new()
         .name("lc-events".into())
         .spawn(move || {
@@ -446,7 +447,9 @@ fn serve(
                 // session, whose disconnection may be reported after the new
                 // connection: forget the node only if no session of it remains.
                 if let ServerEvent::Disconnected { uuid, .. } = &ev
-                    && srv.sessions().iter().any(|(u, _)| u == uuid)
+                    && srv
+                        .upgrade()
+                        .is_some_and(|srv| srv.sessions().iter().any(|(u, _)| u == uuid))
                 {
                     continue;
                 }
@@ -455,13 +458,15 @@ fn serve(
                 s.watchers.retain(|w| w.send(short.clone()).is_ok());
             }
         });
-    let (st, srv) = (Arc::clone(&state), Arc::clone(&server));
+    let (st, srv) = (Arc::clone(&state), Arc::downgrade(&server));
     let _control = thread::Builder::new()
         .name("lc-control".into())
         .spawn(move || {
             for conn in control.incoming() {
                 let Ok(conn) = conn else { continue };
-                let (st, srv) = (Arc::clone(&st), Arc::clone(&srv));
+                // A request holds the server only while it runs.
+                let Some(srv) = srv.upgrade() else { break };
+                let st = Arc::clone(&st);
                 let _ = thread::Builder::new()
                     .name("lc-request".into())
                     .spawn(move || handle(conn, &st, &srv));
@@ -472,9 +477,11 @@ fn serve(
     }
     let _ = fs::remove_file(&sock_path);
     lock(&state).watchers.clear();
-    // If a request thread still holds the server, process exit closes the sockets.
-    if let Ok(s) = Arc::try_unwrap(server) {
-        s.stop();
+    // Stop the server (close_notify to every launcher) unless a request is
+    // still using it; then process exit closes the sockets.
+    match Arc::try_unwrap(server) {
+        Ok(s) => s.stop(),
+        Err(_) => log::warn!("a control request is still running: not waiting for it"),
     }
     drop(signals);
     if let Ok(p) = printer

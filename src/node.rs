@@ -51,7 +51,7 @@ impl Outbox for LinkOutbox {
     }
 }
 
-/// An outbox that hands every frame to a channel (tests, and the operator tool).
+/// An outbox that hands every frame to a channel (deterministic tests).
 #[derive(Debug, Clone)]
 pub struct ChannelOutbox(pub Sender<(Operation, Vec<u8>)>);
 

@@ -12,7 +12,9 @@
 //! The overseer never sends to an instance (that would let a busy instance
 //! stall the node): it only starts instance threads and hands their inbox to
 //! the server. At shutdown it closes the instances' shutdown channel and
-//! joins every instance thread while still draining their updates.
+//! joins every instance thread, having dropped the update receiver so that no
+//! exiting instance can block on it. Threads of deleted instances are reaped
+//! once finished, never waited for.
 
 use std::collections::HashMap;
 use std::fs;

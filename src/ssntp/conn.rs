@@ -306,6 +306,8 @@ pub(crate) struct Transport {
     /// Encoded plaintext not yet accepted by rustls.
     pending: Vec<u8>,
     pending_off: usize,
+    /// Decrypted bytes on their way to the decoder.
+    rbuf: Vec<u8>,
     eof: bool,
 }
 
@@ -325,6 +327,7 @@ impl Transport {
             enc: Encoder::new(),
             pending: Vec::new(),
             pending_off: 0,
+            rbuf: Vec::new(),
             eof: false,
         })
     }
@@ -408,10 +411,12 @@ impl Transport {
                             return Err(e.into());
                         }
                     };
-                    if state.plaintext_bytes_to_read() > 0 {
-                        let mut buf = vec![0u8; state.plaintext_bytes_to_read()];
-                        let n = self.tls.reader().read(&mut buf)?;
-                        self.dec.feed(&buf[..n]);
+                    let len = state.plaintext_bytes_to_read();
+                    if len > 0 {
+                        // One buffer for the connection's life, not one per record batch.
+                        self.rbuf.resize(len, 0);
+                        let n = self.tls.reader().read(&mut self.rbuf)?;
+                        self.dec.feed(&self.rbuf[..n]);
                     }
                     if state.peer_has_closed() {
                         self.eof = true;
