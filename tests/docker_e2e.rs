@@ -16,20 +16,37 @@ fn docker(engine: &Engine, args: &[&str]) -> std::process::Output {
         .expect("docker CLI")
 }
 
-fn launcher(env: &Env, engine: &Engine, addr: std::net::SocketAddr) -> Proc {
+fn launcher(env: &Env, engine: &Engine, addr: std::net::SocketAddr, profile: &str) -> Proc {
     let socket = engine.socket.display().to_string();
-    env.launcher_with(
-        addr,
-        "2016",
-        &[
-            "--docker-socket",
-            &socket,
-            "--stop-timeout",
-            "2",
-            "--usage-interval",
-            "0.5",
-        ],
-    )
+    let flags = [
+        "--docker-socket",
+        &socket,
+        "--stop-timeout",
+        "2",
+        "--usage-interval",
+        "0.5",
+    ];
+    env.launcher_with(addr, profile, &flags)
+}
+
+/// A private engine, a scheduler and a connected launcher for one test. Bind
+/// them in this order: they drop in reverse (launcher, scheduler, files,
+/// engine).
+fn setup(
+    profile: &str,
+) -> (
+    std::sync::Arc<Engine>,
+    Env,
+    Proc,
+    std::net::SocketAddr,
+    Proc,
+) {
+    let engine = engine();
+    let env = Env::new();
+    let (serve, addr) = env.serve("127.0.0.1:0", profile);
+    let launcher = launcher(&env, &engine, addr, profile);
+    env.wait_connected();
+    (engine, env, serve, addr, launcher)
 }
 
 fn start_container(env: &Env, user_data: &str) -> String {
@@ -54,11 +71,7 @@ fn start_container(env: &Env, user_data: &str) -> String {
 
 #[test]
 fn container_lifecycle_2016() {
-    let engine = engine();
-    let env = Env::new();
-    let (_serve, addr) = env.serve("127.0.0.1:0", "2016");
-    let _launcher = launcher(&env, &engine, addr);
-    env.wait_connected();
+    let (engine, env, _serve, _addr, _launcher) = setup("2016");
 
     let id = start_container(
         &env,
@@ -117,11 +130,7 @@ fn container_lifecycle_2016() {
 
 #[test]
 fn container_that_exits_by_itself_is_exited_2016() {
-    let engine = engine();
-    let env = Env::new();
-    let (_serve, addr) = env.serve("127.0.0.1:0", "2016");
-    let _launcher = launcher(&env, &engine, addr);
-    env.wait_connected();
+    let (_engine, env, _serve, _addr, _launcher) = setup("2016");
     let id = start_container(
         &env,
         "#cloud-config\nruncmd:\n  - [ sh, -c, \"sleep 1; exit 3\" ]\n",
@@ -134,23 +143,11 @@ fn container_that_exits_by_itself_is_exited_2016() {
 
 #[test]
 fn missing_image_is_an_image_failure_and_leaves_nothing() {
-    let engine = engine();
-    let env = Env::new();
-    let (_serve, addr) = env.serve("127.0.0.1:0", "2016");
-    let _launcher = launcher(&env, &engine, addr);
-    env.wait_connected();
+    let (engine, env, _serve, _addr, _launcher) = setup("2016");
     let out = env.lc_ok(&["start", "--docker-image", "127.0.0.1:1/none/such:tag"]);
     let id = out.split_whitespace().nth(1).expect("id").to_string();
     // The failure reaches the log; nothing is left on disk or in the engine.
-    let deadline = std::time::Instant::now() + WAIT;
-    while !env.log().contains("image_failure") {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "no image_failure:\n{}",
-            env.log()
-        );
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
+    wait_log(&env, "image_failure");
     env.wait_list("nothing listed", |l| state_of(l, &id).is_none());
     assert_eq!(env.instance_dirs(), 0);
     assert!(!docker(&engine, &["inspect", &id]).status.success());
@@ -158,11 +155,7 @@ fn missing_image_is_an_image_failure_and_leaves_nothing() {
 
 #[test]
 fn kill9_with_5_containers_then_restart_finds_and_stops_them() {
-    let engine = engine();
-    let env = Env::new();
-    let (_serve, addr) = env.serve("127.0.0.1:0", "2016");
-    let first = launcher(&env, &engine, addr);
-    env.wait_connected();
+    let (engine, env, _serve, addr, first) = setup("2016");
     let ids: Vec<String> = (0..5)
         .map(|_| {
             start_container(
@@ -176,7 +169,7 @@ fn kill9_with_5_containers_then_restart_finds_and_stops_them() {
     });
 
     first.kill9();
-    let _second = launcher(&env, &engine, addr);
+    let _second = launcher(&env, &engine, addr, "2016");
     let after = env.wait_list("5 found again", |l| {
         l.len() == 5 && ids.iter().all(|i| state_of(l, i) == Some("running"))
     });
@@ -210,11 +203,7 @@ fn wait_log(env: &Env, what: &str) {
 
 #[test]
 fn invalid_reference_and_missing_engine_are_image_failures() {
-    let engine = engine();
-    let env = Env::new();
-    let (_serve, addr) = env.serve("127.0.0.1:0", "2016");
-    let first = launcher(&env, &engine, addr);
-    env.wait_connected();
+    let (_engine, env, _serve, addr, first) = setup("2016");
     let out = env.lc_ok(&["start", "--docker-image", "UPPER:case!!"]);
     let bad = out.split_whitespace().nth(1).expect("id").to_string();
     wait_log(&env, "invalid reference format");
@@ -239,16 +228,7 @@ fn invalid_reference_and_missing_engine_are_image_failures() {
 
 #[test]
 fn container_that_exits_by_itself_is_stopped_and_gone_2018() {
-    let engine = engine();
-    let env = Env::new();
-    let (_serve, addr) = env.serve("127.0.0.1:0", "2018");
-    let socket = engine.socket.display().to_string();
-    let _launcher = env.launcher_with(
-        addr,
-        "2018",
-        &["--docker-socket", &socket, "--usage-interval", "0.5"],
-    );
-    env.wait_connected();
+    let (engine, env, _serve, _addr, _launcher) = setup("2018");
     let id = start_container(
         &env,
         "#cloud-config\nruncmd:\n  - [ sh, -c, \"sleep 1; exit 4\" ]\n",
