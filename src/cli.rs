@@ -208,6 +208,22 @@ pub struct LauncherCli {
     #[arg(long, value_name = "SECONDS", default_value_t = 30, help_heading = NODE)]
     pub stop_timeout: u64,
 
+    /// Accelerator of virtual machines: auto (KVM where /dev/kvm can run guests, else TCG emulation), kvm or tcg.
+    #[arg(long, value_name = "ACCEL", default_value = "auto", help_heading = NODE)]
+    pub qemu_accel: QemuAccel,
+
+    /// The QEMU system emulator run for virtual machines (searched in PATH unless it contains a slash).
+    #[arg(long, value_name = "PROGRAM", default_value = "qemu-system-x86_64", help_heading = NODE)]
+    pub qemu: PathBuf,
+
+    /// The qemu-img program (image inspection and overlays).
+    #[arg(long, value_name = "PROGRAM", default_value = "qemu-img", help_heading = NODE)]
+    pub qemu_img: PathBuf,
+
+    /// EFI firmware for fw_type efi: a combined OVMF.fd, or an OVMF_CODE file whose OVMF_VARS sibling is copied per VM (default: searched in /usr/share/OVMF, /usr/share/qemu, /usr/share/edk2/ovmf).
+    #[arg(long, value_name = "FILE", help_heading = NODE)]
+    pub ovmf: Option<PathBuf>,
+
     /// Verbosity: 0 logs information, 1 and 2 add debugging, 3 and more trace everything.
     #[arg(short = 'v', long = "v", value_name = "N", default_value_t = 0, help_heading = LOGGING)]
     pub verbosity: u8,
@@ -230,6 +246,17 @@ pub struct LauncherCli {
     #[arg(long, value_name = "LEVEL", default_value = "ERROR", ignore_case = true,
           hide_possible_values = true, help_heading = LOGGING)]
     pub stderrthreshold: Severity,
+}
+
+/// Accelerator of virtual machines (`--qemu-accel`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum QemuAccel {
+    /// KVM when /dev/kvm is read-write and backed by kvm_intel or kvm_amd, else TCG.
+    Auto,
+    /// Always KVM.
+    Kvm,
+    /// Always TCG (software emulation).
+    Tcg,
 }
 
 /// Tenant networking mode (`--network`).
@@ -420,6 +447,10 @@ pub struct Config {
     pub instance_stack_size: usize,
     pub docker_socket: PathBuf,
     pub stop_timeout: Duration,
+    pub qemu_accel: QemuAccel,
+    pub qemu: PathBuf,
+    pub qemu_img: PathBuf,
+    pub ovmf: Option<PathBuf>,
     pub usage_interval: Duration,
     pub log: LogConfig,
 }
@@ -626,6 +657,10 @@ impl LauncherCli {
             docker_socket: self.docker_socket,
             usage_interval,
             stop_timeout: Duration::from_secs(self.stop_timeout),
+            qemu_accel: self.qemu_accel,
+            qemu: self.qemu,
+            qemu_img: self.qemu_img,
+            ovmf: self.ovmf,
             log,
             data_dir: self.data_dir,
         })

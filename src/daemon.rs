@@ -24,9 +24,12 @@ use crate::cli::{self, Config, LogConfig, Mode, NetworkMode};
 use crate::launcher::{Ended, Launcher, Settings};
 use crate::nodestats::ProcNodeStats;
 use crate::overseer::Limits;
+use crate::payloads::config::VmType;
 use crate::ssntp::client::{self, ClientConfig};
 use crate::ssntp::{Profile, Role, tls};
 use crate::state::Store;
+use crate::virt::docker_api::{DockerApi, DockerError};
+use crate::virt::qemu;
 use crate::virt::sim::SimFactory;
 
 /// Exit codes of `ciao-launcher` (documented in the man page).
@@ -87,7 +90,7 @@ fn run(cfg: Config) -> LauncherExit {
         return LauncherExit::DataDir;
     }
     let (cacert, cert) = match &cfg.mode {
-        Mode::HardReset => return hard_reset(&cfg.data_dir),
+        Mode::HardReset => return hard_reset(&cfg),
         Mode::Run { cacert, cert } => (cacert.clone(), cert.clone()),
     };
     if cfg.network != NetworkMode::None {
@@ -99,12 +102,12 @@ fn run(cfg: Config) -> LauncherExit {
     let factory: Arc<dyn crate::virt::VirtualizerFactory> = if cfg.simulation {
         Arc::new(SimFactory::default())
     } else {
-        warn!("VMs are not supported by this build yet (QEMU virtualizer): only containers run");
         Arc::new(crate::virt::NodeFactory {
             docker: crate::virt::docker::DockerFactory {
                 socket: cfg.docker_socket.clone(),
                 stop_timeout: cfg.stop_timeout,
             },
+            qemu: qemu_factory(&cfg),
         })
     };
     let nofile = raise_nofile();
@@ -249,8 +252,56 @@ fn lock(data_dir: &Path) -> Result<File, LauncherExit> {
     }
 }
 
-fn hard_reset(data_dir: &Path) -> LauncherExit {
+/// The QEMU virtualizer's settings, with the accelerator chosen (and logged).
+fn qemu_factory(cfg: &Config) -> qemu::QemuFactory {
+    let choice = match cfg.qemu_accel {
+        cli::QemuAccel::Auto => qemu::AccelChoice::Auto,
+        cli::QemuAccel::Kvm => qemu::AccelChoice::Kvm,
+        cli::QemuAccel::Tcg => qemu::AccelChoice::Tcg,
+    };
+    let (accel, why) = qemu::choose_accel(choice, Path::new("/sys"), Path::new("/dev/kvm"));
+    info!("virtual machines run with {accel:?}: {why}");
+    qemu::QemuFactory {
+        data_dir: cfg.data_dir.clone(),
+        qemu: cfg.qemu.clone(),
+        qemu_img: cfg.qemu_img.clone(),
+        accel,
+        ovmf: cfg.ovmf.clone(),
+        ui: match cfg.with_ui {
+            cli::UiMode::None => qemu::Ui::None,
+            cli::UiMode::Nc => qemu::Ui::Nc,
+            cli::UiMode::Spice => qemu::Ui::Spice,
+        },
+        stop_timeout: cfg.stop_timeout,
+    }
+}
+
+/// `-hard-reset`: ends every instance (VMs quit through QMP, containers
+/// force-removed), then removes their files.
+fn hard_reset(cfg: &Config) -> LauncherExit {
+    let data_dir = &cfg.data_dir;
     let store = Store::new(data_dir);
+    for (id, state) in store.scan().into_iter().flatten() {
+        match state.config.vm_type {
+            VmType::Qemu => {
+                let socket = store.instances_dir().join(&id).join("socket");
+                match qemu::quit_vm(&socket, Duration::from_secs(30)) {
+                    Ok(true) => info!("hard reset: VM {id} ended"),
+                    Ok(false) => {}
+                    Err(e) => warn!("hard reset: VM {id}: {e}"),
+                }
+            }
+            VmType::Docker => {
+                let removed = DockerApi::connect(&cfg.docker_socket)
+                    .and_then(|api| api.container_remove(&id, true, true));
+                match removed {
+                    Ok(()) => info!("hard reset: container {id} removed"),
+                    Err(DockerError::NotFound(_)) => {}
+                    Err(e) => warn!("hard reset: container {id}: {e}"),
+                }
+            }
+        }
+    }
     match store.hard_reset() {
         Ok(n) => {
             info!("hard reset: removed {n} instance(s)");

@@ -527,6 +527,26 @@ impl Instance {
             );
             return Flow::Continue;
         }
+        // A running VM gets it now; a stopped one at its next boot.
+        let attached = match self.vm.check_volume(&volume) {
+            Ok(()) => match &mut self.monitor {
+                Some(m) => m.attach_volume(&volume),
+                None => Ok(()),
+            },
+            Err(e) => Err(e),
+        };
+        if let Err(e) = attached {
+            warn!("{}: attach {volume}: {e}", self.id);
+            self.ctx.send_error(
+                ErrorKind::AttachVolume,
+                &self.id,
+                Reason::AttachFailure,
+                false,
+                &volume,
+            );
+            return Flow::Continue;
+        }
+        info!("{}: volume {volume} attached", self.id);
         self.cfg.volumes.push(Volume {
             uuid: volume.clone(),
             bootable: false,

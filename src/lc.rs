@@ -171,6 +171,15 @@ pub enum LcCommand {
         #[arg(value_name = "INSTANCE")]
         instance: String,
     },
+    /// Hot-plug a volume (the file volumes/VOLUME in the node's data directory) into an instance (2018 profile).
+    Attach {
+        #[command(flatten)]
+        target: Target,
+        #[arg(value_name = "INSTANCE")]
+        instance: String,
+        #[arg(value_name = "VOLUME")]
+        volume: String,
+    },
     /// List the instances of every connected launcher (from their last STATS).
     List {
         #[command(flatten)]
@@ -258,6 +267,19 @@ pub fn main(args: impl IntoIterator<Item = OsString>) -> ExitCode {
         LcCommand::Stop { target, instance } => simple(&target, "stop", &instance),
         LcCommand::Restart { target, instance } => simple(&target, "restart", &instance),
         LcCommand::Delete { target, instance } => simple(&target, "delete", &instance),
+        LcCommand::Attach {
+            target,
+            instance,
+            volume,
+        } => {
+            let req = Request {
+                command: "attach".into(),
+                node: target.node.clone().unwrap_or_default(),
+                instance,
+                payload: volume,
+            };
+            call(&target, &req)
+        }
         LcCommand::List { target } => simple(&target, "list", ""),
         LcCommand::Stats { target } => simple(&target, "stats", ""),
         LcCommand::Evacuate { target } => simple(&target, "evacuate", ""),
@@ -656,6 +678,19 @@ fn execute(req: &Request, state: &Shared, server: &Server) -> Result<String, Str
                 Command::Delete,
                 commands::delete_payload(profile, &id, &node_text, false),
                 format!("DELETE {id} sent"),
+            )
+        }
+        "attach" if profile == Profile::P2016 => {
+            return Err("the 2016 profile has no AttachVolume".into());
+        }
+        "attach" => {
+            let id = instance()?;
+            let volume = canonical_uuid(&req.payload)
+                .ok_or_else(|| format!("{:?} is not a volume UUID", req.payload))?;
+            (
+                Command::AttachVolume,
+                commands::attach_volume_payload(&id, &volume, &node_text),
+                format!("AttachVolume {volume} → {id} sent"),
             )
         }
         "evacuate" => (

@@ -206,6 +206,18 @@ fn disk_figures(dir: &Path) -> (i64, i64) {
     (mb(blocks), mb(avail))
 }
 
+/// `(state, start time in clock ticks)` of a live process, from
+/// `<proc_root>/<pid>/stat`; `None` when it is gone or a zombie. The start
+/// time tells a process from a later one that got the same pid.
+pub fn process_identity(proc_root: &Path, pid: i32) -> Option<u64> {
+    if pid <= 0 {
+        return None;
+    }
+    let stat = read_small(&proc_root.join(pid.to_string()).join("stat")).ok()?;
+    let p = parse_pid_stat(&stat)?;
+    (!matches!(p.state, 'Z' | 'X')).then_some(p.start_time)
+}
+
 /// Resource use of one process at one sample.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ProcessUsage {

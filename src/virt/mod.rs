@@ -10,8 +10,11 @@
 //! dropping the handle detaches the monitor *without* stopping the instance
 //! (launcher shutdown leaves instances running).
 
+pub mod cloudinit;
 pub mod docker;
 pub mod docker_api;
+pub mod qemu;
+pub mod qmp;
 pub mod sim;
 
 use std::fmt;
@@ -60,6 +63,12 @@ pub trait Monitor: Send + fmt::Debug {
     fn kill(&mut self) -> Result<(), VirtError> {
         self.stop()
     }
+    /// Hot-plugs the local volume `id` into the running instance.
+    fn attach_volume(&mut self, id: &str) -> Result<(), VirtError> {
+        Err(VirtError(format!(
+            "volume {id}: this virtualizer cannot hot-plug volumes"
+        )))
+    }
 }
 
 /// One way of running instances.
@@ -83,6 +92,10 @@ pub trait Virtualizer: Send + fmt::Debug {
     ) -> Result<Box<dyn Monitor>, VirtError>;
     /// Current usage.
     fn stats(&mut self) -> Usage;
+    /// Checks that the volume `id` can be attached (AttachVolume).
+    fn check_volume(&mut self, _id: &str) -> Result<(), VirtError> {
+        Ok(())
+    }
     /// The monitor saw the instance running.
     fn connected(&mut self) {}
     /// The instance is gone (monitor saw it exit, or a stop completed).
@@ -94,20 +107,18 @@ pub trait VirtualizerFactory: Send + Sync + fmt::Debug {
     fn create(&self, cfg: &InstanceConfig) -> Box<dyn Virtualizer>;
 }
 
-/// Production: containers through Docker; VMs are refused with a clear
-/// reason until the QEMU virtualizer exists.
+/// Production: containers through Docker, VMs through QEMU.
 #[derive(Debug, Clone)]
 pub struct NodeFactory {
     pub docker: docker::DockerFactory,
+    pub qemu: qemu::QemuFactory,
 }
 
 impl VirtualizerFactory for NodeFactory {
     fn create(&self, cfg: &InstanceConfig) -> Box<dyn Virtualizer> {
         match cfg.vm_type {
             crate::payloads::config::VmType::Docker => self.docker.create(cfg),
-            crate::payloads::config::VmType::Qemu => Box::new(Unavailable(
-                "the QEMU virtualizer is not part of this build",
-            )),
+            crate::payloads::config::VmType::Qemu => self.qemu.create(cfg),
         }
     }
 }

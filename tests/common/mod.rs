@@ -66,7 +66,9 @@ pub struct Env {
 
 impl Env {
     pub fn new() -> Env {
-        let dir = std::env::temp_dir().join(format!("ciao-e2e-{}", uuid::Uuid::new_v4()));
+        // Short: a VM's QMP socket path inside must fit a unix socket (107 bytes).
+        let id = uuid::Uuid::new_v4().simple().to_string();
+        let dir = std::env::temp_dir().join(format!("ciao-{}", &id[..12]));
         std::fs::create_dir_all(&dir).expect("tmpdir");
         let out = Command::new(LC)
             .arg("certs")
@@ -244,8 +246,34 @@ impl Env {
     }
 }
 
+impl Env {
+    /// Pids of the QEMU processes of this environment's VMs (from their pid
+    /// files, checked against the process's command line).
+    pub fn vm_pids(&self) -> Vec<i32> {
+        let Ok(dirs) = std::fs::read_dir(self.dir.join("data/instances")) else {
+            return Vec::new();
+        };
+        let me = self.dir.to_string_lossy().into_owned();
+        dirs.flatten()
+            .filter_map(|d| std::fs::read_to_string(d.path().join("qemu.pid")).ok())
+            .filter_map(|p| p.trim().parse::<i32>().ok())
+            .filter(|pid| {
+                std::fs::read(format!("/proc/{pid}/cmdline"))
+                    .is_ok_and(|c| String::from_utf8_lossy(&c).contains(&me))
+            })
+            .collect()
+    }
+}
+
 impl Drop for Env {
     fn drop(&mut self) {
+        // VMs outlive the launcher: stop the ones this test started, by pid.
+        for pid in self.vm_pids() {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }

@@ -1,0 +1,1262 @@
+//! The QEMU virtualizer: one `qemu-system-x86_64` process per VM, in its own
+//! session (`-daemonize`), so VMs outlive the launcher.
+//!
+//! Files of an instance (`<data-dir>/instances/<uuid>/`): `disk.qcow2` (a
+//! qcow2 overlay on `<data-dir>/images/<image_uuid>`; a VM started from a
+//! volume boots `<data-dir>/volumes/<id>` itself), `seed.iso` (the cloud-init
+//! config drive, [`super::cloudinit`]), `socket` (QMP), `qemu.pid`,
+//! `console.log` (the serial console), `OVMF_VARS.fd` (EFI variables, when
+//! the firmware comes as code + variables).
+//!
+//! Each running VM has a monitor thread (`monitor-<uuid8>`) holding the QMP
+//! connection (whose reader is a second thread, `qmp-<uuid8>`). It reports
+//! `Running` after the QMP handshake and `Exited` when the socket closes and
+//! the QEMU process (known from `SO_PEERCRED`) is gone. The instance thread
+//! talks to it through [`QemuMonitor`]:
+//! * stop: ACPI `system_powerdown` (repeated every 2 s: a press before the
+//!   guest's ACPI daemon runs is lost), then `quit` after `--stop-timeout`,
+//!   then SIGKILL after 5 more seconds — each step logged;
+//! * kill (DELETE): `quit`, then SIGKILL after 5 s;
+//! * attach: `blockdev-add` + `device_add` of a local volume;
+//! * dropping the handle detaches: the monitor closes its QMP connection and
+//!   ends; QEMU keeps running.
+
+use std::collections::BTreeSet;
+use std::ffi::OsString;
+use std::fs;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicI32, Ordering};
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, Sender, select};
+use log::{debug, info, warn};
+use serde_json::{Value, json};
+
+use super::cloudinit::{last_lines, make_config_drive};
+use super::qmp::{Qmp, QmpError, QmpMsg};
+use super::{Monitor, MonitorEvent, Usage, VirtError, Virtualizer, VirtualizerFactory};
+use crate::nodestats::{ProcessSampler, process_identity};
+use crate::payloads::config::{Firmware, InstanceConfig};
+
+/// How long a QMP handshake or command may take.
+const QMP_TIMEOUT: Duration = Duration::from_secs(10);
+/// Between two ACPI power-button presses of a graceful stop.
+const POWERDOWN_RETRY: Duration = Duration::from_secs(2);
+/// How long `quit`, then SIGKILL, get before the next step.
+const QUIT_WAIT: Duration = Duration::from_secs(5);
+/// Console ports of `--with-ui nc|spice`, as ciao.
+const UI_PORTS: std::ops::Range<u16> = 5900..6900;
+
+/// The accelerator asked for on the command line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum AccelChoice {
+    #[default]
+    Auto,
+    Kvm,
+    Tcg,
+}
+
+/// The accelerator VMs run with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Accel {
+    Kvm,
+    Tcg,
+}
+
+/// Picks the accelerator: KVM only when `/dev/kvm` is usable *and* backed
+/// by a hardware module (`kvm_intel`/`kvm_amd`); nested "PVM" KVM
+/// (`kvm_pvm`) accepts `-enable-kvm` but cannot run real guests. Returns
+/// the choice and why, for the log.
+pub fn choose_accel(choice: AccelChoice, sys: &Path, dev_kvm: &Path) -> (Accel, String) {
+    match choice {
+        AccelChoice::Kvm => (Accel::Kvm, "forced by --qemu-accel kvm".into()),
+        AccelChoice::Tcg => (Accel::Tcg, "forced by --qemu-accel tcg".into()),
+        AccelChoice::Auto => {
+            let rw = nix::unistd::access(
+                dev_kvm,
+                nix::unistd::AccessFlags::R_OK | nix::unistd::AccessFlags::W_OK,
+            )
+            .is_ok();
+            let module = |m: &str| sys.join("module").join(m).exists();
+            if !rw {
+                (
+                    Accel::Tcg,
+                    format!("{} is missing or not read-write", dev_kvm.display()),
+                )
+            } else if module("kvm_intel") || module("kvm_amd") {
+                (
+                    Accel::Kvm,
+                    format!("{} backed by hardware", dev_kvm.display()),
+                )
+            } else if module("kvm_pvm") {
+                (
+                    Accel::Tcg,
+                    format!(
+                        "{} is nested PVM KVM (kvm_pvm), which cannot run real guests",
+                        dev_kvm.display()
+                    ),
+                )
+            } else {
+                (Accel::Kvm, format!("{} is usable", dev_kvm.display()))
+            }
+        }
+    }
+}
+
+/// Console of a VM (`--with-ui`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Ui {
+    /// Headless; the serial console goes to `console.log` only.
+    #[default]
+    None,
+    /// The serial console also on a loopback TCP port (netcat).
+    Nc,
+    /// A SPICE display on a loopback port.
+    Spice,
+}
+
+/// EFI firmware: one combined file (`-bios`) or code + a variables template
+/// that each instance copies.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Ovmf {
+    Combined(PathBuf),
+    Split { code: PathBuf, vars: PathBuf },
+}
+
+/// Where Debian (package `ovmf`) and Clear Linux put OVMF.
+const OVMF_SPLIT: [(&str, &str); 3] = [
+    (
+        "/usr/share/OVMF/OVMF_CODE_4M.fd",
+        "/usr/share/OVMF/OVMF_VARS_4M.fd",
+    ),
+    (
+        "/usr/share/OVMF/OVMF_CODE.fd",
+        "/usr/share/OVMF/OVMF_VARS.fd",
+    ),
+    (
+        "/usr/share/edk2/ovmf/OVMF_CODE.fd",
+        "/usr/share/edk2/ovmf/OVMF_VARS.fd",
+    ),
+];
+const OVMF_COMBINED: [&str; 3] = [
+    "/usr/share/qemu/OVMF.fd",
+    "/usr/share/ovmf/OVMF.fd",
+    "/usr/share/clear-containers/OVMF.fd",
+];
+
+/// The EFI firmware: `configured` (`--ovmf`, a combined image or a code
+/// file with its `*VARS*` sibling) or the first one found in the usual
+/// places. The error names what was looked for.
+pub fn find_ovmf(configured: Option<&Path>) -> Result<Ovmf, VirtError> {
+    if let Some(p) = configured {
+        if !p.is_file() {
+            return Err(VirtError(format!(
+                "EFI firmware {} not found (--ovmf); install package ovmf or use fw_type: legacy",
+                p.display()
+            )));
+        }
+        let name = p.file_name().and_then(|n| n.to_str()).unwrap_or("");
+        if name.contains("CODE") {
+            let vars = p.with_file_name(name.replace("CODE", "VARS"));
+            if vars.is_file() {
+                return Ok(Ovmf::Split {
+                    code: p.to_path_buf(),
+                    vars,
+                });
+            }
+        }
+        return Ok(Ovmf::Combined(p.to_path_buf()));
+    }
+    for (code, vars) in OVMF_SPLIT {
+        if Path::new(code).is_file() && Path::new(vars).is_file() {
+            return Ok(Ovmf::Split {
+                code: code.into(),
+                vars: vars.into(),
+            });
+        }
+    }
+    for c in OVMF_COMBINED {
+        if Path::new(c).is_file() {
+            return Ok(Ovmf::Combined(c.into()));
+        }
+    }
+    Err(VirtError(format!(
+        "no EFI firmware (OVMF) found in {} or {}; install package ovmf or use fw_type: legacy",
+        OVMF_SPLIT.map(|(c, _)| c).join(", "),
+        OVMF_COMBINED.join(", ")
+    )))
+}
+
+/// Makes QEMU virtualizers.
+#[derive(Debug, Clone)]
+pub struct QemuFactory {
+    /// `<data-dir>`: images under `images/`, volumes under `volumes/`.
+    pub data_dir: PathBuf,
+    pub qemu: PathBuf,
+    pub qemu_img: PathBuf,
+    pub accel: Accel,
+    /// `--ovmf`; `None`: search the usual places.
+    pub ovmf: Option<PathBuf>,
+    pub ui: Ui,
+    pub stop_timeout: Duration,
+}
+
+impl VirtualizerFactory for QemuFactory {
+    fn create(&self, cfg: &InstanceConfig) -> Box<dyn Virtualizer> {
+        Box::new(Qemu {
+            f: Arc::new(self.clone()),
+            cfg: cfg.clone(),
+            dir: PathBuf::new(),
+            backing: None,
+            pid: Arc::new(AtomicI32::new(0)),
+            sampler: None,
+            port: None,
+        })
+    }
+}
+
+/// What `qemu-img info` says of an image.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ImageInfo {
+    pub format: String,
+    pub virtual_size: u64,
+}
+
+/// `qemu-img info` of `path` (with `-U`: the image may be in use).
+pub fn image_info(qemu_img: &Path, path: &Path) -> Result<ImageInfo, VirtError> {
+    let out = Command::new(qemu_img)
+        .args(["info", "-U", "--output=json"])
+        .arg(path)
+        .stdin(Stdio::null())
+        .stderr(Stdio::piped())
+        .stdout(Stdio::piped())
+        .output()
+        .map_err(|e| VirtError(format!("{}: {e}", qemu_img.display())))?;
+    if !out.status.success() {
+        return Err(VirtError(format!(
+            "{} is not a usable image: {}",
+            path.display(),
+            last_lines(&out.stderr, 2)
+        )));
+    }
+    let v: Value = serde_json::from_slice(&out.stdout)
+        .map_err(|e| VirtError(format!("qemu-img info {}: {e}", path.display())))?;
+    let format = v.get("format").and_then(Value::as_str).unwrap_or_default();
+    let size = v.get("virtual-size").and_then(Value::as_u64).unwrap_or(0);
+    if format.is_empty() || size == 0 {
+        return Err(VirtError(format!(
+            "{}: qemu-img reports no format or an empty image",
+            path.display()
+        )));
+    }
+    Ok(ImageInfo {
+        format: format.into(),
+        virtual_size: size,
+    })
+}
+
+/// One VM.
+#[derive(Debug)]
+pub struct Qemu {
+    f: Arc<QemuFactory>,
+    cfg: InstanceConfig,
+    dir: PathBuf,
+    /// The backing image (or boot volume) checked by `ensure_backing_image`.
+    backing: Option<(PathBuf, ImageInfo)>,
+    /// QEMU's pid, set by the monitor once it is connected; 0 = unknown.
+    pid: Arc<AtomicI32>,
+    sampler: Option<ProcessSampler>,
+    /// Console port held while running with a UI.
+    port: Option<u16>,
+}
+
+impl Qemu {
+    fn images_dir(&self) -> PathBuf {
+        self.f.data_dir.join("images")
+    }
+
+    fn volume_path(&self, id: &str) -> PathBuf {
+        self.f.data_dir.join("volumes").join(id)
+    }
+
+    fn overlay(&self) -> PathBuf {
+        self.dir.join("disk.qcow2")
+    }
+
+    fn socket(&self) -> PathBuf {
+        self.dir.join("socket")
+    }
+
+    fn boot_volume(&self) -> Option<&str> {
+        self.cfg
+            .volumes
+            .iter()
+            .find(|v| v.bootable)
+            .map(|v| v.uuid.as_str())
+    }
+
+    /// The root disk and its format: the overlay, or the boot volume itself.
+    fn root_disk(&self) -> Result<(PathBuf, String), VirtError> {
+        if !self.cfg.image_uuid.is_empty() {
+            return Ok((self.overlay(), "qcow2".into()));
+        }
+        let id = self
+            .boot_volume()
+            .ok_or_else(|| VirtError("neither an image nor a bootable volume".into()))?;
+        let path = self.volume_path(id);
+        let info = image_info(&self.f.qemu_img, &path)?;
+        Ok((path, info.format))
+    }
+
+    fn args(&self, ovmf: Option<&Ovmf>) -> Result<Vec<OsString>, VirtError> {
+        let (root, root_fmt) = self.root_disk()?;
+        let mut extra = Vec::new();
+        for v in self.cfg.volumes.iter().filter(|v| !v.bootable) {
+            let path = self.volume_path(&v.uuid);
+            let info = image_info(&self.f.qemu_img, &path)
+                .map_err(|e| VirtError(format!("volume {}: {e}", v.uuid)))?;
+            extra.push((v.uuid.clone(), path, info.format));
+        }
+        Ok(command_line(&LaunchSpec {
+            name: &self.cfg.instance_uuid,
+            dir: &self.dir,
+            accel: self.f.accel,
+            vcpus: self.cfg.vcpus,
+            mem_mb: self.cfg.mem_mb,
+            root: (&root, &root_fmt),
+            volumes: &extra,
+            ovmf,
+            ui: self.port.map(|p| (self.f.ui, p)),
+        }))
+    }
+
+    /// Runs QEMU; returns once it has daemonized (set up and running).
+    fn launch(&mut self) -> Result<(), VirtError> {
+        let ovmf = match self.cfg.firmware {
+            Firmware::Legacy => None,
+            Firmware::Efi => Some(find_ovmf(self.f.ovmf.as_deref())?),
+        };
+        if let Some(Ovmf::Split { vars, .. }) = &ovmf {
+            let copy = self.dir.join("OVMF_VARS.fd");
+            if !copy.exists() {
+                fs::copy(vars, &copy).map_err(|e| VirtError(format!("{}: {e}", copy.display())))?;
+            }
+        }
+        // A socket or pid file left by an earlier run would confuse the
+        // monitor.
+        for stale in [self.socket(), self.dir.join("qemu.pid")] {
+            match fs::remove_file(&stale) {
+                Err(e) if e.kind() != io::ErrorKind::NotFound => {
+                    return Err(VirtError(format!("{}: {e}", stale.display())));
+                }
+                _ => {}
+            }
+        }
+        check_socket_path(&self.socket())?;
+        let tries = if self.f.ui == Ui::None { 1 } else { 10 };
+        for attempt in 1..=tries {
+            if self.f.ui != Ui::None {
+                self.port = grab_port();
+                if self.port.is_none() {
+                    warn!(
+                        "{}: no free console port in {UI_PORTS:?}; running headless",
+                        self.cfg.instance_uuid
+                    );
+                }
+            }
+            let args = self.args(ovmf.as_ref())?;
+            debug!(
+                "{}: {} {}",
+                self.cfg.instance_uuid,
+                self.f.qemu.display(),
+                args.iter()
+                    .map(|a| a.to_string_lossy())
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            );
+            let out = Command::new(&self.f.qemu)
+                .args(&args)
+                .current_dir(&self.dir)
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped())
+                .output()
+                .map_err(|e| VirtError(format!("{}: {e}", self.f.qemu.display())))?;
+            if out.status.success() {
+                if let Some(p) = self.port {
+                    info!("{}: console on 127.0.0.1:{p}", self.cfg.instance_uuid);
+                }
+                return Ok(());
+            }
+            let msg = last_lines(&out.stderr, 3);
+            self.release_port();
+            // Somebody else took the port: try another one.
+            let port_clash = msg.contains("socket") || msg.contains("spice");
+            if !(port_clash && attempt < tries) {
+                return Err(VirtError(format!(
+                    "{} exited ({}): {msg}",
+                    self.f.qemu.display(),
+                    out.status
+                )));
+            }
+        }
+        Err(VirtError("no usable console port".into()))
+    }
+
+    fn release_port(&mut self) {
+        if let Some(p) = self.port.take()
+            && let Ok(mut used) = PORTS.lock()
+        {
+            used.remove(&p);
+        }
+    }
+
+    /// Allocated size of the root disk (what the VM wrote), in MB.
+    fn disk_mb(&self) -> Option<i64> {
+        use std::os::unix::fs::MetadataExt;
+        let path = if self.cfg.image_uuid.is_empty() {
+            self.volume_path(self.boot_volume()?)
+        } else {
+            self.overlay()
+        };
+        let m = fs::metadata(path).ok()?;
+        i64::try_from(m.blocks() * 512 / 1_000_000).ok()
+    }
+}
+
+/// Console ports in use by this launcher.
+static PORTS: Mutex<BTreeSet<u16>> = Mutex::new(BTreeSet::new());
+
+/// A console port free here and bindable on loopback.
+fn grab_port() -> Option<u16> {
+    let mut used = PORTS.lock().ok()?;
+    for p in UI_PORTS {
+        if !used.contains(&p) && std::net::TcpListener::bind(("127.0.0.1", p)).is_ok() {
+            used.insert(p);
+            return Some(p);
+        }
+    }
+    None
+}
+
+/// Unix socket paths are limited to 107 bytes.
+fn check_socket_path(p: &Path) -> Result<(), VirtError> {
+    use std::os::unix::ffi::OsStrExt;
+    let n = p.as_os_str().as_bytes().len();
+    if n > 107 {
+        return Err(VirtError(format!(
+            "QMP socket path {} is {n} bytes, longer than a unix socket allows (107): use a shorter --data-dir",
+            p.display()
+        )));
+    }
+    Ok(())
+}
+
+/// What a QEMU command line is made of.
+#[derive(Debug)]
+pub struct LaunchSpec<'a> {
+    pub name: &'a str,
+    pub dir: &'a Path,
+    pub accel: Accel,
+    pub vcpus: u32,
+    pub mem_mb: u64,
+    /// Root disk path and format.
+    pub root: (&'a Path, &'a str),
+    /// Further volumes: (id, path, format).
+    pub volumes: &'a [(String, PathBuf, String)],
+    pub ovmf: Option<&'a Ovmf>,
+    /// Console UI and its port.
+    pub ui: Option<(Ui, u16)>,
+}
+
+/// The QEMU command line (spec §7.3, with explicit devices: the root disk
+/// first and bootable, the volumes, the config drive; no network device
+/// while tenant networking is not implemented).
+pub fn command_line(s: &LaunchSpec<'_>) -> Vec<OsString> {
+    let mut a: Vec<OsString> = Vec::new();
+    let mut push = |parts: &[&str]| a.extend(parts.iter().map(OsString::from));
+    let dir = |f: &str| s.dir.join(f).to_string_lossy().into_owned();
+    let (accel, cpu) = match s.accel {
+        Accel::Kvm => ("kvm", Some("host")),
+        Accel::Tcg => ("tcg", None),
+    };
+    push(&["-name", s.name, "-machine", &format!("pc,accel={accel}")]);
+    if let Some(cpu) = cpu {
+        push(&["-cpu", cpu]);
+    }
+    push(&["-nodefaults", "-no-user-config"]);
+    if s.mem_mb > 0 {
+        push(&["-m", &s.mem_mb.to_string()]);
+    }
+    if s.vcpus > 0 {
+        push(&["-smp", &format!("cpus={}", s.vcpus)]);
+    }
+    match s.ovmf {
+        None => {}
+        Some(Ovmf::Combined(p)) => push(&["-bios", &p.to_string_lossy()]),
+        Some(Ovmf::Split { code, .. }) => push(&[
+            "-drive",
+            &format!(
+                "if=pflash,unit=0,format=raw,readonly=on,file={}",
+                drive_path(code)
+            ),
+            "-drive",
+            &format!(
+                "if=pflash,unit=1,format=raw,file={}",
+                drive_path(&s.dir.join("OVMF_VARS.fd"))
+            ),
+        ]),
+    }
+    push(&[
+        "-drive",
+        &format!(
+            "file={},if=none,id=root,format={},cache=none,aio=threads",
+            drive_path(s.root.0),
+            s.root.1
+        ),
+        "-device",
+        "virtio-blk-pci,drive=root,id=device_root,bootindex=0",
+    ]);
+    for (id, path, fmt) in s.volumes {
+        push(&[
+            "-drive",
+            &format!(
+                "file={},if=none,id=drive_{id},format={fmt}",
+                drive_path(path)
+            ),
+            "-device",
+            &format!("virtio-blk-pci,drive=drive_{id},id=device_{id}"),
+        ]);
+    }
+    push(&[
+        "-drive",
+        &format!(
+            "file={},if=none,id=seed,format=raw,readonly=on",
+            drive_path(&s.dir.join("seed.iso"))
+        ),
+        "-device",
+        "virtio-blk-pci,drive=seed,id=device_seed",
+    ]);
+    let console_log = dir("console.log");
+    match s.ui {
+        Some((Ui::Nc, port)) => push(&[
+            "-chardev",
+            &format!(
+                "socket,id=console,host=127.0.0.1,port={port},server=on,wait=off,logfile={console_log},logappend=on"
+            ),
+            "-serial",
+            "chardev:console",
+            "-display",
+            "none",
+        ]),
+        Some((Ui::Spice, port)) => push(&[
+            "-chardev",
+            &format!("file,id=console,path={console_log},append=on"),
+            "-serial",
+            "chardev:console",
+            "-vga",
+            "std",
+            "-spice",
+            &format!("port={port},addr=127.0.0.1,disable-ticketing=on"),
+        ]),
+        _ => push(&[
+            "-chardev",
+            &format!("file,id=console,path={console_log},append=on"),
+            "-serial",
+            "chardev:console",
+            "-display",
+            "none",
+        ]),
+    }
+    push(&[
+        "-qmp",
+        &format!("unix:{},server=on,wait=off", dir("socket")),
+        "-pidfile",
+        &dir("qemu.pid"),
+        "-daemonize",
+    ]);
+    a
+}
+
+/// A path inside a `-drive` option: commas are doubled, QEMU's escape.
+fn drive_path(p: &Path) -> String {
+    p.to_string_lossy().replace(',', ",,")
+}
+
+impl Virtualizer for Qemu {
+    fn init(&mut self, cfg: &InstanceConfig, dir: &Path) {
+        self.cfg = cfg.clone();
+        self.dir = dir.to_path_buf();
+    }
+
+    fn ensure_backing_image(&mut self) -> Result<(), VirtError> {
+        let path = if !self.cfg.image_uuid.is_empty() {
+            self.images_dir().join(&self.cfg.image_uuid)
+        } else if let Some(v) = self.boot_volume() {
+            self.volume_path(v)
+        } else {
+            return Err(VirtError(
+                "the START payload names neither an image nor a bootable volume".into(),
+            ));
+        };
+        let meta = fs::metadata(&path).map_err(|e| {
+            VirtError(if e.kind() == io::ErrorKind::NotFound {
+                format!("image {} not found", path.display())
+            } else {
+                format!("image {}: {e}", path.display())
+            })
+        })?;
+        if !meta.is_file() {
+            return Err(VirtError(format!(
+                "image {} is not a regular file",
+                path.display()
+            )));
+        }
+        let info = image_info(&self.f.qemu_img, &path)?;
+        self.backing = Some((path, info));
+        Ok(())
+    }
+
+    fn create_image(&mut self) -> Result<(), VirtError> {
+        if !self.cfg.image_uuid.is_empty() {
+            if self.backing.is_none() {
+                self.ensure_backing_image()?;
+            }
+            let Some((backing, info)) = &self.backing else {
+                return Err(VirtError("no backing image".into()));
+            };
+            let backing = fs::canonicalize(backing)
+                .map_err(|e| VirtError(format!("{}: {e}", backing.display())))?;
+            // The README: disk_mb, or the image's own size when larger.
+            let size = (self.cfg.disk_mb << 20).max(info.virtual_size);
+            let out = Command::new(&self.f.qemu_img)
+                .args(["create", "-q", "-f", "qcow2", "-F", &info.format, "-b"])
+                .arg(&backing)
+                .arg(self.overlay())
+                .arg(size.to_string())
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped())
+                .output()
+                .map_err(|e| VirtError(format!("{}: {e}", self.f.qemu_img.display())))?;
+            if !out.status.success() {
+                return Err(VirtError(format!(
+                    "qemu-img create: {}",
+                    last_lines(&out.stderr, 2)
+                )));
+            }
+        }
+        make_config_drive(
+            &self.dir,
+            &self.cfg.instance_uuid,
+            &self.cfg.user_data,
+            &self.cfg.meta_data,
+        )?;
+        Ok(())
+    }
+
+    fn delete_image(&mut self) -> Result<(), VirtError> {
+        // Everything lives in the instance directory, which the caller removes.
+        self.release_port();
+        Ok(())
+    }
+
+    fn start(&mut self) -> Result<(), VirtError> {
+        self.launch()
+    }
+
+    fn monitor(
+        &mut self,
+        events: Sender<MonitorEvent>,
+        boot: bool,
+    ) -> Result<Box<dyn Monitor>, VirtError> {
+        let name = self.cfg.instance_uuid.clone();
+        let short = name[..name.len().min(8)].to_string();
+        let (cmd_tx, cmd_rx) = crossbeam_channel::bounded::<MonCmd>(4);
+        let w = Watch {
+            name: name.clone(),
+            short: short.clone(),
+            socket: self.socket(),
+            pidfile: self.dir.join("qemu.pid"),
+            pid: Arc::clone(&self.pid),
+            stop_timeout: self.f.stop_timeout,
+            boot,
+        };
+        let thread = thread::Builder::new()
+            .name(format!("monitor-{short}"))
+            .stack_size(256 * 1024)
+            .spawn(move || w.run(&events, &cmd_rx))
+            .map_err(|e| VirtError(format!("monitor thread: {e}")))?;
+        Ok(Box::new(QemuMonitor {
+            name,
+            qemu_img: self.f.qemu_img.clone(),
+            volumes: self.f.data_dir.join("volumes"),
+            cmds: Some(cmd_tx),
+            thread: Some(thread),
+        }))
+    }
+
+    fn stats(&mut self) -> Usage {
+        let pid = self.pid.load(Ordering::Relaxed);
+        let disk_mb = self.disk_mb();
+        if pid <= 0 {
+            return Usage {
+                disk_mb,
+                ..Usage::default()
+            };
+        }
+        if self.sampler.as_ref().is_none_or(|s| s.pid() != pid) {
+            self.sampler = Some(ProcessSampler::new("/proc", pid));
+        }
+        let sample = self.sampler.as_mut().and_then(|s| s.sample(Instant::now()));
+        match sample {
+            Some(u) => Usage {
+                memory_mb: (u.rss_mb >= 0).then_some(u.rss_mb),
+                disk_mb,
+                cpu_percent: u.cpu_percent.map(|c| c / i64::from(self.cfg.vcpus.max(1))),
+            },
+            None => Usage {
+                disk_mb,
+                ..Usage::default()
+            },
+        }
+    }
+
+    fn check_volume(&mut self, id: &str) -> Result<(), VirtError> {
+        let path = self.volume_path(id);
+        if !path.is_file() {
+            return Err(VirtError(format!("volume {} not found", path.display())));
+        }
+        image_info(&self.f.qemu_img, &path).map(|_| ())
+    }
+
+    fn connected(&mut self) {
+        if let Some(s) = &mut self.sampler {
+            s.reset();
+        }
+    }
+
+    fn lost(&mut self) {
+        self.pid.store(0, Ordering::Relaxed);
+        self.sampler = None;
+        self.release_port();
+    }
+}
+
+/// Instance → monitor thread.
+#[derive(Debug)]
+enum MonCmd {
+    Stop,
+    Kill,
+    Attach {
+        id: String,
+        path: PathBuf,
+        format: String,
+        reply: Sender<Result<(), VirtError>>,
+    },
+}
+
+/// The instance thread's handle on a VM's monitor thread.
+#[derive(Debug)]
+pub struct QemuMonitor {
+    name: String,
+    qemu_img: PathBuf,
+    volumes: PathBuf,
+    /// Dropped to detach the monitor.
+    cmds: Option<Sender<MonCmd>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl QemuMonitor {
+    fn send(&self, c: MonCmd) -> Result<(), VirtError> {
+        self.cmds
+            .as_ref()
+            .and_then(|tx| tx.send(c).ok())
+            .ok_or_else(|| VirtError(format!("{}: the monitor has ended", self.name)))
+    }
+}
+
+impl Monitor for QemuMonitor {
+    fn stop(&mut self) -> Result<(), VirtError> {
+        self.send(MonCmd::Stop)
+    }
+
+    fn kill(&mut self) -> Result<(), VirtError> {
+        self.send(MonCmd::Kill)
+    }
+
+    fn attach_volume(&mut self, volume: &str) -> Result<(), VirtError> {
+        let path = self.volumes.join(volume);
+        if !path.is_file() {
+            return Err(VirtError(format!("volume {} not found", path.display())));
+        }
+        let info = image_info(&self.qemu_img, &path)?;
+        let (reply, answer) = crossbeam_channel::bounded(1);
+        self.send(MonCmd::Attach {
+            id: volume.to_string(),
+            path,
+            format: info.format,
+            reply,
+        })?;
+        answer
+            .recv_timeout(QMP_TIMEOUT * 2)
+            .map_err(|_| VirtError("the monitor did not answer the attach".into()))?
+    }
+}
+
+impl Drop for QemuMonitor {
+    /// Detaches: the VM keeps running.
+    fn drop(&mut self) {
+        self.cmds.take();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// The monitor thread's state.
+#[derive(Debug)]
+struct Watch {
+    name: String,
+    short: String,
+    socket: PathBuf,
+    pidfile: PathBuf,
+    pid: Arc<AtomicI32>,
+    stop_timeout: Duration,
+    boot: bool,
+}
+
+/// Where a stop is.
+#[derive(Debug, Clone, Copy)]
+enum Phase {
+    Idle,
+    Powerdown { until: Instant, next: Instant },
+    Quit { until: Instant },
+    Killed { until: Instant },
+}
+
+/// The pid named in QEMU's pid file, if that process is alive.
+fn pid_from_file(p: &Path) -> Option<i32> {
+    let pid = fs::read_to_string(p).ok()?.trim().parse::<i32>().ok()?;
+    process_identity(Path::new("/proc"), pid).map(|_| pid)
+}
+
+fn detached(cmds: &Receiver<MonCmd>) -> bool {
+    matches!(
+        cmds.try_recv(),
+        Err(crossbeam_channel::TryRecvError::Disconnected)
+    )
+}
+
+impl Watch {
+    fn run(self, events: &Sender<MonitorEvent>, cmds: &Receiver<MonCmd>) {
+        let Some(mut qmp) = self.connect(cmds, events) else {
+            return;
+        };
+        let pid = qmp.pid.or_else(|| pid_from_file(&self.pidfile));
+        let identity = pid.and_then(|p| process_identity(Path::new("/proc"), p));
+        self.pid.store(pid.unwrap_or(0), Ordering::Relaxed);
+        info!(
+            "{}: QMP connected (QEMU {}.{}.{}, pid {})",
+            self.name,
+            qmp.version.0,
+            qmp.version.1,
+            qmp.version.2,
+            pid.map_or("unknown".into(), |p| p.to_string())
+        );
+        let _ = events.send(MonitorEvent::Running);
+
+        let mut phase = Phase::Idle;
+        let mut guest_shutdown = false;
+        loop {
+            let timer = match phase {
+                Phase::Idle => crossbeam_channel::never(),
+                Phase::Powerdown { until, next } => crossbeam_channel::at(until.min(next)),
+                Phase::Quit { until } | Phase::Killed { until } => crossbeam_channel::at(until),
+            };
+            select! {
+                recv(cmds) -> c => match c {
+                    // Detached: QEMU runs on.
+                    Err(_) => return,
+                    Ok(MonCmd::Stop) => {
+                        if matches!(phase, Phase::Idle) {
+                            info!("{}: ACPI power-down (stop timeout {:?})", self.name, self.stop_timeout);
+                            self.send(&mut qmp, "system_powerdown", None);
+                            let now = Instant::now();
+                            phase = Phase::Powerdown { until: now + self.stop_timeout, next: now + POWERDOWN_RETRY };
+                        }
+                    }
+                    Ok(MonCmd::Kill) => {
+                        if matches!(phase, Phase::Idle | Phase::Powerdown { .. }) {
+                            info!("{}: quit", self.name);
+                            self.send(&mut qmp, "quit", None);
+                            phase = Phase::Quit { until: Instant::now() + QUIT_WAIT };
+                        }
+                    }
+                    Ok(MonCmd::Attach { id, path, format, reply }) => {
+                        let r = attach(&mut qmp, &id, &path, &format, &mut guest_shutdown);
+                        let _ = reply.send(r);
+                    }
+                },
+                recv(qmp.messages()) -> m => match m {
+                    Ok(QmpMsg::Event(name, data)) => {
+                        // Only a shutdown the guest asked for is a power-off
+                        // (QEMU also reports its own `quit`).
+                        if name == "SHUTDOWN" && data.get("guest").and_then(Value::as_bool) == Some(true) {
+                            guest_shutdown = true;
+                        }
+                        info!("{}: QMP event {name} {data}", self.name);
+                    }
+                    Ok(QmpMsg::Error(e)) => warn!("{}: QMP: {e}", self.name),
+                    Ok(QmpMsg::Return(_)) => {}
+                    // The socket closed: QEMU is exiting.
+                    Err(_) => break,
+                },
+                recv(timer) -> _ => {
+                    let now = Instant::now();
+                    match phase {
+                        Phase::Idle => {}
+                        Phase::Powerdown { until, .. } if now >= until => {
+                            warn!("{}: the guest did not power off within {:?}; quit", self.name, self.stop_timeout);
+                            self.send(&mut qmp, "quit", None);
+                            phase = Phase::Quit { until: now + QUIT_WAIT };
+                        }
+                        Phase::Powerdown { until, .. } => {
+                            debug!("{}: ACPI power-down again", self.name);
+                            self.send(&mut qmp, "system_powerdown", None);
+                            phase = Phase::Powerdown { until, next: now + POWERDOWN_RETRY };
+                        }
+                        Phase::Quit { .. } => {
+                            warn!("{}: QEMU did not quit within {QUIT_WAIT:?}; SIGKILL", self.name);
+                            self.sigkill(pid, identity);
+                            phase = Phase::Killed { until: now + QUIT_WAIT };
+                        }
+                        Phase::Killed { .. } => {
+                            warn!("{}: QEMU (pid {pid:?}) still alive after SIGKILL", self.name);
+                            phase = Phase::Killed { until: now + QUIT_WAIT };
+                        }
+                    }
+                }
+            }
+        }
+        drop(qmp);
+        // The process may still be tearing down: report only once it is gone.
+        if !self.wait_gone(pid, identity, cmds) {
+            return;
+        }
+        let why = match (guest_shutdown, phase) {
+            (true, _) => "the guest powered off",
+            (false, Phase::Quit { .. }) => "QEMU quit",
+            (false, Phase::Killed { .. }) => "QEMU killed",
+            _ => "QEMU exited unexpectedly",
+        };
+        let _ = events.send(MonitorEvent::Exited(why.into()));
+    }
+
+    /// Connects and negotiates; on failure reports `Exited` (the VM is gone,
+    /// or unreachable and killed) unless detached. Retries while the QEMU
+    /// process is alive: its monitor may be busy.
+    fn connect(&self, cmds: &Receiver<MonCmd>, events: &Sender<MonitorEvent>) -> Option<Qmp> {
+        let mut delay = Duration::from_millis(50);
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            match Qmp::connect(&self.socket, QMP_TIMEOUT, &self.short) {
+                Ok(q) => return Some(q),
+                Err(e) => {
+                    let alive = pid_from_file(&self.pidfile);
+                    if alive.is_none() || tries >= 20 {
+                        let why = if self.boot {
+                            format!("VM not running after the launcher restarted ({e})")
+                        } else {
+                            format!("cannot reach the VM's QMP socket: {e}")
+                        };
+                        if let Some(p) = alive {
+                            warn!("{}: {why}; killing QEMU (pid {p})", self.name);
+                            self.sigkill(Some(p), process_identity(Path::new("/proc"), p));
+                            if !self.wait_gone(Some(p), None, cmds) {
+                                return None;
+                            }
+                        }
+                        let _ = events.send(MonitorEvent::Exited(why));
+                        return None;
+                    }
+                    debug!("{}: {e}; QEMU alive, retrying in {delay:?}", self.name);
+                    select! {
+                        recv(cmds) -> c => if c.is_err() { return None },
+                        default(delay) => {}
+                    }
+                    delay = (delay * 2).min(Duration::from_secs(2));
+                }
+            }
+        }
+    }
+
+    fn send(&self, qmp: &mut Qmp, cmd: &str, args: Option<Value>) {
+        if let Err(e) = qmp.send(cmd, args) {
+            // A closed socket shows up on the message channel too.
+            debug!("{}: {cmd}: {e}", self.name);
+        }
+    }
+
+    fn sigkill(&self, pid: Option<i32>, identity: Option<u64>) {
+        let Some(p) = pid else {
+            warn!("{}: QEMU's pid is unknown; cannot kill it", self.name);
+            return;
+        };
+        // Never kill a process that merely inherited the pid.
+        let now = process_identity(Path::new("/proc"), p);
+        if now.is_none() || (identity.is_some() && now != identity) {
+            return;
+        }
+        if let Err(e) = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(p),
+            nix::sys::signal::Signal::SIGKILL,
+        ) {
+            warn!("{}: kill {p}: {e}", self.name);
+        }
+    }
+
+    /// Waits until QEMU's process is gone (SIGKILL after 5 s); false if
+    /// detached meanwhile.
+    fn wait_gone(&self, pid: Option<i32>, identity: Option<u64>, cmds: &Receiver<MonCmd>) -> bool {
+        let Some(p) = pid else { return true };
+        let start = Instant::now();
+        let mut killed = false;
+        loop {
+            let now = process_identity(Path::new("/proc"), p);
+            if now.is_none() || (identity.is_some() && now != identity) {
+                return true;
+            }
+            if !killed && start.elapsed() > QUIT_WAIT {
+                warn!("{}: QEMU closed QMP but did not exit; SIGKILL", self.name);
+                self.sigkill(Some(p), identity);
+                killed = true;
+            }
+            if start.elapsed() > QUIT_WAIT * 3 {
+                warn!("{}: QEMU (pid {p}) does not go away", self.name);
+                return true;
+            }
+            if detached(cmds) {
+                return false;
+            }
+            thread::sleep(Duration::from_millis(5));
+        }
+    }
+}
+
+/// Hot-plugs a volume: `blockdev-add` of the file, then `device_add` of a
+/// virtio disk on it (the block node removed again if that fails).
+fn attach(
+    qmp: &mut Qmp,
+    id: &str,
+    path: &Path,
+    format: &str,
+    shutdown: &mut bool,
+) -> Result<(), VirtError> {
+    let mut node: String = format!("d_{}", id.replace('-', ""));
+    node.truncate(31);
+    let mut on_event = |name: &str, data: &Value| {
+        if name == "SHUTDOWN" && data.get("guest").and_then(Value::as_bool) == Some(true) {
+            *shutdown = true;
+        }
+    };
+    let verr = |what: &str, e: QmpError| VirtError(format!("{what}: {e}"));
+    qmp.execute(
+        "blockdev-add",
+        Some(json!({
+            "driver": format,
+            "node-name": node,
+            "file": {"driver": "file", "filename": path.to_string_lossy()},
+        })),
+        QMP_TIMEOUT,
+        &mut on_event,
+    )
+    .map_err(|e| verr("blockdev-add", e))?;
+    if let Err(e) = qmp.execute(
+        "device_add",
+        Some(json!({
+            "driver": "virtio-blk-pci",
+            "drive": node,
+            "id": format!("device_{id}"),
+        })),
+        QMP_TIMEOUT,
+        &mut on_event,
+    ) {
+        let _ = qmp.execute(
+            "blockdev-del",
+            Some(json!({ "node-name": node })),
+            QMP_TIMEOUT,
+            &mut on_event,
+        );
+        return Err(verr("device_add", e));
+    }
+    Ok(())
+}
+
+/// Asks the VM behind `socket` to quit at once (hard reset), waiting up to
+/// `timeout` for it to go; Ok(false) when nothing answered there.
+pub fn quit_vm(socket: &Path, timeout: Duration) -> Result<bool, VirtError> {
+    let mut qmp = match Qmp::connect(socket, timeout, "reset") {
+        Ok(q) => q,
+        Err(QmpError::Io(e))
+            if matches!(
+                e.kind(),
+                io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused
+            ) =>
+        {
+            return Ok(false);
+        }
+        Err(e) => return Err(VirtError(e.to_string())),
+    };
+    let pid = qmp.pid;
+    let identity = pid.and_then(|p| process_identity(Path::new("/proc"), p));
+    let _ = qmp.send("quit", None);
+    let deadline = Instant::now() + timeout;
+    // Drain until QEMU closes the socket.
+    while let Ok(_m) = qmp.messages().recv_deadline(deadline) {}
+    drop(qmp);
+    if let Some(p) = pid {
+        while Instant::now() < deadline {
+            let now = process_identity(Path::new("/proc"), p);
+            if now.is_none() || now != identity {
+                return Ok(true);
+            }
+            thread::sleep(Duration::from_millis(5));
+        }
+        return Err(VirtError(format!("QEMU (pid {p}) did not quit")));
+    }
+    Ok(true)
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn accelerator_choice() {
+        let tmp = std::env::temp_dir().join(format!("ciao-accel-{}", std::process::id()));
+        let sys = tmp.join("sys");
+        fs::create_dir_all(sys.join("module")).unwrap();
+        let kvm = tmp.join("kvm");
+        // No /dev/kvm: TCG.
+        assert_eq!(choose_accel(AccelChoice::Auto, &sys, &kvm).0, Accel::Tcg);
+        fs::write(&kvm, "").unwrap();
+        assert_eq!(choose_accel(AccelChoice::Auto, &sys, &kvm).0, Accel::Kvm);
+        fs::create_dir_all(sys.join("module/kvm_pvm")).unwrap();
+        let (a, why) = choose_accel(AccelChoice::Auto, &sys, &kvm);
+        assert_eq!(a, Accel::Tcg);
+        assert!(why.contains("kvm_pvm"), "{why}");
+        fs::create_dir_all(sys.join("module/kvm_intel")).unwrap();
+        assert_eq!(choose_accel(AccelChoice::Auto, &sys, &kvm).0, Accel::Kvm);
+        assert_eq!(choose_accel(AccelChoice::Tcg, &sys, &kvm).0, Accel::Tcg);
+        assert_eq!(
+            choose_accel(AccelChoice::Kvm, &sys, &tmp.join("none")).0,
+            Accel::Kvm
+        );
+        fs::remove_dir_all(&tmp).unwrap();
+    }
+
+    #[test]
+    fn command_line_order() {
+        let dir = Path::new("/d/i");
+        let root = Path::new("/d/i/disk.qcow2");
+        let vols = vec![(
+            "v1".to_string(),
+            PathBuf::from("/d/volumes/v,1"),
+            "raw".to_string(),
+        )];
+        let ovmf = Ovmf::Split {
+            code: "/fw/CODE.fd".into(),
+            vars: "/fw/VARS.fd".into(),
+        };
+        let args = command_line(&LaunchSpec {
+            name: "n",
+            dir,
+            accel: Accel::Kvm,
+            vcpus: 2,
+            mem_mb: 370,
+            root: (root, "qcow2"),
+            volumes: &vols,
+            ovmf: Some(&ovmf),
+            ui: None,
+        });
+        let s: Vec<String> = args
+            .iter()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect();
+        let pos = |x: &str| s.iter().position(|a| a.starts_with(x)).unwrap();
+        let flag = |x: &str| s.iter().position(|a| a == x).unwrap();
+        assert_eq!(s[flag("-machine") + 1], "pc,accel=kvm");
+        assert_eq!(s[flag("-cpu") + 1], "host");
+        assert_eq!(s[flag("-m") + 1], "370");
+        assert_eq!(s[flag("-smp") + 1], "cpus=2");
+        assert!(s.contains(&"file=/d/volumes/v,,1,if=none,id=drive_v1,format=raw".to_string()));
+        // Root first (bootable), then volumes, then the config drive.
+        assert!(pos("file=/d/i/disk.qcow2") < pos("file=/d/volumes"));
+        assert!(pos("file=/d/volumes") < pos("file=/d/i/seed.iso"));
+        assert!(s.contains(&"if=pflash,unit=1,format=raw,file=/d/i/OVMF_VARS.fd".to_string()));
+        assert_eq!(s[flag("-qmp") + 1], "unix:/d/i/socket,server=on,wait=off");
+        assert_eq!(s.last().unwrap(), "-daemonize");
+
+        let args = command_line(&LaunchSpec {
+            name: "n",
+            dir,
+            accel: Accel::Tcg,
+            vcpus: 0,
+            mem_mb: 0,
+            root: (root, "qcow2"),
+            volumes: &[],
+            ovmf: None,
+            ui: Some((Ui::Nc, 5901)),
+        });
+        let s: Vec<String> = args
+            .iter()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect();
+        assert!(
+            !s.iter()
+                .any(|a| a == "-cpu" || a == "-m" || a == "-smp" || a == "-bios")
+        );
+        assert!(
+            s.iter()
+                .any(|a| a.contains("port=5901") && a.contains("logfile=/d/i/console.log"))
+        );
+    }
+
+    #[test]
+    fn ovmf_configured() {
+        let tmp = std::env::temp_dir().join(format!("ciao-ovmf-{}", std::process::id()));
+        fs::create_dir_all(&tmp).unwrap();
+        let e = find_ovmf(Some(&tmp.join("nope.fd"))).unwrap_err();
+        assert!(e.0.contains("nope.fd") && e.0.contains("legacy"), "{e}");
+        fs::write(tmp.join("OVMF.fd"), "").unwrap();
+        assert_eq!(
+            find_ovmf(Some(&tmp.join("OVMF.fd"))).unwrap(),
+            Ovmf::Combined(tmp.join("OVMF.fd"))
+        );
+        fs::write(tmp.join("OVMF_CODE_4M.fd"), "").unwrap();
+        fs::write(tmp.join("OVMF_VARS_4M.fd"), "").unwrap();
+        assert_eq!(
+            find_ovmf(Some(&tmp.join("OVMF_CODE_4M.fd"))).unwrap(),
+            Ovmf::Split {
+                code: tmp.join("OVMF_CODE_4M.fd"),
+                vars: tmp.join("OVMF_VARS_4M.fd")
+            }
+        );
+        fs::remove_dir_all(&tmp).unwrap();
+    }
+
+    #[test]
+    fn socket_path_limit() {
+        assert!(check_socket_path(Path::new("/var/lib/ciao/instances/x/socket")).is_ok());
+        let long = format!("/{}/socket", "a".repeat(120));
+        assert!(check_socket_path(Path::new(&long)).is_err());
+    }
+}
