@@ -11,6 +11,9 @@ cargo fmt --all -- --check
 step "cargo clippy --all-targets -- -D warnings"
 cargo clippy --all-targets -- -D warnings
 
+step "test guest image for the VM tests (built once, then cached)"
+scripts/build-guest-image.sh >/dev/null
+
 step "cargo test"
 cargo test --all-targets 2>&1 | tee target/test.log
 # cargo test exits non-zero on any failure; refuse a run that executed nothing.

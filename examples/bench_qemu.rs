@@ -1,0 +1,442 @@
+//! QEMU benchmark: N VMs of the test guest started together through the
+//! launcher, next to the same work done bare (per VM, in parallel:
+//! `qemu-img create` of the overlay, the config-drive ISO with xorriso, and
+//! `qemu-system-x86_64` with the same arguments), then a graceful STOP.
+//!
+//! Launcher timings come from what the scheduler sees: STATS every 50 ms
+//! (`--stats-interval 0.05`) give "every VM running" (= QMP connected) to
+//! ±50 ms; `GUEST-BOOTED` is read from each VM's console log. Bare timings:
+//! our own QMP handshake, and the same console line.
+//!
+//! Usage: bench_qemu --launcher PATH --image GUEST.img [--n 1,5,20] [--mem 48]
+//! (see scripts/bench-qemu.sh)
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use ciao_launcher::payloads::commands::{delete_payload, stop_payload};
+use ciao_launcher::payloads::config::{Firmware, VmType};
+use ciao_launcher::payloads::outgoing::parse_stats;
+use ciao_launcher::payloads::start::{StartRequest, start_payload};
+use ciao_launcher::ssntp::conn::send_patiently;
+use ciao_launcher::ssntp::server::ServerEvent;
+use ciao_launcher::ssntp::{Command as Cmd, Event, Frame, FrameType, Operation, Profile};
+use ciao_launcher::virt::qemu::{AccelChoice, LaunchSpec, choose_accel, command_line};
+use ciao_launcher::virt::qmp::Qmp;
+
+#[path = "support/scheduler.rs"]
+mod support_scheduler;
+use support_scheduler::scheduler;
+
+const PROFILE: Profile = Profile::P2016;
+const IMAGE: &str = "7e57a9e0-0c1a-4000-8000-000000000001";
+const WAIT: Duration = Duration::from_secs(600);
+const USER_DATA: &str = "#cloud-config\n";
+
+/// A condition on the (instance, state) pairs of a STATS frame.
+type StatesPred<'a> = dyn Fn(&[(String, String)]) -> bool + 'a;
+
+struct Args {
+    launcher: PathBuf,
+    image: PathBuf,
+    ns: Vec<usize>,
+    mem: u64,
+}
+
+fn usage() -> ! {
+    eprintln!("usage: bench_qemu --launcher PATH --image GUEST.img [--n 1,5,20] [--mem 48]");
+    std::process::exit(2);
+}
+
+fn main() {
+    let argv: Vec<String> = std::env::args().skip(1).collect();
+    let (mut launcher, mut image, mut ns, mut mem) = (None, None, vec![1usize, 5, 20], 48u64);
+    let mut it = argv.iter();
+    while let Some(a) = it.next() {
+        match (a.as_str(), it.next()) {
+            ("--launcher", Some(p)) => launcher = Some(PathBuf::from(p)),
+            ("--image", Some(p)) => image = Some(PathBuf::from(p)),
+            ("--n", Some(v)) => ns = v.split(',').filter_map(|x| x.trim().parse().ok()).collect(),
+            ("--mem", Some(v)) => mem = v.parse().unwrap_or_else(|_| usage()),
+            _ => usage(),
+        }
+    }
+    let (Some(launcher), Some(image)) = (launcher, image) else {
+        usage()
+    };
+    let args = Args {
+        launcher,
+        image,
+        ns,
+        mem,
+    };
+    if let Err(e) = run(&args) {
+        eprintln!("bench_qemu: {e}");
+        std::process::exit(1);
+    }
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+fn booted(console: &Path) -> bool {
+    fs::read(console).is_ok_and(|c| {
+        c.windows(b"GUEST-BOOTED".len())
+            .any(|w| w == b"GUEST-BOOTED")
+    })
+}
+
+/// Launcher figures for one N.
+struct Measured {
+    qmp: Duration,
+    boot: Duration,
+    stop: Duration,
+}
+
+fn run(a: &Args) -> Result<(), String> {
+    let dir = std::env::temp_dir().join(format!(
+        "ciao-bq-{}",
+        &uuid::Uuid::new_v4().simple().to_string()[..8]
+    ));
+    let data = dir.join("data");
+    fs::create_dir_all(data.join("images")).map_err(|e| e.to_string())?;
+    fs::copy(&a.image, data.join("images").join(IMAGE)).map_err(|e| e.to_string())?;
+    let server = scheduler(&dir, PROFILE)?;
+    let mut child = Command::new(&a.launcher)
+        .arg("-cacert")
+        .arg(dir.join("ca.pem"))
+        .arg("-cert")
+        .arg(dir.join("agent.pem"))
+        .arg(format!("-server={}", server.local_addr()))
+        .arg("--data-dir")
+        .arg(&data)
+        .args([
+            "--disk-limit=false",
+            "--mem-limit=false",
+            "--max-vm",
+            "1000",
+            "--stats-interval",
+            "0.05",
+            "--usage-interval",
+            "3600",
+            "--stop-timeout",
+            "30",
+            "-logtostderr",
+            "--protocol",
+            PROFILE.name(),
+        ])
+        .stderr(if std::env::var_os("BENCH_DEBUG").is_some() {
+            Stdio::inherit()
+        } else {
+            Stdio::null()
+        })
+        .spawn()
+        .map_err(|e| e.to_string())?;
+    let result = (|| {
+        let node = loop {
+            if let ServerEvent::Connected { uuid, .. } = server
+                .events()
+                .recv_timeout(WAIT)
+                .map_err(|_| "the launcher did not connect")?
+            {
+                break uuid;
+            }
+        };
+        let mut rows = Vec::new();
+        for &n in &a.ns {
+            let l = through_launcher(&server, node, &data, n, a.mem)?;
+            let b = bare(&dir.join(format!("bare-{n}")), &a.image, n, a.mem)?;
+            rows.push((n, l, b));
+        }
+        let (accel, _) = choose_accel(AccelChoice::Auto, Path::new("/sys"), Path::new("/dev/kvm"));
+        println!(
+            "\nQEMU benchmark ({accel:?}, legacy BIOS, {} MB per VM; release launcher; STATS every 50 ms)\n",
+            a.mem
+        );
+        println!(
+            "| N | launcher START → all QMP connected | bare | ratio | launcher START → all GUEST-BOOTED | bare | ratio | launcher STOP (ACPI) → all exited |"
+        );
+        println!("|---:|---:|---:|---:|---:|---:|---:|---:|");
+        for (n, l, b) in rows {
+            println!(
+                "| {n} | {:.0} ms | {:.0} ms | {:.2}× | {:.0} ms | {:.0} ms | {:.2}× | {:.0} ms |",
+                ms(l.qmp),
+                ms(b.0),
+                ms(l.qmp) / ms(b.0),
+                ms(l.boot),
+                ms(b.1),
+                ms(l.boot) / ms(b.1),
+                ms(l.stop),
+            );
+        }
+        Ok::<(), String>(())
+    })();
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    );
+    let _ = child.wait();
+    server.stop();
+    let _ = fs::remove_dir_all(&dir);
+    result
+}
+
+/// The states of `ids` in a STATS frame, if it is one.
+fn states(frame: &Frame) -> Option<Vec<(String, String)>> {
+    if PROFILE.frame_operation(frame) != Ok(Operation::Command(Cmd::Stats)) {
+        return None;
+    }
+    let s = parse_stats(&frame.payload).ok()?;
+    Some(
+        s.instances
+            .into_iter()
+            .map(|i| (i.instance_uuid, i.state))
+            .collect(),
+    )
+}
+
+fn through_launcher(
+    server: &ciao_launcher::ssntp::server::Server,
+    node: [u8; 16],
+    data: &Path,
+    n: usize,
+    mem: u64,
+) -> Result<Measured, String> {
+    let op = |c| {
+        PROFILE
+            .operand(Operation::Command(c))
+            .map_err(|e| e.to_string())
+    };
+    let (start_op, stop_op, delete_op) = (op(Cmd::Start)?, op(Cmd::Stop)?, op(Cmd::Delete)?);
+    let node_text = uuid::Uuid::from_bytes(node).to_string();
+    let send = |operand, payload| {
+        let f = Frame::new(FrameType::Command, operand, server.uuid(), payload);
+        send_patiently(|f| server.send(&node, f), f, WAIT).map_err(|e| e.to_string())
+    };
+    // Wait until `all(states)` holds in a STATS frame; Err on an error frame.
+    let wait_states =
+        |what: &str, on_tick: &mut dyn FnMut(), all: &StatesPred<'_>| -> Result<(), String> {
+            let deadline = Instant::now() + WAIT;
+            loop {
+                on_tick();
+                match server.events().recv_timeout(Duration::from_millis(20)) {
+                    Ok(ServerEvent::Frame { frame, .. }) => {
+                        if let Ok(Operation::Error(_)) = PROFILE.frame_operation(&frame) {
+                            return Err(format!(
+                                "launcher error: {}",
+                                String::from_utf8_lossy(&frame.payload)
+                            ));
+                        }
+                        if let Some(s) = states(&frame)
+                            && all(&s)
+                        {
+                            return Ok(());
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(_) if Instant::now() > deadline => return Err(format!("{what} stalled")),
+                    Err(_) => {}
+                }
+            }
+        };
+    let ids: Vec<String> = (0..n).map(|_| uuid::Uuid::new_v4().to_string()).collect();
+    let consoles: Vec<PathBuf> = ids
+        .iter()
+        .map(|id| data.join("instances").join(id).join("console.log"))
+        .collect();
+    let mut boot_at: Vec<Option<Duration>> = vec![None; n];
+    let t = Instant::now();
+    for id in &ids {
+        let payload = start_payload(
+            PROFILE,
+            &StartRequest {
+                instance_uuid: id.clone(),
+                tenant_uuid: uuid::Uuid::new_v4().to_string(),
+                image_uuid: IMAGE.into(),
+                vm_type: VmType::Qemu,
+                firmware: Firmware::Legacy,
+                vcpus: 1,
+                mem_mb: mem,
+                user_data: USER_DATA.into(),
+                meta_data: String::new(),
+                ..Default::default()
+            },
+        );
+        send(start_op, payload)?;
+    }
+    let check = |boot_at: &mut Vec<Option<Duration>>| {
+        for (i, c) in consoles.iter().enumerate() {
+            if boot_at[i].is_none() && booted(c) {
+                boot_at[i] = Some(t.elapsed());
+            }
+        }
+    };
+    let running = |s: &[(String, String)]| {
+        ids.iter()
+            .all(|id| s.iter().any(|(i, st)| i == id && st == "running"))
+    };
+    wait_states("START", &mut || check(&mut boot_at), &running)?;
+    let qmp = t.elapsed();
+    let deadline = Instant::now() + WAIT;
+    loop {
+        check(&mut boot_at);
+        if boot_at.iter().all(Option::is_some) {
+            break;
+        }
+        if Instant::now() > deadline {
+            return Err("the guests did not boot".into());
+        }
+        // Drain STATS meanwhile so the channel does not grow.
+        let _ = server.events().recv_timeout(Duration::from_millis(20));
+    }
+    let boot = boot_at.iter().flatten().max().copied().unwrap_or_default();
+
+    let t = Instant::now();
+    for id in &ids {
+        send(stop_op, stop_payload(id, &node_text))?;
+    }
+    let exited = |s: &[(String, String)]| {
+        ids.iter()
+            .all(|id| s.iter().any(|(i, st)| i == id && st == "exited"))
+    };
+    wait_states("STOP", &mut || {}, &exited)?;
+    let stop = t.elapsed();
+
+    for id in &ids {
+        send(delete_op, delete_payload(PROFILE, id, &node_text, false))?;
+    }
+    let mut gone = 0;
+    let deadline = Instant::now() + WAIT;
+    while gone < n && Instant::now() < deadline {
+        if let Ok(ServerEvent::Frame { frame, .. }) =
+            server.events().recv_timeout(Duration::from_secs(1))
+            && PROFILE.frame_operation(&frame) == Ok(Operation::Event(Event::InstanceDeleted))
+        {
+            gone += 1;
+        }
+    }
+    Ok(Measured { qmp, boot, stop })
+}
+
+fn run_ok(cmd: &mut Command) -> Result<(), String> {
+    let out = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .output()
+        .map_err(|e| e.to_string())?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).into_owned())
+    }
+}
+
+/// One bare VM: overlay, ISO, QEMU, then our own QMP handshake; returns
+/// (time to QMP connected, the QMP connection, its console).
+fn bare_one(dir: &Path, image: &Path, mem: u64, t: Instant) -> Result<(Duration, Qmp), String> {
+    let id = uuid::Uuid::new_v4().to_string();
+    fs::create_dir_all(dir).map_err(|e| e.to_string())?;
+    run_ok(
+        Command::new("qemu-img")
+            .args(["create", "-q", "-f", "qcow2", "-F", "raw", "-b"])
+            .arg(image)
+            .arg(dir.join("disk.qcow2")),
+    )?;
+    let latest = dir.join("cfg/openstack/latest");
+    fs::create_dir_all(&latest).map_err(|e| e.to_string())?;
+    fs::write(latest.join("user_data"), USER_DATA).map_err(|e| e.to_string())?;
+    fs::write(
+        latest.join("meta_data.json"),
+        format!("{{\"uuid\": \"{id}\", \"hostname\": \"{id}\"}}\n"),
+    )
+    .map_err(|e| e.to_string())?;
+    run_ok(
+        Command::new("xorriso")
+            .args([
+                "-as", "mkisofs", "-quiet", "-R", "-J", "-V", "config-2", "-o",
+            ])
+            .arg(dir.join("seed.iso"))
+            .arg(dir.join("cfg")),
+    )?;
+    let (accel, _) = choose_accel(AccelChoice::Auto, Path::new("/sys"), Path::new("/dev/kvm"));
+    let root = dir.join("disk.qcow2");
+    let args = command_line(&LaunchSpec {
+        name: &id,
+        dir,
+        accel,
+        vcpus: 1,
+        mem_mb: mem,
+        root: (&root, "qcow2"),
+        volumes: &[],
+        ovmf: None,
+        ui: None,
+    });
+    run_ok(Command::new("qemu-system-x86_64").args(&args))?;
+    let qmp = Qmp::connect(&dir.join("socket"), Duration::from_secs(10), "bench")
+        .map_err(|e| e.to_string())?;
+    Ok((t.elapsed(), qmp))
+}
+
+/// N bare VMs in parallel: (all QMP connected, all GUEST-BOOTED).
+fn bare(dir: &Path, image: &Path, n: usize, mem: u64) -> Result<(Duration, Duration), String> {
+    let image = fs::canonicalize(image).map_err(|e| e.to_string())?;
+    let t = Instant::now();
+    let handles: Vec<_> = (0..n)
+        .map(|i| {
+            let d = dir.join(i.to_string());
+            let image = image.clone();
+            std::thread::spawn(move || bare_one(&d, &image, mem, t))
+        })
+        .collect();
+    let mut vms = Vec::new();
+    let mut first_err = None;
+    for h in handles {
+        match h.join() {
+            Ok(Ok(v)) => vms.push(v),
+            Ok(Err(e)) => {
+                first_err.get_or_insert(e);
+            }
+            Err(_) => {
+                first_err.get_or_insert("a bare VM thread panicked".into());
+            }
+        }
+    }
+    let qmp = vms.iter().map(|v| v.0).max().unwrap_or_default();
+    let consoles: Vec<PathBuf> = (0..n)
+        .map(|i| dir.join(i.to_string()).join("console.log"))
+        .collect();
+    let deadline = Instant::now() + WAIT;
+    let mut done = vec![false; n];
+    let mut boot = Duration::ZERO;
+    while first_err.is_none() && !done.iter().all(|d| *d) {
+        for (i, c) in consoles.iter().enumerate() {
+            if !done[i] && booted(c) {
+                done[i] = true;
+                boot = t.elapsed();
+            }
+        }
+        if Instant::now() > deadline {
+            first_err = Some("bare guests did not boot".into());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // Tear down: quit each VM and wait until its socket closes.
+    let mut quitting: Vec<Qmp> = Vec::new();
+    for (_, mut q) in vms {
+        let _ = q.send("quit", None);
+        quitting.push(q);
+    }
+    for q in &quitting {
+        while q.messages().recv_timeout(Duration::from_secs(10)).is_ok() {}
+    }
+    drop(quitting);
+    let _ = fs::remove_dir_all(dir);
+    match first_err {
+        Some(e) => Err(e),
+        None => Ok((qmp, boot)),
+    }
+}
