@@ -727,6 +727,22 @@ START carries a \fBrequirements\fR map and \fBstorage\fR volumes; the node's con
 comes from the scheduler's CONNECTED frame, and flags given on the command line override it.
 .PP
 Both profiles read both shapes of START.
+.SH "VIRTUAL MACHINES"
+A START without \fBvm_type: docker\fR runs \fBqemu\-system\-x86_64\fR (\fB\-\-qemu\fR) in its own
+session (\fB\-daemonize\fR), so virtual machines outlive the launcher.
+The accelerator is chosen at start and logged: with \fB\-\-qemu\-accel auto\fR, KVM when
+\fI/dev/kvm\fR is read-write and backed by the kvm_intel or kvm_amd module, TCG otherwise
+(nested "PVM" KVM accepts \-enable\-kvm but cannot run real guests).
+\fBfw_type: legacy\fR boots SeaBIOS; otherwise EFI with OVMF (\fB\-\-ovmf\fR, or found in
+/usr/share/OVMF, /usr/share/qemu, /usr/share/edk2/ovmf).
+A monitor thread per virtual machine holds its QMP connection.
+STOP presses the ACPI power button (again every 2 seconds), sends \fBquit\fR after
+\fB\-\-stop\-timeout\fR seconds, and SIGKILL 5 seconds later; DELETE sends \fBquit\fR at once
+and removes every file.
+A QEMU that exits by itself is a crash, handled as the protocol profile says.
+After a restart the launcher reconnects to every virtual machine's QMP socket.
+AttachVolume (2018) hot-plugs \fIvolumes/<volume_uuid>\fR with blockdev\-add and
+device_add and records it, so later boots attach it too.
 .SH SIGNALS
 .TP
 .BR SIGTERM ", " SIGINT ", " SIGHUP
@@ -772,17 +788,26 @@ Local volumes (the storage ids of the 2018 profile).
 .I instances/<uuid>/state
 An instance's configuration (YAML, replaced atomically).
 .TP
-.I instances/<uuid>/image.qcow2
-A virtual machine's overlay disk.
+.I instances/<uuid>/disk.qcow2
+A virtual machine's root disk: a qcow2 overlay on its backing image, sized
+\fBdisk_mb\fR or the image's own size when that is larger.
+(A virtual machine started from a bootable volume uses the volume itself.)
 .TP
 .I instances/<uuid>/seed.iso
-A virtual machine's config drive.
+A virtual machine's config drive: ISO 9660 labelled config\-2 with
+openstack/latest/user_data and meta_data.json.
 .TP
-.I instances/<uuid>/qmp.sock
+.I instances/<uuid>/socket
 A virtual machine's QMP socket.
 .TP
+.I instances/<uuid>/qemu.pid
+The pid of a virtual machine's QEMU.
+.TP
 .I instances/<uuid>/console.log
-A virtual machine's serial console log.
+A virtual machine's serial console log (appended at each boot).
+.TP
+.I instances/<uuid>/OVMF_VARS.fd
+A virtual machine's EFI variables (EFI guests, when the firmware comes as code + variables).
 .TP
 .I local/uuid\-storage/role/client/0x<role>
 This node's UUID, kept across restarts; one file per role mask of the certificate
