@@ -301,7 +301,14 @@ fn wait_returns_the_exit_code_of_a_command_that_exits() {
     let name = unique("ciao-exit");
     let spec = CreateSpec {
         image: IMAGE.into(),
-        cmd: ["sh", "-c", "exit 3"].map(String::from).to_vec(),
+        // Writes 2 MiB to its writable layer first.
+        cmd: [
+            "sh",
+            "-c",
+            "busybox dd if=/dev/zero of=/tmp/f bs=1k count=2048 2>/dev/null; exit 3",
+        ]
+        .map(String::from)
+        .to_vec(),
         network_none: true,
         ..CreateSpec::default()
     };
@@ -328,6 +335,11 @@ fn wait_returns_the_exit_code_of_a_command_that_exits() {
     );
     // Stats of a stopped container: no data, not an error or a panic.
     assert_eq!(api.container_stats_once(&id).expect("stats"), None);
+    // Its writable layer outlives it, file included.
+    let size = api.container_size(&id).expect("size").expect("exists");
+    eprintln!("{size:?}");
+    assert!(size.rw_bytes >= Some(2 << 20), "{size:?}");
+    assert!(size.root_fs_bytes >= size.rw_bytes, "{size:?}");
     // Killing a stopped container is refused by the engine.
     assert!(matches!(
         api.container_kill(&id),
@@ -335,6 +347,7 @@ fn wait_returns_the_exit_code_of_a_command_that_exits() {
     ));
     api.container_remove(&id, false, true).expect("remove");
     assert_eq!(api.container_inspect(&id).expect("inspect"), None);
+    assert_eq!(api.container_size(&id).expect("size"), None);
 }
 
 #[test]

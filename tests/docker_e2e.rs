@@ -75,14 +75,17 @@ fn container_lifecycle_2016() {
 
     let id = start_container(
         &env,
-        "#cloud-config\nruncmd:\n  - [ sh, -c, \"echo hi > /tmp/marker; sleep 300\" ]\n",
+        "#cloud-config\nruncmd:\n  - [ sh, -c, \"busybox dd if=/dev/zero of=/tmp/f bs=1M count=5; echo hi > /tmp/marker; sleep 300\" ]\n",
     );
     env.wait_list("running", |l| state_of(l, &id) == Some("running"));
     // The runcmd ran inside the container.
     let out = docker(&engine, &["exec", &id, "cat", "/tmp/marker"]);
     assert_eq!(text(&out.stdout).trim(), "hi", "{}", text(&out.stderr));
     // STATS carry the container's real figures (sampled every 0.5 s): known
-    // memory (a busybox sleep uses under 1 MiB, so it may read 0) and CPU.
+    // memory (a busybox sleep uses under 1 MiB, so it may read 0), CPU, and
+    // disk: the writable layer holds the 5 MiB file (≥ 5 decimal MB; the
+    // launcher asks for the size at most every 10 s, and its first sample
+    // may predate the file).
     let deadline = std::time::Instant::now() + WAIT;
     loop {
         let list = env.lc_ok(&["list"]);
@@ -91,14 +94,18 @@ fn container_lifecycle_2016() {
             .find(|l| l.contains(&id))
             .map(|l| l.split_whitespace().collect())
             .unwrap_or_default();
-        // NODE INSTANCE STATE <mem> MiB <disk…> <cpu%>: both numbers known.
-        let known = |v: Option<&&str>| v.is_some_and(|v| v.parse::<u64>().is_ok());
-        if known(row.get(3)) && known(row.last()) {
+        // NODE INSTANCE STATE <mem> MiB <disk> MiB <cpu%> ("-" when unknown).
+        let number = |v: Option<&&str>| v.and_then(|v| v.parse::<u64>().ok());
+        let disk = (row.get(6) == Some(&"MiB"))
+            .then(|| number(row.get(5)))
+            .flatten();
+        if number(row.get(3)).is_some() && number(row.last()).is_some() && disk >= Some(5) {
+            eprintln!("{list}");
             break;
         }
         assert!(
             std::time::Instant::now() < deadline,
-            "no memory figure in STATS:\n{list}"
+            "no memory, CPU or disk (≥ 5 MB) figure in STATS:\n{list}"
         );
         std::thread::sleep(std::time::Duration::from_millis(100));
     }

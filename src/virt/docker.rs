@@ -14,7 +14,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::thread::{self, JoinHandle};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender, select};
 use log::{debug, info, warn};
@@ -26,6 +26,11 @@ use crate::payloads::config::InstanceConfig;
 /// Label naming the instance a container belongs to (recovery finds them by it).
 pub const LABEL_INSTANCE: &str = "org.ciao.instance";
 pub const LABEL_TENANT: &str = "org.ciao.tenant";
+
+/// How long a container's disk figure is reused before the engine is asked
+/// again: computing it can be expensive (the vfs driver walks the whole
+/// writable layer), unlike memory and CPU.
+pub const DISK_SAMPLE_PERIOD: Duration = Duration::from_secs(10);
 
 /// Makes Docker virtualizers that talk to one engine.
 #[derive(Debug, Clone)]
@@ -42,6 +47,7 @@ impl VirtualizerFactory for DockerFactory {
             cfg: cfg.clone(),
             api: None,
             last_cpu: None,
+            disk: None,
         })
     }
 }
@@ -56,7 +62,10 @@ pub struct Docker {
     /// prevent recovery; reconnected after errors.
     api: Option<DockerApi>,
     /// The previous CPU sample (when, total CPU ns) for CPU %.
-    last_cpu: Option<(std::time::Instant, u64)>,
+    last_cpu: Option<(Instant, u64)>,
+    /// The last disk figure (when sampled, MB), reused for
+    /// [`DISK_SAMPLE_PERIOD`].
+    disk: Option<(Instant, Option<i64>)>,
 }
 
 fn verr(what: &str, e: DockerError) -> VirtError {
@@ -221,9 +230,11 @@ impl Virtualizer for Docker {
         let Ok(api) = self.api() else {
             return Usage::default();
         };
+        // The writable layer outlives a stop, so it is reported either way.
+        let disk_mb = self.disk_mb(&api);
         match api.container_stats_once(self.name()) {
             Ok(Some(s)) => {
-                let now = std::time::Instant::now();
+                let now = Instant::now();
                 // CPU % of the instance's vCPUs between this sample and the last.
                 let cpu = match (s.cpu_total_usage_ns, self.last_cpu) {
                     (Some(ns), Some((then, prev))) if ns >= prev => {
@@ -237,13 +248,43 @@ impl Virtualizer for Docker {
                 self.last_cpu = s.cpu_total_usage_ns.map(|ns| (now, ns));
                 Usage {
                     memory_mb: Some((s.memory_usage_bytes >> 20) as i64),
-                    disk_mb: None,
+                    disk_mb,
                     cpu_percent: cpu,
                 }
             }
-            _ => Usage::default(),
+            _ => Usage {
+                disk_mb,
+                ..Usage::default()
+            },
         }
     }
+}
+
+impl Docker {
+    /// The container's writable layer in MB, asked of the engine at most
+    /// once per [`DISK_SAMPLE_PERIOD`].
+    fn disk_mb(&mut self, api: &DockerApi) -> Option<i64> {
+        let now = Instant::now();
+        if let Some((at, mb)) = self.disk
+            && now.duration_since(at) < DISK_SAMPLE_PERIOD
+        {
+            return mb;
+        }
+        let mb = match api.container_size(self.name()) {
+            Ok(size) => size.and_then(|s| s.rw_bytes).map(bytes_to_mb),
+            Err(e) => {
+                debug!("{}: size: {e}", self.name());
+                None
+            }
+        };
+        self.disk = Some((now, mb));
+        mb
+    }
+}
+
+/// Bytes in decimal MB, as the node's disk figures (`nodestats`).
+fn bytes_to_mb(bytes: u64) -> i64 {
+    i64::try_from(bytes / 1_000_000).unwrap_or(i64::MAX)
 }
 
 /// The monitor thread's body.
@@ -419,6 +460,13 @@ mod tests {
         );
         assert!(first_runcmd("#cloud-config\n").is_empty());
         assert!(first_runcmd("runcmd: [[").is_empty());
+    }
+
+    #[test]
+    fn disk_in_decimal_mb() {
+        assert_eq!(bytes_to_mb(5 * 1024 * 1024), 5);
+        assert_eq!(bytes_to_mb(999_999), 0);
+        assert_eq!(bytes_to_mb(u64::MAX), 18_446_744_073_709);
     }
 
     #[test]

@@ -195,6 +195,17 @@ pub struct ContainerSummary {
     pub labels: BTreeMap<String, String>,
 }
 
+/// What `GET /containers/{id}/json?size=true` says of a container's file
+/// systems, in bytes; `None` where the engine gives no (or a negative,
+/// i.e. failed) figure.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ContainerSize {
+    /// `SizeRw`: what the container wrote (its writable layer).
+    pub rw_bytes: Option<u64>,
+    /// `SizeRootFs`: image and writable layer together.
+    pub root_fs_bytes: Option<u64>,
+}
+
 /// One stats sample of a container.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ContainerStats {
@@ -522,6 +533,20 @@ impl DockerApi {
         }))
     }
 
+    /// `GET /containers/{id}/json?size=true`: the sizes of the container's
+    /// file systems; `None` when there is no such container. The engine
+    /// computes them on every call (the vfs driver walks the whole tree), so
+    /// callers should not ask often.
+    pub fn container_size(&self, id: &str) -> Result<Option<ContainerSize>, DockerError> {
+        let resp = self
+            .agent
+            .get(self.url(&format!("/containers/{}/json", encode_path(id, false))))
+            .query("size", "true")
+            .call()
+            .map_err(|e| self.err(e))?;
+        Ok(expect_json_opt(resp, &self.socket)?.map(|v| parse_size(&v)))
+    }
+
     /// `GET /containers/json?all=1` filtered on the label `key=value`.
     pub fn containers_by_label(
         &self,
@@ -579,6 +604,20 @@ impl DockerApi {
             socket: self.socket.clone(),
             cancelled: Arc::new(AtomicBool::new(false)),
         }
+    }
+}
+
+/// The sizes in an inspect document. The engine reports -1 when its storage
+/// driver failed to compute a size.
+fn parse_size(v: &Value) -> ContainerSize {
+    let size = |k: &str| {
+        v.get(k)
+            .and_then(Value::as_i64)
+            .and_then(|n| u64::try_from(n).ok())
+    };
+    ContainerSize {
+        rw_bytes: size("SizeRw"),
+        root_fs_bytes: size("SizeRootFs"),
     }
 }
 
@@ -1047,6 +1086,25 @@ mod tests {
         assert_eq!(parse_stats(&json!({"memory_stats": {}})), None);
         assert_eq!(parse_stats(&json!({})), None);
         assert_eq!(parse_stats(&json!({"memory_stats": {"usage": "x"}})), None);
+    }
+
+    #[test]
+    fn sizes_from_inspect() {
+        let v = json!({"Id": "x", "SizeRw": 5_242_880, "SizeRootFs": 7_225_136});
+        assert_eq!(
+            parse_size(&v),
+            ContainerSize {
+                rw_bytes: Some(5_242_880),
+                root_fs_bytes: Some(7_225_136)
+            }
+        );
+        // Inspect without ?size=true, a failed size (-1), garbage.
+        assert_eq!(parse_size(&json!({"Id": "x"})), ContainerSize::default());
+        assert_eq!(
+            parse_size(&json!({"SizeRw": -1, "SizeRootFs": "big"})),
+            ContainerSize::default()
+        );
+        assert_eq!(parse_size(&json!({"SizeRw": 0})).rw_bytes, Some(0));
     }
 
     #[test]
