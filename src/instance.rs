@@ -244,6 +244,10 @@ impl Instance {
 
     fn report_usage(&mut self) {
         let usage = self.vm.stats();
+        self.send_usage(usage);
+    }
+
+    fn send_usage(&self, usage: Usage) {
         let volumes = self.cfg.volumes.iter().map(|v| v.uuid.clone()).collect();
         self.update(InstanceUpdate::Usage {
             id: self.id.clone(),
@@ -409,6 +413,7 @@ impl Instance {
                 recv(self.mon_rx) -> ev => match ev {
                     Ok(MonitorEvent::Exited(why)) => return Ok(why),
                     Ok(MonitorEvent::Running) => continue,
+                    Ok(MonitorEvent::Usage(u)) => self.send_usage(u),
                     Err(_) => return Err("monitor gone"),
                 },
                 recv(shutdown) -> _ => return Err("launcher shutting down"),
@@ -569,6 +574,10 @@ impl Instance {
 
     fn monitor_event(&mut self, ev: MonitorEvent) -> Flow {
         match ev {
+            MonitorEvent::Usage(u) => {
+                self.send_usage(u);
+                Flow::Continue
+            }
             MonitorEvent::Running => {
                 if self.monitor.is_some() && self.state != InstanceState::Running {
                     self.vm.connected();

@@ -10,16 +10,25 @@
 //! cancels the `/wait` and joins the thread without touching the container;
 //! [`Monitor::stop`] asks the engine to stop it (`/stop?t=`), and the exit
 //! then arrives through `/wait` as for any exit.
+//!
+//! Usage is sampled off the instance thread, by a short-lived thread per
+//! sample (`usage-<uuid8>`): the engine's stats come from a collector that
+//! publishes once a second, so a one-shot sample can take up to a second, and
+//! an instance thread blocked that long would leave its commands waiting (a
+//! DELETE sent right after a START waited ~0.9 s for the first sample). The
+//! instance thread gets the latest finished sample at once, and a fresh one
+//! as a [`MonitorEvent::Usage`] when it is ready.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender, select};
 use log::{debug, info, warn};
 
-use super::docker_api::{CreateSpec, DockerApi, DockerError, WaitCanceller};
+use super::docker_api::{CancellablePool, CreateSpec, DockerApi, DockerError, WaitCanceller};
 use super::{Monitor, MonitorEvent, Usage, VirtError, Virtualizer, VirtualizerFactory};
 use crate::payloads::config::InstanceConfig;
 
@@ -46,8 +55,7 @@ impl VirtualizerFactory for DockerFactory {
             stop_timeout: self.stop_timeout,
             cfg: cfg.clone(),
             api: None,
-            last_cpu: None,
-            disk: None,
+            sampling: Sampling::default(),
         })
     }
 }
@@ -61,11 +69,7 @@ pub struct Docker {
     /// Connected lazily, so an engine that is down at launcher start does not
     /// prevent recovery; reconnected after errors.
     api: Option<DockerApi>,
-    /// The previous CPU sample (when, total CPU ns) for CPU %.
-    last_cpu: Option<(Instant, u64)>,
-    /// The last disk figure (when sampled, MB), reused for
-    /// [`DISK_SAMPLE_PERIOD`].
-    disk: Option<(Instant, Option<i64>)>,
+    sampling: Sampling,
 }
 
 fn verr(what: &str, e: DockerError) -> VirtError {
@@ -152,11 +156,11 @@ impl Virtualizer for Docker {
     }
 
     fn connected(&mut self) {
-        self.last_cpu = None;
+        self.sampling.new_life(false);
     }
 
     fn lost(&mut self) {
-        self.last_cpu = None;
+        self.sampling.new_life(true);
     }
 
     fn ensure_backing_image(&mut self) -> Result<(), VirtError> {
@@ -203,6 +207,7 @@ impl Virtualizer for Docker {
         events: Sender<MonitorEvent>,
         _boot: bool,
     ) -> Result<Box<dyn Monitor>, VirtError> {
+        self.sampling.events(events.clone());
         let name = self.name().to_string();
         let (stop_tx, stop_rx) = crossbeam_channel::bounded::<()>(0);
         let api = self.api.clone();
@@ -226,41 +231,214 @@ impl Virtualizer for Docker {
         }))
     }
 
+    /// The latest finished sample; asks for a fresh one, which follows as a
+    /// [`MonitorEvent::Usage`] once a monitor has been attached.
     fn stats(&mut self) -> Usage {
-        let Ok(api) = self.api() else {
-            return Usage::default();
-        };
-        // The writable layer outlives a stop, so it is reported either way.
-        let disk_mb = self.disk_mb(&api);
-        match api.container_stats_once(self.name()) {
-            Ok(Some(s)) => {
-                let now = Instant::now();
-                // CPU % of the instance's vCPUs between this sample and the last.
-                let cpu = match (s.cpu_total_usage_ns, self.last_cpu) {
-                    (Some(ns), Some((then, prev))) if ns >= prev => {
-                        let wall = now.duration_since(then).as_nanos() as f64;
-                        let vcpus = f64::from(self.cfg.vcpus.max(1));
-                        (wall > 0.0)
-                            .then(|| ((ns - prev) as f64 / wall * 100.0 / vcpus).round() as i64)
-                    }
-                    _ => None,
-                };
-                self.last_cpu = s.cpu_total_usage_ns.map(|ns| (now, ns));
-                Usage {
-                    memory_mb: Some((s.memory_usage_bytes >> 20) as i64),
-                    disk_mb,
-                    cpu_percent: cpu,
-                }
+        let name = self.cfg.instance_uuid.clone();
+        self.sampling
+            .request(&name, &self.socket, self.cfg.vcpus.max(1));
+        self.sampling.latest()
+    }
+}
+
+/// What the instance thread and the sampling threads share.
+#[derive(Debug, Default)]
+struct Shared {
+    /// Bumped when the container starts or stops: samples begun before are
+    /// dropped, and CPU % starts afresh.
+    life: u64,
+    latest: Usage,
+    /// The instance thread's monitor channel, once known.
+    events: Option<Sender<MonitorEvent>>,
+}
+
+/// Usage sampling of one container, one sample at a time (see the module
+/// docs). The sampler's state travels into each sampling thread and back
+/// through its `JoinHandle`, so no thread waits between samples.
+#[derive(Debug, Default)]
+struct Sampling {
+    shared: Arc<Mutex<Shared>>,
+    /// The sample being taken (or just taken).
+    busy: Option<JoinHandle<Box<Sampler>>>,
+    /// The sampler between samples. Neither this nor `busy` before the first
+    /// sample, or after a thread failed to start (its state is lost: begin
+    /// anew).
+    idle: Option<Box<Sampler>>,
+    /// Interrupts the sampler's engine calls when the virtualizer goes.
+    canceller: Option<WaitCanceller>,
+}
+
+impl Sampling {
+    fn events(&mut self, events: Sender<MonitorEvent>) {
+        if let Ok(mut sh) = self.shared.lock() {
+            sh.events = Some(events);
+        }
+    }
+
+    /// The container started (`stopped` false) or stopped: what was sampled
+    /// before no longer describes it. The disk figure stays true.
+    fn new_life(&mut self, stopped: bool) {
+        if let Ok(mut sh) = self.shared.lock() {
+            sh.life += 1;
+            sh.latest.cpu_percent = None;
+            if stopped {
+                sh.latest.memory_mb = None;
             }
-            _ => Usage {
-                disk_mb,
-                ..Usage::default()
-            },
+        }
+    }
+
+    fn latest(&self) -> Usage {
+        self.shared.lock().map(|sh| sh.latest).unwrap_or_default()
+    }
+
+    /// Takes the sampler back from a finished sampling thread (joining it
+    /// then does not wait). A panicked sampler (debug builds; release builds
+    /// abort) only loses its state.
+    fn reap(&mut self) {
+        if let Some(t) = self.busy.take_if(|t| t.is_finished()) {
+            self.idle = t.join().ok();
+        }
+    }
+
+    /// Starts a sample unless one is being taken.
+    fn request(&mut self, name: &str, socket: &Path, vcpus: u32) {
+        self.reap();
+        if self.busy.is_some() {
+            return;
+        }
+        // Taken now: a start or stop from here on makes the sample stale.
+        let Ok(life) = self.shared.lock().map(|sh| sh.life) else {
+            return;
+        };
+        let mut sampler = self.idle.take().unwrap_or_else(|| {
+            let pool = CancellablePool::new(socket);
+            self.canceller = Some(pool.canceller());
+            Box::new(Sampler {
+                name: name.to_string(),
+                pool,
+                api: None,
+                vcpus,
+                last_cpu: None,
+                disk: None,
+            })
+        });
+        sampler.vcpus = vcpus;
+        let shared = Arc::clone(&self.shared);
+        let spawned = thread::Builder::new()
+            .name(format!("usage-{}", &name[..name.len().min(8)]))
+            .stack_size(256 * 1024)
+            .spawn(move || {
+                sampler.sample(life, &shared);
+                sampler
+            });
+        match spawned {
+            Ok(t) => self.busy = Some(t),
+            Err(e) => warn!("{name}: usage sampling thread: {e}"),
         }
     }
 }
 
-impl Docker {
+impl Drop for Sampling {
+    /// Interrupts a sample being taken and joins its thread.
+    fn drop(&mut self) {
+        if let Some(t) = self.busy.take() {
+            if !t.is_finished()
+                && let Some(c) = &self.canceller
+            {
+                c.cancel();
+            }
+            let _ = t.join();
+        }
+    }
+}
+
+/// A sampler's state between samples.
+#[derive(Debug)]
+struct Sampler {
+    name: String,
+    pool: CancellablePool,
+    /// Connected lazily (the engine may be down), on `pool`.
+    api: Option<DockerApi>,
+    vcpus: u32,
+    /// The previous CPU figure (life, when, total CPU ns) for CPU %.
+    last_cpu: Option<(u64, Instant, u64)>,
+    /// The last disk figure (when sampled, MB), reused for
+    /// [`DISK_SAMPLE_PERIOD`].
+    disk: Option<(Instant, Option<i64>)>,
+}
+
+impl Sampler {
+    /// Takes one sample and hands it to the instance thread, unless the
+    /// container's `life` ended meanwhile.
+    fn sample(&mut self, life: u64, shared: &Mutex<Shared>) {
+        let usage = self.usage(life);
+        if self.pool.cancelled() {
+            return;
+        }
+        let Ok(mut sh) = shared.lock() else {
+            return;
+        };
+        // Begun before a start or stop: it would describe the previous life.
+        if sh.life != life {
+            return;
+        }
+        sh.latest = usage;
+        if let Some(events) = &sh.events {
+            // Unbounded; fails only when the instance thread is gone.
+            let _ = events.send(MonitorEvent::Usage(usage));
+        }
+    }
+
+    fn usage(&mut self, life: u64) -> Usage {
+        let api = match &self.api {
+            Some(a) => a.clone(),
+            None => match self.pool.connect() {
+                Ok(a) => {
+                    self.api = Some(a.clone());
+                    a
+                }
+                Err(e) => {
+                    debug!("{}: usage: {e}", self.name);
+                    return Usage::default();
+                }
+            },
+        };
+        // The writable layer outlives a stop, so it is reported either way.
+        let disk_mb = self.disk_mb(&api);
+        let stats = match api.container_stats_once(&self.name) {
+            Ok(Some(s)) => s,
+            Ok(None) => {
+                return Usage {
+                    disk_mb,
+                    ..Usage::default()
+                };
+            }
+            Err(e) => {
+                debug!("{}: stats: {e}", self.name);
+                return Usage {
+                    disk_mb,
+                    ..Usage::default()
+                };
+            }
+        };
+        let now = Instant::now();
+        // CPU % of the instance's vCPUs between this sample and the last.
+        let cpu = match (stats.cpu_total_usage_ns, self.last_cpu) {
+            (Some(ns), Some((l, then, prev))) if l == life && ns >= prev => {
+                let wall = now.duration_since(then).as_nanos() as f64;
+                let vcpus = f64::from(self.vcpus.max(1));
+                (wall > 0.0).then(|| ((ns - prev) as f64 / wall * 100.0 / vcpus).round() as i64)
+            }
+            _ => None,
+        };
+        self.last_cpu = stats.cpu_total_usage_ns.map(|ns| (life, now, ns));
+        Usage {
+            memory_mb: Some((stats.memory_usage_bytes >> 20) as i64),
+            disk_mb,
+            cpu_percent: cpu,
+        }
+    }
+
     /// The container's writable layer in MB, asked of the engine at most
     /// once per [`DISK_SAMPLE_PERIOD`].
     fn disk_mb(&mut self, api: &DockerApi) -> Option<i64> {
@@ -270,10 +448,10 @@ impl Docker {
         {
             return mb;
         }
-        let mb = match api.container_size(self.name()) {
+        let mb = match api.container_size(&self.name) {
             Ok(size) => size.and_then(|s| s.rw_bytes).map(bytes_to_mb),
             Err(e) => {
-                debug!("{}: size: {e}", self.name());
+                debug!("{}: size: {e}", self.name);
                 None
             }
         };
@@ -446,6 +624,159 @@ impl Drop for DockerMonitor {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::io::{BufRead, BufReader, Write};
+    use std::os::unix::net::{UnixListener, UnixStream};
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+
+    /// A stand-in engine on a unix socket: `/version`, inspect with sizes,
+    /// and stats that answer only when the test opens `gate` (as the real
+    /// engine answers only at its collector's next tick).
+    struct FakeEngine {
+        dir: PathBuf,
+        socket: PathBuf,
+        stop: Arc<AtomicBool>,
+        size_calls: Arc<AtomicUsize>,
+        accept: Option<JoinHandle<()>>,
+    }
+
+    impl FakeEngine {
+        fn start(gate: Receiver<()>) -> FakeEngine {
+            let id = uuid::Uuid::new_v4().simple().to_string();
+            let dir = std::env::temp_dir().join(format!("ciao-fake-docker-{}", &id[..12]));
+            std::fs::create_dir_all(&dir).expect("dir");
+            let socket = dir.join("docker.sock");
+            let listener = UnixListener::bind(&socket).expect("bind");
+            let stop = Arc::new(AtomicBool::new(false));
+            let size_calls = Arc::new(AtomicUsize::new(0));
+            let (st, sc) = (Arc::clone(&stop), Arc::clone(&size_calls));
+            let accept = thread::spawn(move || {
+                for conn in listener.incoming() {
+                    if st.load(Ordering::SeqCst) {
+                        return;
+                    }
+                    let Ok(conn) = conn else { continue };
+                    let (gate, sc) = (gate.clone(), Arc::clone(&sc));
+                    // Ends when the client closes the connection.
+                    thread::spawn(move || serve(conn, &gate, &sc));
+                }
+            });
+            FakeEngine {
+                dir,
+                socket,
+                stop,
+                size_calls,
+                accept: Some(accept),
+            }
+        }
+    }
+
+    impl Drop for FakeEngine {
+        fn drop(&mut self) {
+            self.stop.store(true, Ordering::SeqCst);
+            // Wakes the accept loop so that it sees the flag.
+            let _ = UnixStream::connect(&self.socket);
+            if let Some(t) = self.accept.take() {
+                let _ = t.join();
+            }
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+
+    fn serve(conn: UnixStream, gate: &Receiver<()>, size_calls: &AtomicUsize) {
+        let Ok(mut out) = conn.try_clone() else {
+            return;
+        };
+        let mut lines = BufReader::new(conn).lines();
+        while let Some(Ok(request)) = lines.next() {
+            // GETs only: no body after the headers.
+            while lines.next().is_some_and(|l| l.is_ok_and(|l| !l.is_empty())) {}
+            let path = request.split_whitespace().nth(1).unwrap_or("");
+            let body = if path == "/version" {
+                r#"{"ApiVersion":"1.41","MinAPIVersion":"1.12","Version":"fake"}"#
+            } else if path.contains("/stats?") {
+                if gate.recv_timeout(Duration::from_secs(20)).is_err() {
+                    return;
+                }
+                r#"{"memory_stats":{"usage":3145728},"cpu_stats":{"cpu_usage":{"total_usage":1000}}}"#
+            } else if path.contains("/json?size=true") {
+                size_calls.fetch_add(1, Ordering::SeqCst);
+                r#"{"Id":"c","SizeRw":5242880,"SizeRootFs":9000000}"#
+            } else {
+                return;
+            };
+            let head = format!(
+                "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+                body.len()
+            );
+            if out.write_all(head.as_bytes()).is_err() || out.write_all(body.as_bytes()).is_err() {
+                return;
+            }
+        }
+    }
+
+    const SAMPLED: Usage = Usage {
+        memory_mb: Some(3),
+        disk_mb: Some(5),
+        cpu_percent: None,
+    };
+
+    #[test]
+    fn usage_is_sampled_off_the_calling_thread() {
+        let (gate, gate_rx) = crossbeam_channel::bounded::<()>(0);
+        let engine = FakeEngine::start(gate_rx);
+        let (events, rx) = crossbeam_channel::unbounded();
+        let mut s = Sampling::default();
+        s.events(events);
+
+        // The engine holds the stats call, yet the caller gets an answer now.
+        s.request("c", &engine.socket, 1);
+        assert_eq!(s.latest(), Usage::default());
+        // A second request while one is under way starts nothing.
+        s.request("c", &engine.socket, 1);
+        gate.send(()).expect("stats answered");
+        let ev = rx.recv_timeout(Duration::from_secs(10)).expect("a sample");
+        assert_eq!(ev, MonitorEvent::Usage(SAMPLED));
+        assert_eq!(s.latest(), SAMPLED);
+        // (It may still be ending after sending.)
+        let t = s.busy.take().expect("the first sample");
+        s.idle = Some(t.join().expect("sampler"));
+
+        // A sample begun before the container stopped is dropped; the disk
+        // figure is kept, and reused (not asked again within 10 s).
+        s.request("c", &engine.socket, 1);
+        s.new_life(true);
+        gate.send(()).expect("stats answered");
+        s.busy
+            .take()
+            .expect("a sample under way")
+            .join()
+            .expect("sampler");
+        assert!(rx.try_recv().is_err(), "stale sample delivered");
+        assert_eq!(
+            s.latest(),
+            Usage {
+                disk_mb: Some(5),
+                ..Usage::default()
+            }
+        );
+        assert_eq!(engine.size_calls.load(Ordering::SeqCst), 1);
+
+        // Dropped while the engine holds a sample: interrupted, not waited for.
+        s.request("c", &engine.socket, 1);
+        let t = Instant::now();
+        drop(s);
+        assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
+    }
+
+    #[test]
+    fn unreachable_engine_is_an_unknown_sample() {
+        let (events, rx) = crossbeam_channel::unbounded();
+        let mut s = Sampling::default();
+        s.events(events);
+        s.request("c", Path::new("/nonexistent/ciao/docker.sock"), 1);
+        let ev = rx.recv_timeout(Duration::from_secs(10)).expect("a sample");
+        assert_eq!(ev, MonitorEvent::Usage(Usage::default()));
+    }
 
     #[test]
     fn command_from_cloud_init() {

@@ -250,7 +250,10 @@ pub struct DockerApi {
 impl DockerApi {
     /// Connects to the engine at `socket` and negotiates the API version.
     pub fn connect(socket: &Path) -> Result<DockerApi, DockerError> {
-        let agent = new_agent(socket, Some(CALL_TIMEOUT));
+        DockerApi::connect_on(new_agent(socket, Some(CALL_TIMEOUT)), socket)
+    }
+
+    fn connect_on(agent: Agent, socket: &Path) -> Result<DockerApi, DockerError> {
         let resp = agent
             .get("http://docker/version")
             .call()
@@ -666,7 +669,58 @@ pub struct Waiter {
     cancelled: Arc<AtomicBool>,
 }
 
-/// Cancels the [`Waiter`] it came from, from any thread.
+/// A connection pool of its own for a client that another thread may need
+/// to interrupt (through [`CancellablePool::canceller`]), e.g. one that
+/// samples usage on behalf of a thread that must not wait for it. The
+/// canceller exists before the client connects, so even a connect to a hung
+/// engine can be interrupted.
+#[derive(Debug)]
+pub struct CancellablePool {
+    agent: Agent,
+    socket: PathBuf,
+    cancelled: Arc<AtomicBool>,
+}
+
+impl CancellablePool {
+    pub fn new(socket: &Path) -> CancellablePool {
+        CancellablePool {
+            agent: new_agent(socket, Some(CALL_TIMEOUT)),
+            socket: socket.to_path_buf(),
+            cancelled: Arc::new(AtomicBool::new(false)),
+        }
+    }
+
+    /// [`DockerApi::connect`] on this pool: every call of the client it
+    /// returns fails at once after a cancel, as does this one.
+    pub fn connect(&self) -> Result<DockerApi, DockerError> {
+        if self.cancelled() {
+            return Err(DockerError::Cancelled);
+        }
+        DockerApi::connect_on(self.agent.clone(), &self.socket).map_err(|e| {
+            if self.cancelled() {
+                DockerError::Cancelled
+            } else {
+                e
+            }
+        })
+    }
+
+    /// True once the pool was cancelled (its clients' errors are due to that).
+    pub fn cancelled(&self) -> bool {
+        self.cancelled.load(Ordering::SeqCst)
+    }
+
+    /// A handle that cancels this pool.
+    pub fn canceller(&self) -> WaitCanceller {
+        WaitCanceller {
+            agent: self.agent.clone(),
+            cancelled: self.cancelled.clone(),
+        }
+    }
+}
+
+/// Cancels the [`Waiter`] or [`CancellablePool`] it came from, from any
+/// thread.
 #[derive(Debug, Clone)]
 pub struct WaitCanceller {
     agent: Agent,
@@ -675,7 +729,8 @@ pub struct WaitCanceller {
 
 impl WaitCanceller {
     /// Makes the waiter's blocked (or next) `wait` return
-    /// [`DockerError::Cancelled`]. The container is left alone.
+    /// [`DockerError::Cancelled`], or the pool's calls fail. The container is
+    /// left alone.
     pub fn cancel(&self) {
         // The flag first, so the waiter sees it when its read fails.
         self.cancelled.store(true, Ordering::SeqCst);

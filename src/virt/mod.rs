@@ -44,6 +44,9 @@ pub enum MonitorEvent {
     Running,
     /// The instance is seen not running any more (with what is known of why).
     Exited(String),
+    /// A fresh usage sample, for virtualizers that sample off the instance
+    /// thread because sampling can take long (Docker).
+    Usage(Usage),
 }
 
 /// Resource usage of one instance; `None` = unknown (−1 on the wire).
