@@ -475,7 +475,18 @@ fn watch(
     slot: &std::sync::Mutex<Option<WaitCanceller>>,
 ) {
     let mut announced = false;
-    let mut delay = Duration::from_millis(200);
+    let mut delay = FIRST_RETRY;
+    // Failed attempts in a row: the first is a warning, the retries only
+    // debug lines (an engine down for long would flood the log otherwise).
+    let mut failures = 0u32;
+    let failed = |failures: &mut u32, what: &str, e: &DockerError, delay: Duration| {
+        if *failures == 0 {
+            warn!("{name}: {what}: {e}; retrying in {delay:?}, with backoff");
+        } else {
+            debug!("{name}: {what}: {e}; retrying in {delay:?}");
+        }
+        *failures += 1;
+    };
     loop {
         // (Re)connect: the engine may be restarting. Every retry starts from
         // a fresh connection.
@@ -484,7 +495,7 @@ fn watch(
             None => match DockerApi::connect(socket) {
                 Ok(a) => a,
                 Err(e) => {
-                    debug!("{name}: engine unreachable ({e}); retrying in {delay:?}");
+                    failed(&mut failures, "docker engine unreachable", &e, delay);
                     if backoff(stop, &mut delay) {
                         return;
                     }
@@ -494,6 +505,11 @@ fn watch(
         };
         match a.container_inspect(name) {
             Ok(Some(info)) if info.running => {
+                if failures > 0 {
+                    info!("{name}: docker engine reachable again, container running");
+                }
+                failures = 0;
+                delay = FIRST_RETRY;
                 if !announced {
                     announced = true;
                     let _ = events.send(MonitorEvent::Running);
@@ -511,7 +527,7 @@ fn watch(
                 return;
             }
             Err(e) => {
-                warn!("{name}: inspect: {e}; retrying");
+                failed(&mut failures, "inspect", &e, delay);
                 if backoff(stop, &mut delay) {
                     return;
                 }
@@ -544,7 +560,12 @@ fn watch(
             }
             Err(DockerError::Cancelled) => return,
             Err(e) => {
-                warn!("{name}: wait: {e}; re-reading the container's state");
+                failed(
+                    &mut failures,
+                    "wait (re-reading the container's state)",
+                    &e,
+                    delay,
+                );
                 if backoff(stop, &mut delay) {
                     return;
                 }
@@ -552,6 +573,9 @@ fn watch(
         }
     }
 }
+
+/// The monitor's first retry delay after the engine failed it.
+const FIRST_RETRY: Duration = Duration::from_millis(200);
 
 /// Waits `delay` (doubling up to 5 s) unless detached; true if detached.
 fn backoff(stop: &Receiver<()>, delay: &mut Duration) -> bool {

@@ -308,8 +308,61 @@ pub struct Engine {
     pub socket: PathBuf,
 }
 
+impl Engine {
+    /// The pid of this engine's dockerd, if it runs (from its pidfile,
+    /// checked against the process's command line: pids get reused).
+    pub fn daemon_pid(&self) -> Option<i32> {
+        let pid: i32 = std::fs::read_to_string(self.dir.join("dockerd.pid"))
+            .ok()?
+            .trim()
+            .parse()
+            .ok()?;
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+        String::from_utf8_lossy(&cmdline)
+            .contains(&*self.socket.to_string_lossy())
+            .then_some(pid)
+    }
+
+    /// Stops the dockerd (SIGTERM by its pid, then waits for it to exit),
+    /// leaving its containers running (it runs with --live-restore) and its
+    /// directory in place, so [`Engine::start_again`] brings them back.
+    pub fn stop_keeping_containers(&self) {
+        let pid = self.daemon_pid().expect("dockerd is running");
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGTERM,
+        )
+        .expect("SIGTERM dockerd");
+        let deadline = Instant::now() + WAIT;
+        while Path::new(&format!("/proc/{pid}")).exists() {
+            assert!(Instant::now() < deadline, "dockerd {pid} did not stop");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Starts the dockerd again on the same directory (and socket).
+    pub fn start_again(&self) {
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/start-dockerd.sh");
+        let out = Command::new(script)
+            .arg(&self.dir)
+            .output()
+            .expect("start-dockerd.sh");
+        assert!(
+            out.status.success(),
+            "restarting dockerd: {}",
+            text(&out.stderr)
+        );
+    }
+}
+
 impl Drop for Engine {
     fn drop(&mut self) {
+        // Stopped by a test that then failed: its containers still run. Start
+        // the engine again so that stop-dockerd.sh can remove them.
+        if self.daemon_pid().is_none() && self.dir.join("root").exists() {
+            let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/start-dockerd.sh");
+            let _ = Command::new(script).arg(&self.dir).output();
+        }
         let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/stop-dockerd.sh");
         let failure = match Command::new(&script).arg(&self.dir).output() {
             Ok(o) if o.status.success() => return,
@@ -341,6 +394,13 @@ pub fn engine() -> Arc<Engine> {
     if let Some(e) = slot.upgrade() {
         return e;
     }
+    let e = Arc::new(private_engine());
+    *slot = Arc::downgrade(&e);
+    e
+}
+
+/// An engine of the caller's own (for tests that stop and start it).
+pub fn private_engine() -> Engine {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/start-dockerd.sh");
     let started = Instant::now();
     let out = Command::new(&script)
@@ -368,7 +428,5 @@ pub fn engine() -> Arc<Engine> {
         socket.display(),
         started.elapsed()
     );
-    let e = Arc::new(Engine { dir, socket });
-    *slot = Arc::downgrade(&e);
-    e
+    Engine { dir, socket }
 }
