@@ -511,25 +511,24 @@ impl Instance {
         Flow::Exit
     }
 
+    /// An AttachVolumeFailure, logged.
+    fn fail_attach(&self, volume: &str, reason: Reason) {
+        warn!(
+            "AttachVolume failure for {} (volume {volume}): {}",
+            self.id,
+            reason.as_str()
+        );
+        self.ctx
+            .send_error(ErrorKind::AttachVolume, &self.id, reason, false, volume);
+    }
+
     fn attach_volume(&mut self, volume: String) -> Flow {
         if self.cfg.vm_type == VmType::Docker {
-            self.ctx.send_error(
-                ErrorKind::AttachVolume,
-                &self.id,
-                Reason::NotSupported,
-                false,
-                &volume,
-            );
+            self.fail_attach(&volume, Reason::NotSupported);
             return Flow::Continue;
         }
         if self.cfg.volumes.iter().any(|v| v.uuid == volume) {
-            self.ctx.send_error(
-                ErrorKind::AttachVolume,
-                &self.id,
-                Reason::AlreadyAttached,
-                false,
-                &volume,
-            );
+            self.fail_attach(&volume, Reason::AlreadyAttached);
             return Flow::Continue;
         }
         // A running VM gets it now; a stopped one at its next boot.
@@ -542,13 +541,7 @@ impl Instance {
         };
         if let Err(e) = attached {
             warn!("{}: attach {volume}: {e}", self.id);
-            self.ctx.send_error(
-                ErrorKind::AttachVolume,
-                &self.id,
-                Reason::AttachFailure,
-                false,
-                &volume,
-            );
+            self.fail_attach(&volume, Reason::AttachFailure);
             return Flow::Continue;
         }
         info!("{}: volume {volume} attached", self.id);
@@ -559,13 +552,7 @@ impl Instance {
         if let Err(e) = self.save() {
             warn!("{}: {e}", self.id);
             self.cfg.volumes.retain(|v| v.uuid != volume);
-            self.ctx.send_error(
-                ErrorKind::AttachVolume,
-                &self.id,
-                Reason::StateFailure,
-                false,
-                &volume,
-            );
+            self.fail_attach(&volume, Reason::StateFailure);
             return Flow::Continue;
         }
         self.report_usage();
