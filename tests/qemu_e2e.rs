@@ -241,7 +241,7 @@ fn vm_lifecycle_bios_2016() {
 
     // RESTART: the same disk; the first boot's file is still there.
     env.lc_ok(&["restart", &id]);
-    let c = wait_console(&env, &id, "GUEST-BOOTED", 2);
+    let c = wait_console(&env, &id, "GUEST-RUNCMD-DONE", 2);
     wait_list_for(&env, BOOT, "running again", |l| {
         state_of(l, &id) == Some("running")
     });
