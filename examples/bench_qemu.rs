@@ -3,12 +3,12 @@
 //! `qemu-img create` of the overlay, the config-drive ISO with xorriso, and
 //! `qemu-system-x86_64` with the same arguments), then a graceful STOP.
 //!
-//! Launcher timings come from what the scheduler sees: STATS every 50 ms
-//! (`--stats-interval 0.05`) give "every VM running" (= QMP connected) to
-//! ±50 ms; `GUEST-BOOTED` is read from each VM's console log. Bare timings:
+//! Launcher timings come from what the scheduler sees: STATS every 10 ms
+//! (`--stats-interval 0.01`) give "every VM running" (= QMP connected) to
+//! ±10 ms; `GUEST-BOOTED` is read from each VM's console log. Bare timings:
 //! our own QMP handshake, and the same console line.
 //!
-//! Usage: bench_qemu --launcher PATH --image GUEST.img [--n 1,5,20] [--mem 48]
+//! Usage: bench_qemu --launcher PATH --image GUEST.img [--n 1,5,20] [--mem 48] [--runs 3]
 //! (see scripts/bench-qemu.sh)
 
 use std::fs;
@@ -43,16 +43,21 @@ struct Args {
     image: PathBuf,
     ns: Vec<usize>,
     mem: u64,
+    /// Runs per N; the table shows medians.
+    runs: usize,
 }
 
 fn usage() -> ! {
-    eprintln!("usage: bench_qemu --launcher PATH --image GUEST.img [--n 1,5,20] [--mem 48]");
+    eprintln!(
+        "usage: bench_qemu --launcher PATH --image GUEST.img [--n 1,5,20] [--mem 48] [--runs 3]"
+    );
     std::process::exit(2);
 }
 
 fn main() {
     let argv: Vec<String> = std::env::args().skip(1).collect();
-    let (mut launcher, mut image, mut ns, mut mem) = (None, None, vec![1usize, 5, 20], 48u64);
+    let (mut launcher, mut image, mut ns, mut mem, mut runs) =
+        (None, None, vec![1usize, 5, 20], 48u64, 3usize);
     let mut it = argv.iter();
     while let Some(a) = it.next() {
         match (a.as_str(), it.next()) {
@@ -60,6 +65,7 @@ fn main() {
             ("--image", Some(p)) => image = Some(PathBuf::from(p)),
             ("--n", Some(v)) => ns = v.split(',').filter_map(|x| x.trim().parse().ok()).collect(),
             ("--mem", Some(v)) => mem = v.parse().unwrap_or_else(|_| usage()),
+            ("--runs", Some(v)) => runs = v.parse::<usize>().unwrap_or_else(|_| usage()).max(1),
             _ => usage(),
         }
     }
@@ -71,6 +77,7 @@ fn main() {
         image,
         ns,
         mem,
+        runs,
     };
     if let Err(e) = run(&args) {
         eprintln!("bench_qemu: {e}");
@@ -119,7 +126,7 @@ fn run(a: &Args) -> Result<(), String> {
             "--max-vm",
             "1000",
             "--stats-interval",
-            "0.05",
+            "0.01",
             "--usage-interval",
             "3600",
             "--stop-timeout",
@@ -147,14 +154,39 @@ fn run(a: &Args) -> Result<(), String> {
         };
         let mut rows = Vec::new();
         for &n in &a.ns {
-            let l = through_launcher(&server, node, &data, n, a.mem)?;
-            let b = bare(&dir.join(format!("bare-{n}")), &a.image, n, a.mem)?;
+            // Alternate launcher and bare runs; each starts from a flushed
+            // page cache so the previous run's writeback does not land on it.
+            let (mut ls, mut bs) = (Vec::new(), Vec::new());
+            for r in 0..a.runs {
+                nix::unistd::sync();
+                ls.push(through_launcher(&server, node, &data, n, a.mem)?);
+                nix::unistd::sync();
+                bs.push(bare(
+                    &dir.join(format!("bare-{n}-{r}")),
+                    &a.image,
+                    n,
+                    a.mem,
+                )?);
+            }
+            let med = |mut v: Vec<Duration>| {
+                v.sort();
+                v[v.len() / 2]
+            };
+            let l = Measured {
+                qmp: med(ls.iter().map(|m| m.qmp).collect()),
+                boot: med(ls.iter().map(|m| m.boot).collect()),
+                stop: med(ls.iter().map(|m| m.stop).collect()),
+            };
+            let b = (
+                med(bs.iter().map(|b| b.0).collect()),
+                med(bs.iter().map(|b| b.1).collect()),
+            );
             rows.push((n, l, b));
         }
         let (accel, _) = choose_accel(AccelChoice::Auto, Path::new("/sys"), Path::new("/dev/kvm"));
         println!(
-            "\nQEMU benchmark ({accel:?}, legacy BIOS, {} MB per VM; release launcher; STATS every 50 ms)\n",
-            a.mem
+            "\nQEMU benchmark ({accel:?}, legacy BIOS, {} MB per VM; release launcher; STATS every 10 ms; median of {} runs)\n",
+            a.mem, a.runs
         );
         println!(
             "| N | launcher START → all QMP connected | bare | ratio | launcher START → all GUEST-BOOTED | bare | ratio | launcher STOP (ACPI) → all exited |"

@@ -273,6 +273,7 @@ fn qemu_factory(cfg: &Config) -> qemu::QemuFactory {
             cli::UiMode::Spice => qemu::Ui::Spice,
         },
         stop_timeout: cfg.stop_timeout,
+        images: qemu::ImageCache::default(),
     }
 }
 

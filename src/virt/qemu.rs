@@ -204,6 +204,51 @@ pub struct QemuFactory {
     pub ovmf: Option<PathBuf>,
     pub ui: Ui,
     pub stop_timeout: Duration,
+    /// What `qemu-img info` said of each backing image, shared by all VMs.
+    pub images: ImageCache,
+}
+
+/// `qemu-img info` results by path, valid while the file's identity, size
+/// and modification time stay the same: a START does not pay for a
+/// `qemu-img` run to learn what it learnt for the previous VM of the image.
+#[derive(Debug, Clone, Default)]
+pub struct ImageCache(Arc<Mutex<std::collections::HashMap<PathBuf, (FileKey, ImageInfo)>>>);
+
+/// (device, inode, size, mtime in ns).
+type FileKey = (u64, u64, u64, i128);
+
+impl ImageCache {
+    fn key(meta: &fs::Metadata) -> FileKey {
+        use std::os::unix::fs::MetadataExt;
+        (
+            meta.dev(),
+            meta.ino(),
+            meta.size(),
+            i128::from(meta.mtime()) * 1_000_000_000 + i128::from(meta.mtime_nsec()),
+        )
+    }
+
+    /// The info of `path` (whose metadata is `meta`), from the cache or
+    /// from `qemu-img info`.
+    pub fn info(
+        &self,
+        qemu_img: &Path,
+        path: &Path,
+        meta: &fs::Metadata,
+    ) -> Result<ImageInfo, VirtError> {
+        let key = Self::key(meta);
+        if let Ok(m) = self.0.lock()
+            && let Some((k, info)) = m.get(path)
+            && *k == key
+        {
+            return Ok(info.clone());
+        }
+        let info = image_info(qemu_img, path)?;
+        if let Ok(mut m) = self.0.lock() {
+            m.insert(path.to_path_buf(), (key, info.clone()));
+        }
+        Ok(info)
+    }
 }
 
 impl VirtualizerFactory for QemuFactory {
@@ -617,7 +662,12 @@ impl Virtualizer for Qemu {
                 path.display()
             )));
         }
-        let info = image_info(&self.f.qemu_img, &path)?;
+        // A boot volume is written by its VM: always look again.
+        let info = if self.cfg.image_uuid.is_empty() {
+            image_info(&self.f.qemu_img, &path)?
+        } else {
+            self.f.images.info(&self.f.qemu_img, &path, &meta)?
+        };
         self.backing = Some((path, info));
         Ok(())
     }
