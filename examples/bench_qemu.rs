@@ -32,7 +32,7 @@ use support_scheduler::scheduler;
 
 const PROFILE: Profile = Profile::P2016;
 const IMAGE: &str = "7e57a9e0-0c1a-4000-8000-000000000001";
-const WAIT: Duration = Duration::from_secs(600);
+const WAIT: Duration = Duration::from_secs(180);
 const USER_DATA: &str = "#cloud-config\n";
 
 /// A condition on the (instance, state) pairs of a STATS frame.
@@ -252,25 +252,27 @@ fn through_launcher(
     let wait_states =
         |what: &str, on_tick: &mut dyn FnMut(), all: &StatesPred<'_>| -> Result<(), String> {
             let deadline = Instant::now() + WAIT;
+            let mut last = None;
             loop {
                 on_tick();
-                match server.events().recv_timeout(Duration::from_millis(20)) {
-                    Ok(ServerEvent::Frame { frame, .. }) => {
-                        if let Ok(Operation::Error(_)) = PROFILE.frame_operation(&frame) {
-                            return Err(format!(
-                                "launcher error: {}",
-                                String::from_utf8_lossy(&frame.payload)
-                            ));
-                        }
-                        if let Some(s) = states(&frame)
-                            && all(&s)
-                        {
+                if Instant::now() > deadline {
+                    return Err(format!("{what} stalled; last states: {last:?}"));
+                }
+                if let Ok(ServerEvent::Frame { frame, .. }) =
+                    server.events().recv_timeout(Duration::from_millis(20))
+                {
+                    if let Ok(Operation::Error(_)) = PROFILE.frame_operation(&frame) {
+                        return Err(format!(
+                            "launcher error: {}",
+                            String::from_utf8_lossy(&frame.payload)
+                        ));
+                    }
+                    if let Some(s) = states(&frame) {
+                        if all(&s) {
                             return Ok(());
                         }
+                        last = Some(s);
                     }
-                    Ok(_) => {}
-                    Err(_) if Instant::now() > deadline => return Err(format!("{what} stalled")),
-                    Err(_) => {}
                 }
             }
         };
@@ -319,7 +321,17 @@ fn through_launcher(
             break;
         }
         if Instant::now() > deadline {
-            return Err("the guests did not boot".into());
+            let stuck: Vec<String> = consoles
+                .iter()
+                .zip(&boot_at)
+                .filter(|(_, b)| b.is_none())
+                .map(|(c, _)| {
+                    let text = fs::read_to_string(c).unwrap_or_default().replace('\r', "");
+                    let tail: Vec<&str> = text.lines().rev().take(5).collect();
+                    format!("{}: …{:?}", c.display(), tail)
+                })
+                .collect();
+            return Err(format!("guests did not boot: {stuck:?}"));
         }
         // Drain STATS meanwhile so the channel does not grow.
         let _ = server.events().recv_timeout(Duration::from_millis(20));
