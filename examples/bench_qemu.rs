@@ -464,7 +464,17 @@ fn bare(dir: &Path, image: &Path, n: usize, mem: u64) -> Result<(Duration, Durat
             }
         }
         if Instant::now() > deadline {
-            first_err = Some("bare guests did not boot".into());
+            let stuck: Vec<String> = consoles
+                .iter()
+                .zip(&done)
+                .filter(|(_, d)| !**d)
+                .map(|(c, _)| {
+                    let text = fs::read_to_string(c).unwrap_or_default().replace('\r', "");
+                    let tail: Vec<&str> = text.lines().rev().take(8).collect();
+                    format!("{}: …{:?}", c.display(), tail)
+                })
+                .collect();
+            first_err = Some(format!("bare guests did not boot: {stuck:?}"));
         }
         std::thread::sleep(Duration::from_millis(20));
     }

@@ -457,3 +457,19 @@ fn attach_volume_hotplug_2018() {
     env.lc_ok(&["delete", &id]);
     env.wait_list("deleted", |l| state_of(l, &id).is_none());
 }
+
+#[test]
+fn vm_that_died_while_the_launcher_was_down_is_a_crash_2018() {
+    let (env, _serve, addr, first) = setup("2018", &[]);
+    let id = start_vm(&env, false, 48, "#cloud-config\n");
+    env.wait_list("active", |l| state_of(l, &id) == Some("active"));
+    let pid = qemu_pid(&env, &id);
+    first.kill9();
+    kill9(pid);
+    wait_dead(pid);
+    let _second = launcher(&env, addr, "2018", &[]);
+    wait_log(&env, "1 instance(s) recovered");
+    wait_log(&env, "VM not running after the launcher restarted");
+    env.wait_list("gone", |l| state_of(l, &id).is_none());
+    assert!(!instance_dir(&env, &id).exists());
+}
