@@ -388,7 +388,7 @@ fn bare_one(dir: &Path, image: &Path, mem: u64, t: Instant) -> Result<(Duration,
         Command::new("qemu-img")
             .args(["create", "-q", "-f", "qcow2", "-F", "raw", "-b"])
             .arg(image)
-            .arg(dir.join("disk.qcow2")),
+            .arg(dir.join("image.qcow2")),
     )?;
     let latest = dir.join("cfg/openstack/latest");
     fs::create_dir_all(&latest).map_err(|e| e.to_string())?;
@@ -407,7 +407,7 @@ fn bare_one(dir: &Path, image: &Path, mem: u64, t: Instant) -> Result<(Duration,
             .arg(dir.join("cfg")),
     )?;
     let (accel, _) = choose_accel(AccelChoice::Auto, Path::new("/sys"), Path::new("/dev/kvm"));
-    let root = dir.join("disk.qcow2");
+    let root = dir.join("image.qcow2");
     let args = command_line(&LaunchSpec {
         name: &id,
         dir,
@@ -420,7 +420,7 @@ fn bare_one(dir: &Path, image: &Path, mem: u64, t: Instant) -> Result<(Duration,
         ui: None,
     });
     run_ok(Command::new("qemu-system-x86_64").args(&args))?;
-    let qmp = Qmp::connect(&dir.join("socket"), Duration::from_secs(10), "bench")
+    let qmp = Qmp::connect(&dir.join("qmp.sock"), Duration::from_secs(10), "bench")
         .map_err(|e| e.to_string())?;
     Ok((t.elapsed(), qmp))
 }

@@ -788,7 +788,7 @@ Local volumes (the storage ids of the 2018 profile).
 .I instances/<uuid>/state
 An instance's configuration (YAML, replaced atomically).
 .TP
-.I instances/<uuid>/disk.qcow2
+.I instances/<uuid>/image.qcow2
 A virtual machine's root disk: a qcow2 overlay on its backing image, sized
 \fBdisk_mb\fR or the image's own size when that is larger.
 (A virtual machine started from a bootable volume uses the volume itself.)
@@ -797,7 +797,7 @@ A virtual machine's root disk: a qcow2 overlay on its backing image, sized
 A virtual machine's config drive: ISO 9660 labelled config\-2 with
 openstack/latest/user_data and meta_data.json.
 .TP
-.I instances/<uuid>/socket
+.I instances/<uuid>/qmp.sock
 A virtual machine's QMP socket.
 .TP
 .I instances/<uuid>/qemu.pid

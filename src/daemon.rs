@@ -285,7 +285,7 @@ fn hard_reset(cfg: &Config) -> LauncherExit {
     for (id, state) in store.scan().into_iter().flatten() {
         match state.config.vm_type {
             VmType::Qemu => {
-                let socket = store.instances_dir().join(&id).join("socket");
+                let socket = store.instances_dir().join(&id).join("qmp.sock");
                 match qemu::quit_vm(&socket, Duration::from_secs(30)) {
                     Ok(true) => info!("hard reset: VM {id} ended"),
                     Ok(false) => {}

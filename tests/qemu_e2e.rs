@@ -239,7 +239,7 @@ fn vm_lifecycle_bios_2016() {
     assert!(!alive(pid));
     wait_console(&env, &id, "GUEST-POWERDOWN", 1);
     wait_log(&env, "stopped (the guest powered off)");
-    assert!(instance_dir(&env, &id).join("disk.qcow2").is_file());
+    assert!(instance_dir(&env, &id).join("image.qcow2").is_file());
 
     // RESTART: the same disk; the first boot's file is still there.
     env.lc_ok(&["restart", &id]);
@@ -393,7 +393,7 @@ fn bad_inputs_leave_nothing_behind() {
         v["virtual-size"].as_u64().expect("size")
     };
     assert_eq!(
-        size(&instance_dir(&env, &d).join("disk.qcow2")),
+        size(&instance_dir(&env, &d).join("image.qcow2")),
         size(guest_image())
     );
     env.lc_ok(&["delete", &d]);

@@ -1,10 +1,10 @@
 //! The QEMU virtualizer: one `qemu-system-x86_64` process per VM, in its own
 //! session (`-daemonize`), so VMs outlive the launcher.
 //!
-//! Files of an instance (`<data-dir>/instances/<uuid>/`): `disk.qcow2` (a
+//! Files of an instance (`<data-dir>/instances/<uuid>/`): `image.qcow2` (a
 //! qcow2 overlay on `<data-dir>/images/<image_uuid>`; a VM started from a
 //! volume boots `<data-dir>/volumes/<id>` itself), `seed.iso` (the cloud-init
-//! config drive, [`super::cloudinit`]), `socket` (QMP), `qemu.pid`,
+//! config drive, [`crate::cloudinit`]), `qmp.sock` (QMP), `qemu.pid`,
 //! `console.log` (the serial console), `OVMF_VARS.fd` (EFI variables, when
 //! the firmware comes as code + variables).
 //!
@@ -37,9 +37,9 @@ use crossbeam_channel::{Receiver, Sender, select};
 use log::{debug, info, warn};
 use serde_json::{Value, json};
 
-use super::cloudinit::{last_lines, make_config_drive};
 use super::qmp::{Qmp, QmpError, QmpMsg};
 use super::{Monitor, MonitorEvent, Usage, VirtError, Virtualizer, VirtualizerFactory};
+use crate::cloudinit::{last_lines, make_config_drive};
 use crate::nodestats::{ProcessSampler, process_identity};
 use crate::payloads::config::{Firmware, InstanceConfig};
 
@@ -330,11 +330,11 @@ impl Qemu {
     }
 
     fn overlay(&self) -> PathBuf {
-        self.dir.join("disk.qcow2")
+        self.dir.join("image.qcow2")
     }
 
     fn socket(&self) -> PathBuf {
-        self.dir.join("socket")
+        self.dir.join("qmp.sock")
     }
 
     fn boot_volume(&self) -> Option<&str> {
@@ -620,7 +620,7 @@ pub fn command_line(s: &LaunchSpec<'_>) -> Vec<OsString> {
     }
     push(&[
         "-qmp",
-        &format!("unix:{},server=on,wait=off", dir("socket")),
+        &format!("unix:{},server=on,wait=off", dir("qmp.sock")),
         "-pidfile",
         &dir("qemu.pid"),
         "-daemonize",
@@ -1216,7 +1216,7 @@ mod tests {
     #[test]
     fn command_line_order() {
         let dir = Path::new("/d/i");
-        let root = Path::new("/d/i/disk.qcow2");
+        let root = Path::new("/d/i/image.qcow2");
         let vols = vec![(
             "v1".to_string(),
             PathBuf::from("/d/volumes/v,1"),
@@ -1249,10 +1249,10 @@ mod tests {
         assert_eq!(s[flag("-smp") + 1], "cpus=2");
         assert!(s.contains(&"file=/d/volumes/v,,1,if=none,id=drive_v1,format=raw".to_string()));
         // Root first (bootable), then volumes, then the config drive.
-        assert!(pos("file=/d/i/disk.qcow2") < pos("file=/d/volumes"));
+        assert!(pos("file=/d/i/image.qcow2") < pos("file=/d/volumes"));
         assert!(pos("file=/d/volumes") < pos("file=/d/i/seed.iso"));
         assert!(s.contains(&"if=pflash,unit=1,format=raw,file=/d/i/OVMF_VARS.fd".to_string()));
-        assert_eq!(s[flag("-qmp") + 1], "unix:/d/i/socket,server=on,wait=off");
+        assert_eq!(s[flag("-qmp") + 1], "unix:/d/i/qmp.sock,server=on,wait=off");
         assert_eq!(s.last().unwrap(), "-daemonize");
 
         let args = command_line(&LaunchSpec {
@@ -1305,7 +1305,7 @@ mod tests {
 
     #[test]
     fn socket_path_limit() {
-        assert!(check_socket_path(Path::new("/var/lib/ciao/instances/x/socket")).is_ok());
+        assert!(check_socket_path(Path::new("/var/lib/ciao/instances/x/qmp.sock")).is_ok());
         let long = format!("/{}/socket", "a".repeat(120));
         assert!(check_socket_path(Path::new(&long)).is_err());
     }

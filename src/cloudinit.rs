@@ -11,7 +11,7 @@ use std::process::{Command, Stdio};
 
 use serde_json::Value;
 
-use super::VirtError;
+use crate::virt::VirtError;
 
 /// The ISO tools tried in order: xorriso in its mkisofs mode, then genisoimage.
 const ISO_TOOLS: [(&str, &[&str]); 2] = [("xorriso", &["-as", "mkisofs"]), ("genisoimage", &[])];
