@@ -8,11 +8,14 @@
 //! main ──> signals
 //!   └────> server ──> ssntp-io          (the TLS connection to the scheduler)
 //!            └─────> overseer ──> instance-<uuid8>   (one per instance)
+//!                                   └──> monitor-<uuid8> (while it runs: QMP with
+//!                                        its reader qmp-<uuid8>, or Docker /wait)
 //! ```
 //! * [`daemon`]: main — command line, lock, logging, the 1-second shutdown rule;
 //! * [`server`]: parses and routes what the scheduler sends, never blocking;
 //! * [`overseer`]: the instance map, admission, STATUS and STATS;
 //! * [`instance`]: one instance's state machine and virtualizer;
+//! * [`virt`]: the virtualizers (simulation, Docker, QEMU) and their monitors;
 //! * [`ssntp`]: the protocol, usable on its own.
 //!
 //! Shutdown is a broadcast by dropping senders; instances keep running.
