@@ -24,7 +24,7 @@ use ciao_launcher::ssntp::{Command as Cmd, Event, Frame, FrameType, Operation, P
 
 #[path = "support/scheduler.rs"]
 mod support_scheduler;
-use support_scheduler::scheduler;
+use support_scheduler::{scheduler, spawn_launcher};
 
 const PROFILE: Profile = Profile::P2016;
 const IMAGE: &str = "ciao-busybox:latest";
@@ -111,39 +111,23 @@ fn run(launcher: &Path, ns: &[usize]) -> Result<(), String> {
     let dir = std::env::temp_dir().join(format!("ciao-bench-docker-{}", uuid::Uuid::new_v4()));
     fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
     let server = scheduler(&dir, PROFILE)?;
-    let mut child = Command::new(launcher)
-        .arg("-cacert")
-        .arg(dir.join("ca.pem"))
-        .arg("-cert")
-        .arg(dir.join("agent.pem"))
-        .arg(format!("-server={}", server.local_addr()))
-        .arg("--data-dir")
-        .arg(dir.join("data"))
-        .arg("--docker-socket")
-        .arg(&engine.socket)
-        .args([
-            "--disk-limit=false",
-            "--mem-limit=false",
+    let socket = engine.socket.to_string_lossy().into_owned();
+    let mut child = spawn_launcher(
+        launcher,
+        &dir,
+        &server,
+        PROFILE,
+        &[
+            "--docker-socket",
+            &socket,
             "--max-vm",
             "1000",
             "--stats-interval",
             "3600",
-        ])
-        .args([
             "--stop-timeout",
             "1",
-            "-logtostderr",
-            "--protocol",
-            PROFILE.name(),
-        ])
-        // BENCH_DEBUG=1 shows the launcher's log.
-        .stderr(if std::env::var_os("BENCH_DEBUG").is_some() {
-            Stdio::inherit()
-        } else {
-            Stdio::null()
-        })
-        .spawn()
-        .map_err(|e| e.to_string())?;
+        ],
+    )?;
     let result = (|| {
         let node = loop {
             let ev = server

@@ -28,7 +28,7 @@ use ciao_launcher::virt::qmp::Qmp;
 
 #[path = "support/scheduler.rs"]
 mod support_scheduler;
-use support_scheduler::scheduler;
+use support_scheduler::{scheduler, spawn_launcher};
 
 const PROFILE: Profile = Profile::P2016;
 const IMAGE: &str = "7e57a9e0-0c1a-4000-8000-000000000001";
@@ -112,17 +112,12 @@ fn run(a: &Args) -> Result<(), String> {
     fs::create_dir_all(data.join("images")).map_err(|e| e.to_string())?;
     fs::copy(&a.image, data.join("images").join(IMAGE)).map_err(|e| e.to_string())?;
     let server = scheduler(&dir, PROFILE)?;
-    let mut child = Command::new(&a.launcher)
-        .arg("-cacert")
-        .arg(dir.join("ca.pem"))
-        .arg("-cert")
-        .arg(dir.join("agent.pem"))
-        .arg(format!("-server={}", server.local_addr()))
-        .arg("--data-dir")
-        .arg(&data)
-        .args([
-            "--disk-limit=false",
-            "--mem-limit=false",
+    let mut child = spawn_launcher(
+        &a.launcher,
+        &dir,
+        &server,
+        PROFILE,
+        &[
             "--max-vm",
             "1000",
             "--stats-interval",
@@ -131,17 +126,8 @@ fn run(a: &Args) -> Result<(), String> {
             "3600",
             "--stop-timeout",
             "30",
-            "-logtostderr",
-            "--protocol",
-            PROFILE.name(),
-        ])
-        .stderr(if std::env::var_os("BENCH_DEBUG").is_some() {
-            Stdio::inherit()
-        } else {
-            Stdio::null()
-        })
-        .spawn()
-        .map_err(|e| e.to_string())?;
+        ],
+    )?;
     let result = (|| {
         let node = loop {
             if let ServerEvent::Connected { uuid, .. } = server

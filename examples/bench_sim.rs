@@ -15,7 +15,7 @@
 
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 use std::time::{Duration, Instant};
 
 use ciao_launcher::payloads::config::VmType;
@@ -27,7 +27,7 @@ use ciao_launcher::ssntp::{Command as Cmd, Frame, FrameType, Operation, Profile}
 
 #[path = "support/scheduler.rs"]
 mod support_scheduler;
-use support_scheduler::scheduler;
+use support_scheduler::{scheduler, spawn_launcher};
 
 const PROFILE: Profile = Profile::P2016;
 
@@ -62,41 +62,24 @@ fn run_one(launcher: &Path, n: usize, stack_kib: usize) -> Result<Row, String> {
 fn run_in(dir: &Path, launcher: &Path, n: usize, stack_kib: usize) -> Result<Row, String> {
     let server = scheduler(dir, PROFILE)?;
 
-    let mut child: Child = Command::new(launcher)
-        .arg("-cacert")
-        .arg(dir.join("ca.pem"))
-        .arg("-cert")
-        .arg(dir.join("agent.pem"))
-        .arg(format!("-server={}", server.local_addr()))
-        .arg("--data-dir")
-        .arg(dir.join("data"))
-        .args([
+    let (max_vm, stack) = ((n + 16).to_string(), stack_kib.to_string());
+    let mut child: Child = spawn_launcher(
+        launcher,
+        dir,
+        &server,
+        PROFILE,
+        &[
             "-simulation",
-            "--disk-limit=false",
-            "--mem-limit=false",
             "--stats-interval",
             "0.5",
-        ])
-        .args([
             "--max-vm",
-            &(n + 16).to_string(),
+            &max_vm,
             "--instance-stack-kib",
-            &stack_kib.to_string(),
-        ])
-        .args([
-            "-logtostderr",
+            &stack,
             "-stderrthreshold",
             "ERROR",
-            "--protocol",
-            PROFILE.name(),
-        ])
-        .stderr(if std::env::var_os("BENCH_DEBUG").is_some() {
-            Stdio::inherit()
-        } else {
-            Stdio::null()
-        })
-        .spawn()
-        .map_err(|e| format!("{}: {e}", launcher.display()))?;
+        ],
+    )?;
     let pid = child.id();
     let wait = Duration::from_secs(120);
     let node = loop {

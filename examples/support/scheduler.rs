@@ -28,3 +28,35 @@ pub fn scheduler(dir: &Path, profile: Profile) -> Result<Server, String> {
     cfg.profile = profile;
     Server::start(cfg).map_err(|e| e.to_string())
 }
+
+/// Starts the launcher at `path` against `server`, with the certificates
+/// [`scheduler`] wrote into `dir`, its data in `dir/data`, no FULL
+/// thresholds, logging to standard error (shown with `BENCH_DEBUG=1`), the
+/// given profile, and `extra` flags.
+pub fn spawn_launcher(
+    path: &Path,
+    dir: &Path,
+    server: &Server,
+    profile: Profile,
+    extra: &[&str],
+) -> Result<std::process::Child, String> {
+    use std::process::{Command, Stdio};
+    Command::new(path)
+        .arg("-cacert")
+        .arg(dir.join("ca.pem"))
+        .arg("-cert")
+        .arg(dir.join("agent.pem"))
+        .arg(format!("-server={}", server.local_addr()))
+        .arg("--data-dir")
+        .arg(dir.join("data"))
+        .args(["--disk-limit=false", "--mem-limit=false", "-logtostderr"])
+        .args(["--protocol", profile.name()])
+        .args(extra)
+        .stderr(if std::env::var_os("BENCH_DEBUG").is_some() {
+            Stdio::inherit()
+        } else {
+            Stdio::null()
+        })
+        .spawn()
+        .map_err(|e| format!("{}: {e}", path.display()))
+}
