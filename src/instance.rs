@@ -34,7 +34,7 @@ use crate::payloads::config::{InstanceConfig, VmType, Volume};
 use crate::payloads::outgoing::ErrorKind;
 use crate::ssntp::Profile;
 use crate::state::{StateError, StateFile};
-use crate::virt::{Monitor, MonitorEvent, Unavailable, Usage, Virtualizer};
+use crate::virt::{Monitor, MonitorEvent, Unavailable, Usage, VirtError, Virtualizer};
 
 /// Commands queued in an instance's inbox before the server answers "busy".
 pub const INBOX: usize = 16;
@@ -356,11 +356,12 @@ impl Instance {
             warn!("{}: image: {e}", self.id);
             return self.start_failed(Reason::ImageFailure);
         }
-        if let Err(e) = self.vm.create_image() {
+        let (made, saved) = self.create_image_and_save();
+        if let Err(e) = made {
             warn!("{}: instance image: {e}", self.id);
             return self.start_failed(Reason::ImageFailure);
         }
-        if let Err(e) = self.save() {
+        if let Err(e) = saved {
             warn!("{}: {e}", self.id);
             return self.start_failed(Reason::ImageFailure);
         }
@@ -376,6 +377,40 @@ impl Instance {
         self.attach(false);
         self.update(InstanceUpdate::StatusNow);
         Flow::Continue
+    }
+
+    /// Creates the instance's artefacts and makes its state durable. When
+    /// the virtualizer's artefacts take a while (VM disks and config
+    /// drives: external programs), the state's fsyncs run meanwhile on a
+    /// scoped helper thread instead of after them; both are done before the
+    /// instance boots or the scheduler hears of it.
+    fn create_image_and_save(&mut self) -> (Result<(), VirtError>, Result<(), StateError>) {
+        if !self.vm.image_takes_time() {
+            return (self.vm.create_image(), self.save());
+        }
+        let state = StateFile {
+            config: self.cfg.clone(),
+            stopped: self.stopped,
+        };
+        let (store, id, dir, vm) = (&self.ctx.store, &self.id, &self.dir, &mut self.vm);
+        thread::scope(|s| {
+            let saving = thread::Builder::new()
+                .name(format!("save-{}", &id[..id.len().min(8)]))
+                .stack_size(64 * 1024)
+                .spawn_scoped(s, || store.save(id, &state));
+            let made = vm.create_image();
+            let saved = match saving {
+                Ok(h) => h.join().unwrap_or_else(|_| {
+                    Err(StateError::Io {
+                        path: dir.clone(),
+                        source: std::io::Error::other("the state writer panicked"),
+                    })
+                }),
+                // No thread to spare: save here.
+                Err(_) => store.save(id, &state),
+            };
+            (made, saved)
+        })
     }
 
     /// A failed START: report it, remove what was made, and go away.

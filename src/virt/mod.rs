@@ -81,6 +81,11 @@ pub trait Virtualizer: Send + fmt::Debug {
     fn ensure_backing_image(&mut self) -> Result<(), VirtError>;
     /// Creates the per-instance artefacts (`image_failure` otherwise).
     fn create_image(&mut self) -> Result<(), VirtError>;
+    /// Whether `create_image` runs external programs or does real I/O (the
+    /// instance then makes its state durable at the same time).
+    fn image_takes_time(&self) -> bool {
+        false
+    }
     /// Removes state kept outside the instance directory (errors are logged only).
     fn delete_image(&mut self) -> Result<(), VirtError>;
     /// Boots the instance (`launch_failure` otherwise).

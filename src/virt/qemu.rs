@@ -672,6 +672,10 @@ impl Virtualizer for Qemu {
         Ok(())
     }
 
+    fn image_takes_time(&self) -> bool {
+        true
+    }
+
     fn create_image(&mut self) -> Result<(), VirtError> {
         if !self.cfg.image_uuid.is_empty() {
             if self.backing.is_none() {
