@@ -456,8 +456,6 @@ fn serve(
 
     let events = server.events().clone();
     let st = Arc::clone(&state);
-    // Weak: only main holds the server, so it can stop it at the end.
-    let srv = Arc::downgrade(&server);
     let printer = thread::Builder::new()
         .name("lc-events".into())
         .spawn(move || {
@@ -468,10 +466,9 @@ fn serve(
                 // A launcher that reconnects (same node UUID) replaces its old
                 // session, whose disconnection may be reported after the new
                 // connection: forget the node only if no session of it remains.
-                if let ServerEvent::Disconnected { uuid, .. } = &ev
-                    && srv
-                        .upgrade()
-                        .is_some_and(|srv| srv.sessions().iter().any(|(u, _)| u == uuid))
+                if let ServerEvent::Disconnected {
+                    superseded: true, ..
+                } = &ev
                 {
                     continue;
                 }

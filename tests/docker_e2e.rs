@@ -175,8 +175,10 @@ fn kill9_with_5_containers_then_restart_finds_and_stops_them() {
         ids.iter().all(|i| state_of(l, i) == Some("running"))
     });
 
+    let old = env.peer().expect("connected");
     first.kill9();
     let _second = launcher(&env, &engine, addr, "2016");
+    env.wait_reconnected(&old);
     let after = env.wait_list("5 found again", |l| {
         l.len() == 5 && ids.iter().all(|i| state_of(l, i) == Some("running"))
     });

@@ -122,10 +122,12 @@ fn launcher_started_while_the_engine_is_down_keeps_and_regains_its_containers() 
     let ids = start_two(&env);
 
     // The launcher dies, then the engine goes away; the containers live on.
+    let old = env.peer().expect("connected");
     first.kill9();
     engine.stop_keeping_containers();
     let log_before = env.log().len();
     let second = env.launcher_with(addr, "2016", &flags);
+    env.wait_reconnected(&old);
 
     // It reports both instances (from its data directory) as pending, not
     // deleted and not running...

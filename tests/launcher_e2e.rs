@@ -49,8 +49,10 @@ fn kill9_mid_way_and_restart_finds_every_instance_once() {
     env.wait_list("one exited", |l| state_of(l, &ids[0]) == Some("exited"));
     let before = env.list();
 
+    let old = env.peer().expect("connected");
     launcher.kill9();
     let _launcher = env.launcher(addr, "2016");
+    env.wait_reconnected(&old);
     let after = env.wait_list("all back", |l| l.len() == 5 && l == before.as_slice());
     assert_eq!(
         after, before,

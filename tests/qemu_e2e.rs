@@ -300,8 +300,10 @@ fn kill9_launcher_with_three_vms_then_a_crash_2016() {
     });
     let pids: Vec<i32> = ids.iter().map(|id| qemu_pid(&env, id)).collect();
 
+    let old = env.peer().expect("connected");
     first.kill9();
     let _second = launcher(&env, addr, "2016", &[]);
+    env.wait_reconnected(&old);
     wait_log(&env, "3 instance(s) recovered");
     env.wait_list("3 running after the restart", |l| {
         l.len() == 3 && ids.iter().all(|id| state_of(l, id) == Some("running"))
@@ -464,10 +466,12 @@ fn vm_that_died_while_the_launcher_was_down_is_a_crash_2018() {
     let id = start_vm(&env, false, 48, "#cloud-config\n");
     env.wait_list("active", |l| state_of(l, &id) == Some("active"));
     let pid = qemu_pid(&env, &id);
+    let old = env.peer().expect("connected");
     first.kill9();
     kill9(pid);
     wait_dead(pid);
     let _second = launcher(&env, addr, "2018", &[]);
+    env.wait_reconnected(&old);
     wait_log(&env, "1 instance(s) recovered");
     wait_log(&env, "VM not running after the launcher restarted");
     env.wait_list("gone", |l| state_of(l, &id).is_none());

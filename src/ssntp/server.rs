@@ -86,10 +86,14 @@ pub enum ServerEvent {
         peer: Option<SocketAddr>,
     },
     /// A session ended; `unsent` were queued for it but never written.
+    /// `superseded`: a newer session of the same UUID had already replaced
+    /// it (the peer reconnected before this one was seen to end), so the
+    /// peer is still connected.
     Disconnected {
         uuid: Uuid16,
         reason: String,
         unsent: Vec<Frame>,
+        superseded: bool,
     },
     Frame {
         uuid: Uuid16,
@@ -433,12 +437,14 @@ fn connection(shared: Arc<Shared>, sock: std::net::TcpStream, peer: SocketAddr) 
             .map_err(|_| ConnError::Shutdown)
     });
     let unsent = link.down(&out);
-    {
+    let superseded = {
         let mut sessions = shared.sessions();
-        if sessions.get(&uuid).is_some_and(|s| s.id == id) {
+        let current = sessions.get(&uuid).is_some_and(|s| s.id == id);
+        if current {
             sessions.remove(&uuid);
         }
-    }
+        !current
+    };
     let reason = match result {
         Err(ConnError::Shutdown) => {
             t.close();
@@ -451,6 +457,7 @@ fn connection(shared: Arc<Shared>, sock: std::net::TcpStream, peer: SocketAddr) 
         uuid,
         reason,
         unsent,
+        superseded,
     });
 }
 

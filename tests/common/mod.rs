@@ -229,6 +229,33 @@ impl Env {
         panic!("the launcher never connected\n{}", self.log());
     }
 
+    /// The address the (single) connected launcher's session comes from,
+    /// per `ciao-lc stats`.
+    pub fn peer(&self) -> Option<String> {
+        let out = self.lc(&["stats"]);
+        let t = text(&out.stdout);
+        let line = t.lines().nth(1)?;
+        line.split_whitespace().nth(2).map(str::to_string)
+    }
+
+    /// Waits until the launcher is connected again through a new session
+    /// (not `old`): after a restart, the scheduler may still show the dead
+    /// launcher's last session and STATS for a moment.
+    pub fn wait_reconnected(&self, old: &str) {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            if self.peer().is_some_and(|p| p != old) {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the launcher did not reconnect\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     pub fn start(&self) -> String {
         let out = self.lc_ok(&["start", "--sim", "--vcpus", "2", "--mem-mb", "256"]);
         out.split_whitespace()
