@@ -198,8 +198,34 @@ fn run(a: &Args) -> Result<(), String> {
     );
     let _ = child.wait();
     server.stop();
+    // VMs outlive the launcher: after a failed run, end the ones it left.
+    kill_vms(&data);
     let _ = fs::remove_dir_all(&dir);
     result
+}
+
+/// SIGKILLs the QEMU of every instance under `data` (by its pid file, if
+/// that process's command line names the directory).
+fn kill_vms(data: &Path) {
+    let Ok(dirs) = fs::read_dir(data.join("instances")) else {
+        return;
+    };
+    for d in dirs.flatten() {
+        let Some(pid) = fs::read_to_string(d.path().join("qemu.pid"))
+            .ok()
+            .and_then(|p| p.trim().parse::<i32>().ok())
+        else {
+            continue;
+        };
+        let ours = fs::read(format!("/proc/{pid}/cmdline"))
+            .is_ok_and(|c| String::from_utf8_lossy(&c).contains(&*d.path().to_string_lossy()));
+        if ours {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+    }
 }
 
 /// The states of `ids` in a STATS frame, if it is one.
