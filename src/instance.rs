@@ -19,6 +19,9 @@
 //! ```
 //!
 //! Files are written (atomically) before the scheduler hears of a change.
+//! A VM's START writes its state on a short-lived scoped thread
+//! (`save-<uuid8>`) while its disk and config drive are made, and joins it
+//! before the VM boots.
 //! Shutdown leaves the instance running: the monitor is detached, not stopped.
 
 use std::path::PathBuf;
@@ -567,12 +570,11 @@ impl Instance {
             return Flow::Continue;
         }
         // A running VM gets it now; a stopped one at its next boot.
-        let attached = match self.vm.check_volume(&volume) {
-            Ok(()) => match &mut self.monitor {
-                Some(m) => m.attach_volume(&volume),
-                None => Ok(()),
-            },
-            Err(e) => Err(e),
+        // The monitor checks the volume as it attaches it; a stopped
+        // instance only checks it now.
+        let attached = match &mut self.monitor {
+            Some(m) => m.attach_volume(&volume),
+            None => self.vm.check_volume(&volume),
         };
         if let Err(e) = attached {
             warn!("{}: attach {volume}: {e}", self.id);

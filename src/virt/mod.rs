@@ -99,7 +99,9 @@ pub trait Virtualizer: Send + fmt::Debug {
     ) -> Result<Box<dyn Monitor>, VirtError>;
     /// Current usage.
     fn stats(&mut self) -> Usage;
-    /// Checks that the volume `id` can be attached (AttachVolume).
+    /// Checks that the volume `id` can be attached at the next boot
+    /// (AttachVolume while the instance is not running; a running one's
+    /// monitor checks as it hot-plugs).
     fn check_volume(&mut self, _id: &str) -> Result<(), VirtError> {
         Ok(())
     }

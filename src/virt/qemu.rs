@@ -846,9 +846,7 @@ impl Monitor for QemuMonitor {
 
     fn attach_volume(&mut self, volume: &str) -> Result<(), VirtError> {
         let path = self.volumes.join(volume);
-        if !path.is_file() {
-            return Err(VirtError(format!("volume {} not found", path.display())));
-        }
+        // Also tells a missing or unusable volume file, with qemu-img's reason.
         let info = image_info(&self.qemu_img, &path)?;
         let (reply, answer) = crossbeam_channel::bounded(1);
         self.send(MonCmd::Attach {
@@ -892,6 +890,13 @@ enum Phase {
     Powerdown { until: Instant, next: Instant },
     Quit { until: Instant },
     Killed { until: Instant },
+}
+
+/// Whether the process `pid` (started at `identity`, when known) is gone:
+/// exited, a zombie, or the pid now belongs to a later process.
+fn gone(pid: i32, identity: Option<u64>) -> bool {
+    let now = process_identity(Path::new("/proc"), pid);
+    now.is_none() || (identity.is_some() && now != identity)
 }
 
 /// The pid named in QEMU's pid file, if that process is alive.
@@ -1064,8 +1069,7 @@ impl Watch {
             return;
         };
         // Never kill a process that merely inherited the pid.
-        let now = process_identity(Path::new("/proc"), p);
-        if now.is_none() || (identity.is_some() && now != identity) {
+        if gone(p, identity) {
             return;
         }
         if let Err(e) = nix::sys::signal::kill(
@@ -1083,8 +1087,7 @@ impl Watch {
         let start = Instant::now();
         let mut killed = false;
         loop {
-            let now = process_identity(Path::new("/proc"), p);
-            if now.is_none() || (identity.is_some() && now != identity) {
+            if gone(p, identity) {
                 return true;
             }
             if !killed && start.elapsed() > QUIT_WAIT {
@@ -1177,8 +1180,7 @@ pub fn quit_vm(socket: &Path, timeout: Duration) -> Result<bool, VirtError> {
     drop(qmp);
     if let Some(p) = pid {
         while Instant::now() < deadline {
-            let now = process_identity(Path::new("/proc"), p);
-            if now.is_none() || now != identity {
+            if gone(p, identity) {
                 return Ok(true);
             }
             thread::sleep(Duration::from_millis(5));
