@@ -349,6 +349,8 @@ fn init_logging(log: &LogConfig) -> Result<(), String> {
         .set_thread_level(LevelFilter::Error)
         .set_thread_mode(ThreadLogMode::Names)
         .set_target_level(LevelFilter::Off)
+        // Sub-second times: glog's lines carry microseconds too.
+        .set_time_format_rfc3339()
         .build();
     let mut loggers: Vec<Box<dyn SharedLogger>> = Vec::new();
     if !log.logtostderr {

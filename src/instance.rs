@@ -19,9 +19,8 @@
 //! ```
 //!
 //! Files are written (atomically) before the scheduler hears of a change.
-//! A VM's START writes its state on a short-lived scoped thread
-//! (`save-<uuid8>`) while its disk and config drive are made, and joins it
-//! before the VM boots.
+//! A VM's START writes its state while qemu-img makes its disk (see
+//! `Virtualizer::create_image_while`), before the VM boots.
 //! Shutdown leaves the instance running: the monitor is detached, not stopped.
 
 use std::path::PathBuf;
@@ -29,7 +28,7 @@ use std::thread::{self, JoinHandle};
 use std::time::Instant;
 
 use crossbeam_channel::{Receiver, Sender, select};
-use log::{info, warn};
+use log::{debug, info, warn};
 
 use crate::node::NodeContext;
 use crate::payloads::Reason;
@@ -359,6 +358,7 @@ impl Instance {
             warn!("{}: image: {e}", self.id);
             return self.start_failed(Reason::ImageFailure);
         }
+        let t0 = Instant::now();
         let (made, saved) = self.create_image_and_save();
         if let Err(e) = made {
             warn!("{}: instance image: {e}", self.id);
@@ -372,6 +372,7 @@ impl Instance {
             warn!("{}: launch: {e}", self.id);
             return self.start_failed(Reason::LaunchFailure);
         }
+        debug!("{}: started {:?} after its START", self.id, t0.elapsed());
         info!(
             "{} started ({:?}, {} vCPU, {} MB)",
             self.id, self.cfg.vm_type, self.cfg.vcpus, self.cfg.mem_mb
@@ -382,38 +383,30 @@ impl Instance {
         Flow::Continue
     }
 
-    /// Creates the instance's artefacts and makes its state durable. When
-    /// the virtualizer's artefacts take a while (VM disks and config
-    /// drives: external programs), the state's fsyncs run meanwhile on a
-    /// scoped helper thread instead of after them; both are done before the
-    /// instance boots or the scheduler hears of it.
+    /// Creates the instance's artefacts and makes its state durable, both
+    /// before the instance boots or the scheduler hears of it. The state is
+    /// written while the virtualizer's external programs run (a VM's overlay
+    /// is made by qemu-img), on this thread: a helper thread per START cost
+    /// more than it saved on a host busy booting guests.
     fn create_image_and_save(&mut self) -> (Result<(), VirtError>, Result<(), StateError>) {
-        if !self.vm.image_takes_time() {
-            return (self.vm.create_image(), self.save());
-        }
         let state = StateFile {
             config: self.cfg.clone(),
             stopped: self.stopped,
         };
-        let (store, id, dir, vm) = (&self.ctx.store, &self.id, &self.dir, &mut self.vm);
-        thread::scope(|s| {
-            let saving = thread::Builder::new()
-                .name(format!("save-{}", &id[..id.len().min(8)]))
-                .stack_size(64 * 1024)
-                .spawn_scoped(s, || store.save(id, &state));
-            let made = vm.create_image();
-            let saved = match saving {
-                Ok(h) => h.join().unwrap_or_else(|_| {
-                    Err(StateError::Io {
-                        path: dir.clone(),
-                        source: std::io::Error::other("the state writer panicked"),
-                    })
-                }),
-                // No thread to spare: save here.
-                Err(_) => store.save(id, &state),
-            };
-            (made, saved)
-        })
+        let (store, id, vm) = (&self.ctx.store, &self.id, &mut self.vm);
+        let t = Instant::now();
+        let mut saved = None;
+        let made = vm.create_image_while(&mut || {
+            if saved.is_none() {
+                let t = Instant::now();
+                saved = Some(store.save(id, &state));
+                debug!("{id}: state saved in {:?}", t.elapsed());
+            }
+        });
+        debug!("{id}: disk, config drive and state in {:?}", t.elapsed());
+        // A virtualizer that never ran `meanwhile`: save now.
+        let saved = saved.unwrap_or_else(|| store.save(id, &state));
+        (made, saved)
     }
 
     /// A failed START: report it, remove what was made, and go away.

@@ -81,10 +81,13 @@ pub trait Virtualizer: Send + fmt::Debug {
     fn ensure_backing_image(&mut self) -> Result<(), VirtError>;
     /// Creates the per-instance artefacts (`image_failure` otherwise).
     fn create_image(&mut self) -> Result<(), VirtError>;
-    /// Whether `create_image` runs external programs or does real I/O (the
-    /// instance then makes its state durable at the same time).
-    fn image_takes_time(&self) -> bool {
-        false
+    /// `create_image`, calling `meanwhile` once while external programs do
+    /// the work (the instance writes its state then, so the two overlap
+    /// without a thread of their own). Default: create, then `meanwhile`.
+    fn create_image_while(&mut self, meanwhile: &mut dyn FnMut()) -> Result<(), VirtError> {
+        let made = self.create_image();
+        meanwhile();
+        made
     }
     /// Removes state kept outside the instance directory (errors are logged only).
     fn delete_image(&mut self) -> Result<(), VirtError>;

@@ -265,6 +265,21 @@ impl VirtualizerFactory for QemuFactory {
     }
 }
 
+/// Waits for the `qemu-img create` of [`Qemu::start_overlay`].
+fn finish_overlay(child: std::process::Child) -> Result<(), VirtError> {
+    let out = child
+        .wait_with_output()
+        .map_err(|e| VirtError(format!("qemu-img create: {e}")))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(VirtError(format!(
+            "qemu-img create: {}",
+            last_lines(&out.stderr, 2)
+        )))
+    }
+}
+
 /// What `qemu-img info` says of an image.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ImageInfo {
@@ -378,6 +393,35 @@ impl Qemu {
             ovmf,
             ui: self.port.map(|p| (self.f.ui, p)),
         }))
+    }
+
+    /// Starts `qemu-img create` of the instance's overlay on its backing
+    /// image (None when the VM boots from a volume instead).
+    fn start_overlay(&mut self) -> Result<Option<std::process::Child>, VirtError> {
+        if self.cfg.image_uuid.is_empty() {
+            return Ok(None);
+        }
+        if self.backing.is_none() {
+            self.ensure_backing_image()?;
+        }
+        let Some((backing, info)) = &self.backing else {
+            return Err(VirtError("no backing image".into()));
+        };
+        let backing = fs::canonicalize(backing)
+            .map_err(|e| VirtError(format!("{}: {e}", backing.display())))?;
+        // The README: disk_mb, or the image's own size when larger.
+        let size = (self.cfg.disk_mb << 20).max(info.virtual_size);
+        Command::new(&self.f.qemu_img)
+            .args(["create", "-q", "-f", "qcow2", "-F", &info.format, "-b"])
+            .arg(&backing)
+            .arg(self.overlay())
+            .arg(size.to_string())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map(Some)
+            .map_err(|e| VirtError(format!("{}: {e}", self.f.qemu_img.display())))
     }
 
     /// Runs QEMU; returns once it has daemonized (set up and running).
@@ -672,45 +716,31 @@ impl Virtualizer for Qemu {
         Ok(())
     }
 
-    fn image_takes_time(&self) -> bool {
-        true
+    fn create_image(&mut self) -> Result<(), VirtError> {
+        self.create_image_while(&mut || {})
     }
 
-    fn create_image(&mut self) -> Result<(), VirtError> {
-        if !self.cfg.image_uuid.is_empty() {
-            if self.backing.is_none() {
-                self.ensure_backing_image()?;
+    /// qemu-img makes the overlay while `meanwhile` runs and the config
+    /// drive is built: the two external programs overlap.
+    fn create_image_while(&mut self, meanwhile: &mut dyn FnMut()) -> Result<(), VirtError> {
+        let overlay = match self.start_overlay() {
+            Ok(child) => child,
+            Err(e) => {
+                meanwhile();
+                return Err(e);
             }
-            let Some((backing, info)) = &self.backing else {
-                return Err(VirtError("no backing image".into()));
-            };
-            let backing = fs::canonicalize(backing)
-                .map_err(|e| VirtError(format!("{}: {e}", backing.display())))?;
-            // The README: disk_mb, or the image's own size when larger.
-            let size = (self.cfg.disk_mb << 20).max(info.virtual_size);
-            let out = Command::new(&self.f.qemu_img)
-                .args(["create", "-q", "-f", "qcow2", "-F", &info.format, "-b"])
-                .arg(&backing)
-                .arg(self.overlay())
-                .arg(size.to_string())
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(Stdio::piped())
-                .output()
-                .map_err(|e| VirtError(format!("{}: {e}", self.f.qemu_img.display())))?;
-            if !out.status.success() {
-                return Err(VirtError(format!(
-                    "qemu-img create: {}",
-                    last_lines(&out.stderr, 2)
-                )));
-            }
-        }
-        make_config_drive(
+        };
+        meanwhile();
+        let drive = make_config_drive(
             &self.dir,
             &self.cfg.instance_uuid,
             &self.cfg.user_data,
             &self.cfg.meta_data,
-        )?;
+        );
+        // Always reaped, even when the config drive failed.
+        let made = overlay.map_or(Ok(()), finish_overlay);
+        made?;
+        drive?;
         Ok(())
     }
 
@@ -741,10 +771,29 @@ impl Virtualizer for Qemu {
             stop_timeout: self.f.stop_timeout,
             boot,
         };
+        // A VM just launched has daemonized, so its QMP socket answers at
+        // once: connect here rather than after the monitor thread's first
+        // scheduling round (which a host busy with booting guests can make
+        // long). Recovery, or a failure here, leaves it to the monitor's
+        // patient connect loop.
+        let pre = if boot {
+            None
+        } else {
+            match Qmp::connect(&w.socket, QMP_TIMEOUT, &short) {
+                Ok(q) => {
+                    let (pid, identity) = w.connected(&q, &events);
+                    Some((q, pid, identity))
+                }
+                Err(e) => {
+                    debug!("{name}: first QMP connect: {e}; the monitor retries");
+                    None
+                }
+            }
+        };
         let thread = thread::Builder::new()
             .name(format!("monitor-{short}"))
             .stack_size(256 * 1024)
-            .spawn(move || w.run(&events, &cmd_rx))
+            .spawn(move || w.run(pre, &events, &cmd_rx))
             .map_err(|e| VirtError(format!("monitor thread: {e}")))?;
         Ok(Box::new(QemuMonitor {
             name,
@@ -913,10 +962,8 @@ fn detached(cmds: &Receiver<MonCmd>) -> bool {
 }
 
 impl Watch {
-    fn run(self, events: &Sender<MonitorEvent>, cmds: &Receiver<MonCmd>) {
-        let Some(mut qmp) = self.connect(cmds, events) else {
-            return;
-        };
+    /// Records QEMU's pid, logs, and reports `Running`.
+    fn connected(&self, qmp: &Qmp, events: &Sender<MonitorEvent>) -> (Option<i32>, Option<u64>) {
         let pid = qmp.pid.or_else(|| pid_from_file(&self.pidfile));
         let identity = pid.and_then(|p| process_identity(Path::new("/proc"), p));
         self.pid.store(pid.unwrap_or(0), Ordering::Relaxed);
@@ -929,6 +976,27 @@ impl Watch {
             pid.map_or("unknown".into(), |p| p.to_string())
         );
         let _ = events.send(MonitorEvent::Running);
+        (pid, identity)
+    }
+
+    /// `pre`: a connection the instance thread already made (and reported
+    /// as `Running`) right after QEMU daemonized.
+    fn run(
+        self,
+        pre: Option<(Qmp, Option<i32>, Option<u64>)>,
+        events: &Sender<MonitorEvent>,
+        cmds: &Receiver<MonCmd>,
+    ) {
+        let (mut qmp, pid, identity) = match pre {
+            Some(p) => p,
+            None => {
+                let Some(qmp) = self.connect(cmds, events) else {
+                    return;
+                };
+                let (pid, identity) = self.connected(&qmp, events);
+                (qmp, pid, identity)
+            }
+        };
 
         let mut phase = Phase::Idle;
         let mut guest_shutdown = false;

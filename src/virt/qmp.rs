@@ -95,8 +95,32 @@ impl Qmp {
             Err(e) => return Err(e.into()),
         };
         let version = parse_greeting(&greeting)?;
-        stream.set_read_timeout(None)?;
         let (tx, msgs) = crossbeam_channel::unbounded();
+        // Negotiated here, before the reader thread exists: on a loaded
+        // host a new thread may wait a whole scheduling round before it
+        // first runs, and "connected" should not wait for that.
+        let mut writer = stream.try_clone()?;
+        writer.write_all(b"{\"execute\": \"qmp_capabilities\"}\n")?;
+        loop {
+            let line = match read_line(&mut reader) {
+                Ok(Some(l)) => l,
+                Ok(None) => return Err(QmpError::Closed),
+                Err(e) if is_timeout(&e) => return Err(QmpError::Timeout("qmp_capabilities")),
+                Err(e) => return Err(e.into()),
+            };
+            if line.trim().is_empty() {
+                continue;
+            }
+            match parse_msg(&line)? {
+                QmpMsg::Return(_) => break,
+                QmpMsg::Error(e) => return Err(QmpError::Command(e)),
+                // Not expected before negotiation; kept for the reader's users.
+                ev @ QmpMsg::Event(..) => {
+                    let _ = tx.send(ev);
+                }
+            }
+        }
+        stream.set_read_timeout(None)?;
         let reader = thread::Builder::new()
             .name(format!("qmp-{name}"))
             .stack_size(128 * 1024)
@@ -120,15 +144,13 @@ impl Qmp {
                 }
             })
             .map_err(QmpError::Io)?;
-        let mut qmp = Qmp {
+        Ok(Qmp {
             stream,
             msgs,
             reader: Some(reader),
             pid,
             version,
-        };
-        qmp.execute("qmp_capabilities", None, timeout, &mut |_, _| {})?;
-        Ok(qmp)
+        })
     }
 
     /// The channel of QEMU's messages; disconnected once QEMU is gone.
