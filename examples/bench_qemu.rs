@@ -8,7 +8,7 @@
 //! ±10 ms; `GUEST-BOOTED` is read from each VM's console log. Bare timings:
 //! our own QMP handshake, and the same console line.
 //!
-//! Usage: bench_qemu --launcher PATH --image GUEST.img [--n 1,5,20] [--mem 48] [--runs 3]
+//! Usage: bench_qemu --launcher PATH --image GUEST.img [--n 1,5,20] [--mem 48] [--runs 5]
 //! (see scripts/bench-qemu.sh)
 
 use std::fs;
@@ -43,13 +43,13 @@ struct Args {
     image: PathBuf,
     ns: Vec<usize>,
     mem: u64,
-    /// Runs per N; the table shows medians.
+    /// Runs per N (default 5); the table shows medians and the spread.
     runs: usize,
 }
 
 fn usage() -> ! {
     eprintln!(
-        "usage: bench_qemu --launcher PATH --image GUEST.img [--n 1,5,20] [--mem 48] [--runs 3]"
+        "usage: bench_qemu --launcher PATH --image GUEST.img [--n 1,5,20] [--mem 48] [--runs 5]"
     );
     std::process::exit(2);
 }
@@ -57,7 +57,7 @@ fn usage() -> ! {
 fn main() {
     let argv: Vec<String> = std::env::args().skip(1).collect();
     let (mut launcher, mut image, mut ns, mut mem, mut runs) =
-        (None, None, vec![1usize, 5, 20], 48u64, 3usize);
+        (None, None, vec![1usize, 5, 20], 48u64, 5usize);
     let mut it = argv.iter();
     while let Some(a) = it.next() {
         match (a.as_str(), it.next()) {
@@ -121,7 +121,7 @@ fn run(a: &Args) -> Result<(), String> {
             "--max-vm",
             "1000",
             "--stats-interval",
-            "0.01",
+            &std::env::var("BENCH_STATS_INTERVAL").unwrap_or_else(|_| "0.01".into()),
             "--usage-interval",
             "3600",
             "--stop-timeout",
@@ -139,25 +139,53 @@ fn run(a: &Args) -> Result<(), String> {
             }
         };
         let mut rows = Vec::new();
+        let mut spreads = Vec::new();
         for &n in &a.ns {
             // Alternate launcher and bare runs; each starts from a flushed
             // page cache so the previous run's writeback does not land on it.
+            // The order alternates (launcher first, then bare first, …) so
+            // a drift in the machine's load does not favour either side.
             let (mut ls, mut bs) = (Vec::new(), Vec::new());
             for r in 0..a.runs {
-                nix::unistd::sync();
-                ls.push(through_launcher(&server, node, &data, n, a.mem)?);
-                nix::unistd::sync();
-                bs.push(bare(
-                    &dir.join(format!("bare-{n}-{r}")),
-                    &a.image,
-                    n,
-                    a.mem,
-                )?);
+                for side in if r % 2 == 0 { [0, 1] } else { [1, 0] } {
+                    nix::unistd::sync();
+                    if side == 0 {
+                        ls.push(through_launcher(&server, node, &data, n, a.mem)?);
+                    } else {
+                        bs.push(bare(
+                            &dir.join(format!("bare-{n}-{r}")),
+                            &a.image,
+                            n,
+                            a.mem,
+                        )?);
+                    }
+                }
+                if let (Some(l), Some(b)) = (ls.last(), bs.last()) {
+                    eprintln!(
+                        "N={n} run {}: launcher QMP {:.0} ms, booted {:.0} ms, STOP {:.0} ms | bare QMP {:.0} ms, booted {:.0} ms",
+                        r + 1,
+                        ms(l.qmp),
+                        ms(l.boot),
+                        ms(l.stop),
+                        ms(b.0),
+                        ms(b.1)
+                    );
+                }
             }
             let med = |mut v: Vec<Duration>| {
                 v.sort();
                 v[v.len() / 2]
             };
+            let spread = |v: Vec<Duration>| {
+                let lo = v.iter().min().copied().unwrap_or_default();
+                let hi = v.iter().max().copied().unwrap_or_default();
+                format!("{:.0}–{:.0}", ms(lo), ms(hi))
+            };
+            spreads.push((
+                n,
+                spread(ls.iter().map(|m| m.qmp).collect()),
+                spread(bs.iter().map(|b| b.0).collect()),
+            ));
             let l = Measured {
                 qmp: med(ls.iter().map(|m| m.qmp).collect()),
                 boot: med(ls.iter().map(|m| m.boot).collect()),
@@ -189,6 +217,12 @@ fn run(a: &Args) -> Result<(), String> {
                 ms(l.boot) / ms(b.1),
                 ms(l.stop),
             );
+        }
+        println!("\nSTART → all QMP connected, every run (min–max):\n");
+        println!("| N | launcher | bare |");
+        println!("|---:|---:|---:|");
+        for (n, l, b) in spreads {
+            println!("| {n} | {l} ms | {b} ms |");
         }
         Ok::<(), String>(())
     })();
@@ -294,6 +328,16 @@ fn through_launcher(
         .map(|id| data.join("instances").join(id).join("console.log"))
         .collect();
     let mut boot_at: Vec<Option<Duration>> = vec![None; n];
+    // The STATS sent (every 10 ms) while a bare run had the machine are
+    // still queued: drop them first, or reading through that backlog would
+    // be timed as the launcher's START.
+    let drained = Instant::now() + Duration::from_secs(10);
+    while server
+        .events()
+        .recv_timeout(Duration::from_millis(30))
+        .is_ok()
+        && Instant::now() < drained
+    {}
     let t = Instant::now();
     for id in &ids {
         let payload = start_payload(
@@ -324,7 +368,9 @@ fn through_launcher(
         ids.iter()
             .all(|id| s.iter().any(|(i, st)| i == id && st == "running"))
     };
-    wait_states("START", &mut || check(&mut boot_at), &running)?;
+    // Consoles are read only afterwards, as in the bare run: polling twenty
+    // files meanwhile would take CPU from the QEMUs being timed.
+    wait_states("START", &mut || {}, &running)?;
     let qmp = t.elapsed();
     let deadline = Instant::now() + WAIT;
     loop {
@@ -431,9 +477,17 @@ fn bare_one(dir: &Path, image: &Path, mem: u64, t: Instant) -> Result<(Duration,
         ovmf: None,
         ui: None,
     });
+    let made = t.elapsed();
     run_ok(Command::new("qemu-system-x86_64").args(&args))?;
+    let launched = t.elapsed();
     let qmp = Qmp::connect(&dir.join("qmp.sock"), Duration::from_secs(10), "bench")
         .map_err(|e| e.to_string())?;
+    if std::env::var_os("BENCH_DEBUG").is_some() {
+        eprintln!(
+            "bare {id}: disk and config drive at {made:?}, launched at {launched:?}, QMP at {:?}",
+            t.elapsed()
+        );
+    }
     Ok((t.elapsed(), qmp))
 }
 
@@ -498,6 +552,24 @@ fn bare(dir: &Path, image: &Path, n: usize, mem: u64) -> Result<(Duration, Durat
     }
     for q in &quitting {
         while q.messages().recv_timeout(Duration::from_secs(10)).is_ok() {}
+    }
+    // The socket closes before QEMU has finished exiting: wait for the
+    // processes too, so the next run does not share the CPUs with them
+    // (the launcher's DELETE waits for its QEMUs the same way).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    for pid in quitting.iter().filter_map(|q| q.pid) {
+        while Path::new(&format!("/proc/{pid}")).exists()
+            && fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|st| {
+                !st.rsplit(')')
+                    .next()
+                    .unwrap_or("")
+                    .trim_start()
+                    .starts_with('Z')
+            })
+            && Instant::now() < deadline
+        {
+            std::thread::sleep(Duration::from_millis(10));
+        }
     }
     drop(quitting);
     let _ = fs::remove_dir_all(dir);
