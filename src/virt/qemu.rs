@@ -9,9 +9,12 @@
 //! the firmware comes as code + variables).
 //!
 //! Each running VM has a monitor thread (`monitor-<uuid8>`) holding the QMP
-//! connection (whose reader is a second thread, `qmp-<uuid8>`). It reports
-//! `Running` after the QMP handshake and `Exited` when the socket closes and
-//! the QEMU process (known from `SO_PEERCRED`) is gone. The instance thread
+//! connection (whose reader is a second thread, `qmp-<uuid8>`). `Running` is
+//! reported after the QMP handshake — for a VM just launched, made by the
+//! instance thread itself the moment QEMU has daemonized, then handed to the
+//! monitor; after a launcher restart, by the monitor with retries — and
+//! `Exited` when the socket closes and the QEMU process (known from
+//! `SO_PEERCRED`) is gone. The instance thread
 //! talks to it through [`QemuMonitor`]:
 //! * stop: ACPI `system_powerdown` (repeated every 2 s: a press before the
 //!   guest's ACPI daemon runs is lost), then `quit` after `--stop-timeout`,

@@ -266,6 +266,16 @@ mod tests {
     }
 
     #[test]
+    fn create_image_while_runs_meanwhile_once() {
+        let control = SimControl::new();
+        let mut vm = sim(&control, "9f5d3e1c-2b4a-4c6d-8e7f-0a1b2c3d4e5f");
+        let mut calls = 0;
+        vm.create_image_while(&mut || calls += 1)
+            .expect("a simulated image is always made");
+        assert_eq!(calls, 1);
+    }
+
+    #[test]
     fn start_monitor_stop() {
         let c = SimControl::new();
         let mut v = sim(&c, "a");
