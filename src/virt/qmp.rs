@@ -99,8 +99,7 @@ impl Qmp {
         // Negotiated here, before the reader thread exists: on a loaded
         // host a new thread may wait a whole scheduling round before it
         // first runs, and "connected" should not wait for that.
-        let mut writer = stream.try_clone()?;
-        writer.write_all(b"{\"execute\": \"qmp_capabilities\"}\n")?;
+        (&stream).write_all(b"{\"execute\": \"qmp_capabilities\"}\n")?;
         loop {
             let line = match read_line(&mut reader) {
                 Ok(Some(l)) => l,
