@@ -16,6 +16,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use ciao_launcher::nodestats::process_identity;
 use ciao_launcher::payloads::commands::{delete_payload, stop_payload};
 use ciao_launcher::payloads::config::{Firmware, VmType};
 use ciao_launcher::payloads::outgoing::parse_stats;
@@ -553,16 +554,7 @@ fn bare(dir: &Path, image: &Path, n: usize, mem: u64) -> Result<(Duration, Durat
     // (the launcher's DELETE waits for its QEMUs the same way).
     let deadline = Instant::now() + Duration::from_secs(10);
     for pid in quitting.iter().filter_map(|q| q.pid) {
-        while Path::new(&format!("/proc/{pid}")).exists()
-            && fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|st| {
-                !st.rsplit(')')
-                    .next()
-                    .unwrap_or("")
-                    .trim_start()
-                    .starts_with('Z')
-            })
-            && Instant::now() < deadline
-        {
+        while process_identity(Path::new("/proc"), pid).is_some() && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(10));
         }
     }

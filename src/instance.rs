@@ -258,14 +258,16 @@ impl Instance {
         });
     }
 
+    /// What is written to the instance's state file.
+    fn state_file(&self) -> StateFile {
+        StateFile {
+            config: self.cfg.clone(),
+            stopped: self.stopped,
+        }
+    }
+
     fn save(&self) -> Result<(), StateError> {
-        self.ctx.store.save(
-            &self.id,
-            &StateFile {
-                config: self.cfg.clone(),
-                stopped: self.stopped,
-            },
-        )
+        self.ctx.store.save(&self.id, &self.state_file())
     }
 
     fn fail(&self, kind: ErrorKind, reason: Reason) {
@@ -389,10 +391,7 @@ impl Instance {
     /// is made by qemu-img), on this thread: a helper thread per START cost
     /// more than it saved on a host busy booting guests.
     fn create_image_and_save(&mut self) -> (Result<(), VirtError>, Result<(), StateError>) {
-        let state = StateFile {
-            config: self.cfg.clone(),
-            stopped: self.stopped,
-        };
+        let state = self.state_file();
         let (store, id, vm) = (&self.ctx.store, &self.id, &mut self.vm);
         let t = Instant::now();
         let mut saved = None;

@@ -13,6 +13,7 @@ use std::process::Command;
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
+use ciao_launcher::nodestats::process_identity;
 use common::*;
 
 /// The backing image's UUID in every test's data directory.
@@ -123,28 +124,6 @@ fn wait_log(env: &Env, what: &str) {
     }
 }
 
-/// Polls `ciao-lc list` until `want` holds, within `limit`.
-fn wait_list_for(
-    env: &Env,
-    limit: Duration,
-    what: &str,
-    want: impl Fn(&[(String, String)]) -> bool,
-) {
-    let deadline = Instant::now() + limit;
-    loop {
-        let l = env.list();
-        if want(&l) {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "timed out waiting for {what}; last list: {l:?}\nlauncher log:\n{}",
-            env.log()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
 fn qemu_pid(env: &Env, id: &str) -> i32 {
     std::fs::read_to_string(instance_dir(env, id).join("qemu.pid"))
         .ok()
@@ -154,11 +133,7 @@ fn qemu_pid(env: &Env, id: &str) -> i32 {
 
 /// The process exists and is not a zombie.
 fn alive(pid: i32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
-        s.rsplit_once(')')
-            .and_then(|(_, r)| r.split_whitespace().next())
-            .is_some_and(|st| st != "Z" && st != "X")
-    })
+    process_identity(Path::new("/proc"), pid).is_some()
 }
 
 fn wait_dead(pid: i32) {
@@ -234,7 +209,7 @@ fn vm_lifecycle_bios_2016() {
     let pid = qemu_pid(&env, &id);
     let t = Instant::now();
     env.lc_ok(&["stop", &id]);
-    wait_list_for(&env, BOOT, "exited", |l| state_of(l, &id) == Some("exited"));
+    env.wait_list_within(BOOT, "exited", |l| state_of(l, &id) == Some("exited"));
     println!("STOP → exited in {:?}", t.elapsed());
     assert!(!alive(pid));
     wait_console(&env, &id, "GUEST-POWERDOWN", 1);
@@ -244,7 +219,7 @@ fn vm_lifecycle_bios_2016() {
     // RESTART: the same disk; the first boot's file is still there.
     env.lc_ok(&["restart", &id]);
     let c = wait_console(&env, &id, "GUEST-RUNCMD-DONE", 2);
-    wait_list_for(&env, BOOT, "running again", |l| {
+    env.wait_list_within(BOOT, "running again", |l| {
         state_of(l, &id) == Some("running")
     });
     let persisted = c
@@ -317,7 +292,7 @@ fn kill9_launcher_with_three_vms_then_a_crash_2016() {
     for id in &ids[..2] {
         env.lc_ok(&["stop", id]);
     }
-    wait_list_for(&env, BOOT, "2 exited", |l| {
+    env.wait_list_within(BOOT, "2 exited", |l| {
         ids[..2].iter().all(|id| state_of(l, id) == Some("exited"))
     });
     for pid in &pids[..2] {
@@ -325,7 +300,7 @@ fn kill9_launcher_with_three_vms_then_a_crash_2016() {
     }
     // A crash (kill -9 QEMU) of the third: 2016 keeps it as exited.
     kill9(pids[2]);
-    wait_list_for(&env, WAIT, "crash reported", |l| {
+    env.wait_list_within(WAIT, "crash reported", |l| {
         state_of(l, &ids[2]) == Some("exited")
     });
     wait_log(&env, "exited by itself: QEMU exited unexpectedly");

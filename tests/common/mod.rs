@@ -201,7 +201,17 @@ impl Env {
         what: &str,
         want: impl Fn(&[(String, String)]) -> bool,
     ) -> Vec<(String, String)> {
-        let deadline = Instant::now() + WAIT;
+        self.wait_list_within(WAIT, what, want)
+    }
+
+    /// [`Env::wait_list`] with its own bound.
+    pub fn wait_list_within(
+        &self,
+        limit: Duration,
+        what: &str,
+        want: impl Fn(&[(String, String)]) -> bool,
+    ) -> Vec<(String, String)> {
+        let deadline = Instant::now() + limit;
         loop {
             let l = self.list();
             if want(&l) {
