@@ -2,6 +2,10 @@
 //! launcher, next to the same work done bare (per VM, in parallel:
 //! `qemu-img create` of the overlay, the config-drive ISO with xorriso, and
 //! `qemu-system-x86_64` with the same arguments), then a graceful STOP.
+//! The bare work is timed twice: as a plain script would do it, and with
+//! QEMU started in a session of its own (`setsid`), as the launcher starts
+//! it — with the kernel's autogroups that decides how much CPU the QEMUs
+//! being started get next to the guests already booting.
 //!
 //! Launcher timings come from what the scheduler sees: STATS every 10 ms
 //! (`--stats-interval 0.01`) give "every VM running" (= QMP connected) to
@@ -24,7 +28,7 @@ use ciao_launcher::payloads::start::{StartRequest, start_payload};
 use ciao_launcher::ssntp::conn::send_patiently;
 use ciao_launcher::ssntp::server::ServerEvent;
 use ciao_launcher::ssntp::{Command as Cmd, Event, Frame, FrameType, Operation, Profile};
-use ciao_launcher::virt::qemu::{AccelChoice, LaunchSpec, choose_accel, command_line};
+use ciao_launcher::virt::qemu::{AccelChoice, LaunchSpec, choose_accel, command_line, own_session};
 use ciao_launcher::virt::qmp::Qmp;
 
 #[path = "support/scheduler.rs"]
@@ -146,30 +150,40 @@ fn run(a: &Args) -> Result<(), String> {
             // page cache so the previous run's writeback does not land on it.
             // The order alternates (launcher first, then bare first, …) so
             // a drift in the machine's load does not favour either side.
-            let (mut ls, mut bs) = (Vec::new(), Vec::new());
+            let (mut ls, mut bs, mut ss) = (Vec::new(), Vec::new(), Vec::new());
             for r in 0..a.runs {
-                for side in if r % 2 == 0 { [0, 1] } else { [1, 0] } {
+                // 0 launcher, 1 bare, 2 bare with setsid; rotated per run.
+                for k in 0..3 {
+                    let side = (r + k) % 3;
                     nix::unistd::sync();
                     if side == 0 {
                         ls.push(through_launcher(&server, node, &data, n, a.mem)?);
                     } else {
-                        bs.push(bare(
-                            &dir.join(format!("bare-{n}-{r}")),
+                        let out = bare(
+                            &dir.join(format!("bare-{n}-{r}-{side}")),
                             &a.image,
                             n,
                             a.mem,
-                        )?);
+                            side == 2,
+                        )?;
+                        if side == 1 {
+                            bs.push(out)
+                        } else {
+                            ss.push(out)
+                        }
                     }
                 }
-                if let (Some(l), Some(b)) = (ls.last(), bs.last()) {
+                if let (Some(l), Some(b), Some(s)) = (ls.last(), bs.last(), ss.last()) {
                     eprintln!(
-                        "N={n} run {}: launcher QMP {:.0} ms, booted {:.0} ms, STOP {:.0} ms | bare QMP {:.0} ms, booted {:.0} ms",
+                        "N={n} run {}: launcher QMP {:.0} ms, booted {:.0} ms, STOP {:.0} ms | bare QMP {:.0} ms, booted {:.0} ms | bare+setsid QMP {:.0} ms, booted {:.0} ms",
                         r + 1,
                         ms(l.qmp),
                         ms(l.boot),
                         ms(l.stop),
                         ms(b.0),
-                        ms(b.1)
+                        ms(b.1),
+                        ms(s.0),
+                        ms(s.1)
                     );
                 }
             }
@@ -186,6 +200,7 @@ fn run(a: &Args) -> Result<(), String> {
                 n,
                 spread(ls.iter().map(|m| m.qmp).collect()),
                 spread(bs.iter().map(|b| b.0).collect()),
+                spread(ss.iter().map(|b| b.0).collect()),
             ));
             let l = Measured {
                 qmp: med(ls.iter().map(|m| m.qmp).collect()),
@@ -196,7 +211,8 @@ fn run(a: &Args) -> Result<(), String> {
                 med(bs.iter().map(|b| b.0).collect()),
                 med(bs.iter().map(|b| b.1).collect()),
             );
-            rows.push((n, l, b));
+            let s = med(ss.iter().map(|b| b.0).collect());
+            rows.push((n, l, b, s));
         }
         let (accel, _) = choose_accel(AccelChoice::Auto, Path::new("/sys"), Path::new("/dev/kvm"));
         println!(
@@ -204,15 +220,17 @@ fn run(a: &Args) -> Result<(), String> {
             a.mem, a.runs
         );
         println!(
-            "| N | launcher START → all QMP connected | bare | ratio | launcher START → all GUEST-BOOTED | bare | ratio | launcher STOP (ACPI) → all exited |"
+            "| N | launcher START → all QMP connected | bare | ratio | bare, QEMU via setsid | ratio | launcher START → all GUEST-BOOTED | bare | ratio | launcher STOP (ACPI) → all exited |"
         );
-        println!("|---:|---:|---:|---:|---:|---:|---:|---:|");
-        for (n, l, b) in rows {
+        println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+        for (n, l, b, s) in rows {
             println!(
-                "| {n} | {:.0} ms | {:.0} ms | {:.2}× | {:.0} ms | {:.0} ms | {:.2}× | {:.0} ms |",
+                "| {n} | {:.0} ms | {:.0} ms | {:.2}× | {:.0} ms | {:.2}× | {:.0} ms | {:.0} ms | {:.2}× | {:.0} ms |",
                 ms(l.qmp),
                 ms(b.0),
                 ms(l.qmp) / ms(b.0),
+                ms(s),
+                ms(l.qmp) / ms(s),
                 ms(l.boot),
                 ms(b.1),
                 ms(l.boot) / ms(b.1),
@@ -220,10 +238,10 @@ fn run(a: &Args) -> Result<(), String> {
             );
         }
         println!("\nSTART → all QMP connected, every run (min–max):\n");
-        println!("| N | launcher | bare |");
-        println!("|---:|---:|---:|");
-        for (n, l, b) in spreads {
-            println!("| {n} | {l} ms | {b} ms |");
+        println!("| N | launcher | bare | bare, QEMU via setsid |");
+        println!("|---:|---:|---:|---:|");
+        for (n, l, b, s) in spreads {
+            println!("| {n} | {l} ms | {b} ms | {s} ms |");
         }
         Ok::<(), String>(())
     })();
@@ -433,9 +451,16 @@ fn run_ok(cmd: &mut Command) -> Result<(), String> {
     }
 }
 
-/// One bare VM: overlay, ISO, QEMU, then our own QMP handshake; returns
-/// (time to QMP connected, the QMP connection, its console).
-fn bare_one(dir: &Path, image: &Path, mem: u64, t: Instant) -> Result<(Duration, Qmp), String> {
+/// One bare VM: overlay, ISO, QEMU (in a session of its own if `setsid`),
+/// then our own QMP handshake; returns (time to QMP connected, the QMP
+/// connection).
+fn bare_one(
+    dir: &Path,
+    image: &Path,
+    mem: u64,
+    t: Instant,
+    setsid: bool,
+) -> Result<(Duration, Qmp), String> {
     let id = uuid::Uuid::new_v4().to_string();
     fs::create_dir_all(dir).map_err(|e| e.to_string())?;
     run_ok(
@@ -474,7 +499,11 @@ fn bare_one(dir: &Path, image: &Path, mem: u64, t: Instant) -> Result<(Duration,
         ui: None,
     });
     let made = t.elapsed();
-    run_ok(Command::new("qemu-system-x86_64").args(&args))?;
+    let mut qemu = Command::new("qemu-system-x86_64");
+    if setsid {
+        own_session(&mut qemu);
+    }
+    run_ok(qemu.args(&args))?;
     let launched = t.elapsed();
     let qmp = Qmp::connect(&dir.join("qmp.sock"), Duration::from_secs(10), "bench")
         .map_err(|e| e.to_string())?;
@@ -488,14 +517,20 @@ fn bare_one(dir: &Path, image: &Path, mem: u64, t: Instant) -> Result<(Duration,
 }
 
 /// N bare VMs in parallel: (all QMP connected, all GUEST-BOOTED).
-fn bare(dir: &Path, image: &Path, n: usize, mem: u64) -> Result<(Duration, Duration), String> {
+fn bare(
+    dir: &Path,
+    image: &Path,
+    n: usize,
+    mem: u64,
+    setsid: bool,
+) -> Result<(Duration, Duration), String> {
     let image = fs::canonicalize(image).map_err(|e| e.to_string())?;
     let t = Instant::now();
     let handles: Vec<_> = (0..n)
         .map(|i| {
             let d = dir.join(i.to_string());
             let image = image.clone();
-            std::thread::spawn(move || bare_one(&d, &image, mem, t))
+            std::thread::spawn(move || bare_one(&d, &image, mem, t, setsid))
         })
         .collect();
     let mut vms = Vec::new();

@@ -40,22 +40,14 @@ pub fn spawn_launcher(
     profile: Profile,
     extra: &[&str],
 ) -> Result<std::process::Child, String> {
-    use std::os::unix::process::CommandExt;
     use std::process::{Command, Stdio};
     let mut cmd = Command::new(path);
-    // SAFETY: setsid is async-signal-safe and touches no memory of ours.
     // The launcher gets a session of its own, as a daemon has: the scheduler
     // in this process stands for another machine, and with the kernel's
     // autogroups one session's threads share one CPU share, so the two
     // would compete for it (the bare runs of the QEMU benchmark do not
     // share theirs with a scheduler).
-    unsafe {
-        cmd.pre_exec(|| {
-            nix::unistd::setsid()
-                .map(|_| ())
-                .map_err(std::io::Error::from)
-        });
-    }
+    ciao_launcher::virt::qemu::own_session(&mut cmd);
     cmd.arg("-cacert")
         .arg(dir.join("ca.pem"))
         .arg("-cert")

@@ -471,7 +471,9 @@ impl Qemu {
                     .collect::<Vec<_>>()
                     .join(" ")
             );
-            let out = Command::new(&self.f.qemu)
+            let mut cmd = Command::new(&self.f.qemu);
+            own_session(&mut cmd);
+            let out = cmd
                 .args(&args)
                 .current_dir(&self.dir)
                 .stdin(Stdio::null())
@@ -518,6 +520,22 @@ impl Qemu {
         };
         let m = fs::metadata(path).ok()?;
         i64::try_from(m.blocks() * 512 / 1_000_000).ok()
+    }
+}
+
+/// Makes `cmd` start in a session of its own. QEMU's `-daemonize` makes
+/// one too, but only after its early setup (loading its libraries, parsing
+/// its options): until then a Ctrl-C or SIGHUP meant for the launcher's
+/// process group would kill the VM being started, and, with the kernel's
+/// autogroups (one CPU share per session), all the QEMUs being started
+/// would share the launcher's one share while every booted guest has one
+/// of its own.
+pub fn own_session(cmd: &mut Command) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: between fork and exec the closure only calls setsid(2), which
+    // is async-signal-safe and touches no memory of this process.
+    unsafe {
+        cmd.pre_exec(|| nix::unistd::setsid().map(|_| ()).map_err(io::Error::from));
     }
 }
 
@@ -1265,6 +1283,25 @@ pub fn quit_vm(socket: &Path, timeout: Duration) -> Result<bool, VirtError> {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+
+    /// A child started through `own_session` leads a session of its own
+    /// from the moment `spawn` returns (exec has happened by then).
+    #[test]
+    fn child_in_own_session() {
+        let mut cmd = Command::new("cat");
+        cmd.stdin(Stdio::piped()).stdout(Stdio::null());
+        own_session(&mut cmd);
+        let mut child = cmd.spawn().unwrap();
+        let stat = fs::read_to_string(format!("/proc/{}/stat", child.id())).unwrap();
+        // Fields after "(comm)": state ppid pgrp session …
+        let after = &stat[stat.rfind(')').unwrap() + 1..];
+        let f: Vec<&str> = after.split_whitespace().collect();
+        let session: u32 = f[3].parse().unwrap();
+        drop(child.stdin.take());
+        child.wait().unwrap();
+        assert_eq!(session, child.id());
+        assert_ne!(session, std::process::id());
+    }
 
     #[test]
     fn accelerator_choice() {
