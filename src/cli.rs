@@ -728,8 +728,9 @@ comes from the scheduler's CONNECTED frame, and flags given on the command line 
 .PP
 Both profiles read both shapes of START.
 .SH "VIRTUAL MACHINES"
-A START without \fBvm_type: docker\fR runs \fBqemu\-system\-x86_64\fR (\fB\-\-qemu\fR) in its own
-session (\fB\-daemonize\fR), so virtual machines outlive the launcher.
+A START without \fBvm_type: docker\fR runs \fBqemu\-system\-x86_64\fR (\fB\-\-qemu\fR) in a session
+of its own from the start (and \fB\-daemonize\fR), so virtual machines outlive the launcher
+and a signal to the launcher's process group does not reach a VM being started.
 The accelerator is chosen at start and logged: with \fB\-\-qemu\-accel auto\fR, KVM when
 \fI/dev/kvm\fR is read-write and backed by the kvm_intel or kvm_amd module, TCG otherwise
 (nested "PVM" KVM accepts \-enable\-kvm but cannot run real guests).

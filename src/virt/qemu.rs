@@ -1,5 +1,6 @@
-//! The QEMU virtualizer: one `qemu-system-x86_64` process per VM, in its own
-//! session (`-daemonize`), so VMs outlive the launcher.
+//! The QEMU virtualizer: one `qemu-system-x86_64` process per VM, started
+//! in a session of its own ([`own_session`], then `-daemonize`), so VMs
+//! outlive the launcher.
 //!
 //! Files of an instance (`<data-dir>/instances/<uuid>/`): `image.qcow2` (a
 //! qcow2 overlay on `<data-dir>/images/<image_uuid>`; a VM started from a
