@@ -127,6 +127,7 @@ fn run(launcher: &Path, ns: &[usize]) -> Result<(), String> {
             "--stop-timeout",
             "1",
         ],
+        None,
     )?;
     let result = (|| {
         let node = loop {

@@ -7,10 +7,12 @@
 //! it — with the kernel's autogroups that decides how much CPU the QEMUs
 //! being started get next to the guests already booting.
 //!
-//! Launcher timings come from what the scheduler sees: STATS every 10 ms
-//! (`--stats-interval 0.01`) give "every VM running" (= QMP connected) to
-//! ±10 ms; `GUEST-BOOTED` is read from each VM's console log. Bare timings:
-//! our own QMP handshake, and the same console line.
+//! Launcher timings: "QMP connected" from the launcher's own log (each line
+//! carries its time, in ns), as the bare runs time their own QMP handshake;
+//! "running" as the scheduler sees it, from STATS every 10 ms
+//! (`--stats-interval 0.01`, so ±10 ms), which adds the reporting delay; the
+//! STOP from STATS too. `GUEST-BOOTED` is read from each VM's console log,
+//! for the bare runs as well.
 //!
 //! Usage: bench_qemu --launcher PATH --image GUEST.img [--n 1,5,20] [--mem 48] [--runs 5]
 //! (see scripts/bench-qemu.sh)
@@ -18,7 +20,7 @@
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use ciao_launcher::nodestats::process_identity;
 use ciao_launcher::payloads::commands::{delete_payload, stop_payload};
@@ -103,7 +105,10 @@ fn booted(console: &Path) -> bool {
 
 /// Launcher figures for one N.
 struct Measured {
+    /// START → the last "QMP connected" in the launcher's log.
     qmp: Duration,
+    /// START → every VM running in a STATS frame.
+    running: Duration,
     boot: Duration,
     stop: Duration,
 }
@@ -117,6 +122,7 @@ fn run(a: &Args) -> Result<(), String> {
     fs::create_dir_all(data.join("images")).map_err(|e| e.to_string())?;
     fs::copy(&a.image, data.join("images").join(IMAGE)).map_err(|e| e.to_string())?;
     let server = scheduler(&dir, PROFILE)?;
+    let log = dir.join("launcher.log");
     let mut child = spawn_launcher(
         &a.launcher,
         &dir,
@@ -132,6 +138,7 @@ fn run(a: &Args) -> Result<(), String> {
             "--stop-timeout",
             "30",
         ],
+        Some(&log),
     )?;
     let result = (|| {
         let node = loop {
@@ -146,10 +153,11 @@ fn run(a: &Args) -> Result<(), String> {
         let mut rows = Vec::new();
         let mut spreads = Vec::new();
         for &n in &a.ns {
-            // Alternate launcher and bare runs; each starts from a flushed
+            // Launcher and bare runs take turns; each starts from a flushed
             // page cache so the previous run's writeback does not land on it.
-            // The order alternates (launcher first, then bare first, …) so
-            // a drift in the machine's load does not favour either side.
+            // The order rotates (launcher, bare, bare with setsid; then bare,
+            // bare with setsid, launcher; …) so a drift in the machine's load
+            // does not favour any side.
             let (mut ls, mut bs, mut ss) = (Vec::new(), Vec::new(), Vec::new());
             for r in 0..a.runs {
                 // 0 launcher, 1 bare, 2 bare with setsid; rotated per run.
@@ -157,7 +165,7 @@ fn run(a: &Args) -> Result<(), String> {
                     let side = (r + k) % 3;
                     nix::unistd::sync();
                     if side == 0 {
-                        ls.push(through_launcher(&server, node, &data, n, a.mem)?);
+                        ls.push(through_launcher(&server, node, &data, &log, n, a.mem)?);
                     } else {
                         let out = bare(
                             &dir.join(format!("bare-{n}-{r}-{side}")),
@@ -175,9 +183,10 @@ fn run(a: &Args) -> Result<(), String> {
                 }
                 if let (Some(l), Some(b), Some(s)) = (ls.last(), bs.last(), ss.last()) {
                     eprintln!(
-                        "N={n} run {}: launcher QMP {:.0} ms, booted {:.0} ms, STOP {:.0} ms | bare QMP {:.0} ms, booted {:.0} ms | bare+setsid QMP {:.0} ms, booted {:.0} ms",
+                        "N={n} run {}: launcher QMP {:.0} ms, running in STATS {:.0} ms, booted {:.0} ms, STOP {:.0} ms | bare QMP {:.0} ms, booted {:.0} ms | bare+setsid QMP {:.0} ms, booted {:.0} ms",
                         r + 1,
                         ms(l.qmp),
+                        ms(l.running),
                         ms(l.boot),
                         ms(l.stop),
                         ms(b.0),
@@ -204,6 +213,7 @@ fn run(a: &Args) -> Result<(), String> {
             ));
             let l = Measured {
                 qmp: med(ls.iter().map(|m| m.qmp).collect()),
+                running: med(ls.iter().map(|m| m.running).collect()),
                 boot: med(ls.iter().map(|m| m.boot).collect()),
                 stop: med(ls.iter().map(|m| m.stop).collect()),
             };
@@ -220,17 +230,18 @@ fn run(a: &Args) -> Result<(), String> {
             a.mem, a.runs
         );
         println!(
-            "| N | launcher START → all QMP connected | bare | ratio | bare, QEMU via setsid | ratio | launcher START → all GUEST-BOOTED | bare | ratio | launcher STOP (ACPI) → all exited |"
+            "| N | launcher START → all QMP connected | bare | ratio | bare, QEMU via setsid | ratio | launcher START → all running in STATS | launcher START → all GUEST-BOOTED | bare | ratio | launcher STOP (ACPI) → all exited |"
         );
-        println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+        println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
         for (n, l, b, s) in rows {
             println!(
-                "| {n} | {:.0} ms | {:.0} ms | {:.2}× | {:.0} ms | {:.2}× | {:.0} ms | {:.0} ms | {:.2}× | {:.0} ms |",
+                "| {n} | {:.0} ms | {:.0} ms | {:.2}× | {:.0} ms | {:.2}× | {:.0} ms | {:.0} ms | {:.0} ms | {:.2}× | {:.0} ms |",
                 ms(l.qmp),
                 ms(b.0),
                 ms(l.qmp) / ms(b.0),
                 ms(s),
                 ms(l.qmp) / ms(s),
+                ms(l.running),
                 ms(l.boot),
                 ms(b.1),
                 ms(l.boot) / ms(b.1),
@@ -251,6 +262,11 @@ fn run(a: &Args) -> Result<(), String> {
     );
     let _ = child.wait();
     server.stop();
+    if std::env::var_os("BENCH_DEBUG").is_some()
+        && let Ok(text) = fs::read_to_string(&log)
+    {
+        eprint!("--- the launcher's log ---\n{text}");
+    }
     // VMs outlive the launcher: after a failed run, end the ones it left.
     kill_vms(&data);
     let _ = fs::remove_dir_all(&dir);
@@ -299,6 +315,7 @@ fn through_launcher(
     server: &ciao_launcher::ssntp::server::Server,
     node: [u8; 16],
     data: &Path,
+    log: &Path,
     n: usize,
     mem: u64,
 ) -> Result<Measured, String> {
@@ -353,6 +370,7 @@ fn through_launcher(
     // (What is still in flight is a STATS or two, without the new VMs.)
     while server.events().try_recv().is_ok() {}
     let t = Instant::now();
+    let wall = SystemTime::now();
     for id in &ids {
         let payload = start_payload(
             PROFILE,
@@ -385,7 +403,8 @@ fn through_launcher(
     // Consoles are read only afterwards, as in the bare run: polling twenty
     // files meanwhile would take CPU from the QEMUs being timed.
     wait_states("START", &mut || {}, &running)?;
-    let qmp = t.elapsed();
+    let running_at = t.elapsed();
+    let qmp = qmp_connected(log, &ids, wall)?;
     let deadline = Instant::now() + WAIT;
     loop {
         check(&mut boot_at);
@@ -434,7 +453,57 @@ fn through_launcher(
             gone += 1;
         }
     }
-    Ok(Measured { qmp, boot, stop })
+    Ok(Measured {
+        qmp,
+        running: running_at,
+        boot,
+        stop,
+    })
+}
+
+/// When the last of `ids` logged "QMP connected", counted from `wall`.
+/// Every VM reported running has logged it: the line precedes the report.
+fn qmp_connected(log: &Path, ids: &[String], wall: SystemTime) -> Result<Duration, String> {
+    let text = fs::read_to_string(log).map_err(|e| format!("{}: {e}", log.display()))?;
+    let mut last = Duration::ZERO;
+    for id in ids {
+        let needle = format!("{id}: QMP connected");
+        let at = text
+            .lines()
+            .find(|l| l.contains(&needle))
+            .and_then(|l| l.split_whitespace().next())
+            .and_then(log_time)
+            .ok_or_else(|| format!("no \"{needle}\" line in {}", log.display()))?;
+        let since = at
+            .duration_since(wall)
+            .map_err(|_| format!("{id}: QMP connected before its START"))?;
+        last = last.max(since);
+    }
+    Ok(last)
+}
+
+/// The time of an RFC 3339 UTC stamp as the launcher logs it
+/// (`2026-11-22T04:16:32.476133544Z`).
+fn log_time(stamp: &str) -> Option<SystemTime> {
+    let s = stamp.strip_suffix('Z')?;
+    let (date, time) = s.split_once('T')?;
+    let mut d = date.splitn(3, '-').map(|x| x.parse::<i64>().ok());
+    let (y, m, day) = (d.next()??, d.next()??, d.next()??);
+    let (hms, frac) = time.split_once('.').unwrap_or((time, "0"));
+    let mut t = hms.splitn(3, ':').map(|x| x.parse::<u64>().ok());
+    let (hh, mm, ss) = (t.next()??, t.next()??, t.next()??);
+    // Days since 1970-01-01 of a proleptic Gregorian date (Hinnant's
+    // days_from_civil).
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let doy = (153 * (m + if m > 2 { -3 } else { 9 }) + 2) / 5 + day - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = u64::try_from(era * 146_097 + doe - 719_468).ok()?;
+    let digits: String = frac.chars().take(9).collect();
+    let nanos = digits.parse::<u32>().ok()? * 10u32.pow(9 - digits.len() as u32);
+    let secs = days * 86_400 + hh * 3_600 + mm * 60 + ss;
+    Some(UNIX_EPOCH + Duration::new(secs, nanos))
 }
 
 fn run_ok(cmd: &mut Command) -> Result<(), String> {

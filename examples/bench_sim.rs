@@ -79,6 +79,7 @@ fn run_in(dir: &Path, launcher: &Path, n: usize, stack_kib: usize) -> Result<Row
             "-stderrthreshold",
             "ERROR",
         ],
+        None,
     )?;
     let pid = child.id();
     let wait = Duration::from_secs(120);

@@ -2,8 +2,9 @@
 # QEMU benchmark (prints a table): N VMs of the test guest started together
 # through the release ciao-launcher — START → all QMP connected, START → all
 # GUEST-BOOTED, graceful STOP → all exited — next to the same work done bare
-# (qemu-img create + config-drive ISO + qemu-system-x86_64, in parallel).
-# Builds the test guest first (cached). Options: --n 1,5,20  --mem 48  --runs 5 (medians, order alternating)
+# (qemu-img create + config-drive ISO + qemu-system-x86_64, in parallel), once
+# as a plain script and once with QEMU started through setsid.
+# Builds the test guest first (cached). Options: --n 1,5,20  --mem 48  --runs 5 (medians, order rotating)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 image=$(scripts/build-guest-image.sh | tail -n 1)

@@ -31,14 +31,15 @@ pub fn scheduler(dir: &Path, profile: Profile) -> Result<Server, String> {
 
 /// Starts the launcher at `path` against `server`, with the certificates
 /// [`scheduler`] wrote into `dir`, its data in `dir/data`, no FULL
-/// thresholds, logging to standard error (shown with `BENCH_DEBUG=1`), the
-/// given profile, and `extra` flags.
+/// thresholds, the given profile, and `extra` flags. It logs to standard
+/// error: into the file `log` if given, else shown with `BENCH_DEBUG=1`.
 pub fn spawn_launcher(
     path: &Path,
     dir: &Path,
     server: &Server,
     profile: Profile,
     extra: &[&str],
+    log: Option<&Path>,
 ) -> Result<std::process::Child, String> {
     use std::process::{Command, Stdio};
     let mut cmd = Command::new(path);
@@ -64,10 +65,12 @@ pub fn spawn_launcher(
         } else {
             &[]
         })
-        .stderr(if std::env::var_os("BENCH_DEBUG").is_some() {
-            Stdio::inherit()
-        } else {
-            Stdio::null()
+        .stderr(match log {
+            Some(p) => {
+                Stdio::from(fs::File::create(p).map_err(|e| format!("{}: {e}", p.display()))?)
+            }
+            None if std::env::var_os("BENCH_DEBUG").is_some() => Stdio::inherit(),
+            None => Stdio::null(),
         })
         .spawn()
         .map_err(|e| format!("{}: {e}", path.display()))
