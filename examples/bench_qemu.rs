@@ -465,45 +465,32 @@ fn through_launcher(
 /// Every VM reported running has logged it: the line precedes the report.
 fn qmp_connected(log: &Path, ids: &[String], wall: SystemTime) -> Result<Duration, String> {
     let text = fs::read_to_string(log).map_err(|e| format!("{}: {e}", log.display()))?;
-    let mut last = Duration::ZERO;
+    let wall = wall
+        .duration_since(UNIX_EPOCH)
+        .map_err(|e| e.to_string())?
+        .as_secs_f64();
+    let mut last = 0f64;
     for id in ids {
         let needle = format!("{id}: QMP connected");
         let at = text
             .lines()
             .find(|l| l.contains(&needle))
             .and_then(|l| l.split_whitespace().next())
-            .and_then(log_time)
+            .and_then(second_of_day)
             .ok_or_else(|| format!("no \"{needle}\" line in {}", log.display()))?;
-        let since = at
-            .duration_since(wall)
-            .map_err(|_| format!("{id}: QMP connected before its START"))?;
-        last = last.max(since);
+        // Runs last minutes, so the time of day tells (also across midnight).
+        last = last.max((at - wall).rem_euclid(86_400.0));
     }
-    Ok(last)
+    Ok(Duration::from_secs_f64(last))
 }
 
-/// The time of an RFC 3339 UTC stamp as the launcher logs it
+/// The UTC second of the day of a stamp as the launcher logs it
 /// (`2026-11-22T04:16:32.476133544Z`).
-fn log_time(stamp: &str) -> Option<SystemTime> {
-    let s = stamp.strip_suffix('Z')?;
-    let (date, time) = s.split_once('T')?;
-    let mut d = date.splitn(3, '-').map(|x| x.parse::<i64>().ok());
-    let (y, m, day) = (d.next()??, d.next()??, d.next()??);
-    let (hms, frac) = time.split_once('.').unwrap_or((time, "0"));
-    let mut t = hms.splitn(3, ':').map(|x| x.parse::<u64>().ok());
-    let (hh, mm, ss) = (t.next()??, t.next()??, t.next()??);
-    // Days since 1970-01-01 of a proleptic Gregorian date (Hinnant's
-    // days_from_civil).
-    let y = if m <= 2 { y - 1 } else { y };
-    let era = y.div_euclid(400);
-    let yoe = y - era * 400;
-    let doy = (153 * (m + if m > 2 { -3 } else { 9 }) + 2) / 5 + day - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    let days = u64::try_from(era * 146_097 + doe - 719_468).ok()?;
-    let digits: String = frac.chars().take(9).collect();
-    let nanos = digits.parse::<u32>().ok()? * 10u32.pow(9 - digits.len() as u32);
-    let secs = days * 86_400 + hh * 3_600 + mm * 60 + ss;
-    Some(UNIX_EPOCH + Duration::new(secs, nanos))
+fn second_of_day(stamp: &str) -> Option<f64> {
+    let (_, time) = stamp.strip_suffix('Z')?.split_once('T')?;
+    let mut hms = time.splitn(3, ':').map(|x| x.parse::<f64>().ok());
+    let (h, m, s) = (hms.next()??, hms.next()??, hms.next()??);
+    Some(h * 3_600.0 + m * 60.0 + s)
 }
 
 fn run_ok(cmd: &mut Command) -> Result<(), String> {

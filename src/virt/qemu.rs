@@ -1293,15 +1293,12 @@ mod tests {
         cmd.stdin(Stdio::piped()).stdout(Stdio::null());
         own_session(&mut cmd);
         let mut child = cmd.spawn().unwrap();
-        let stat = fs::read_to_string(format!("/proc/{}/stat", child.id())).unwrap();
-        // Fields after "(comm)": state ppid pgrp session …
-        let after = &stat[stat.rfind(')').unwrap() + 1..];
-        let f: Vec<&str> = after.split_whitespace().collect();
-        let session: u32 = f[3].parse().unwrap();
+        let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+        let session = nix::unistd::getsid(Some(pid)).unwrap();
         drop(child.stdin.take());
         child.wait().unwrap();
-        assert_eq!(session, child.id());
-        assert_ne!(session, std::process::id());
+        assert_eq!(session, pid);
+        assert_ne!(session, nix::unistd::getsid(None).unwrap());
     }
 
     #[test]
