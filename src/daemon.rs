@@ -99,17 +99,6 @@ fn run(cfg: Config) -> LauncherExit {
             cfg.network
         );
     }
-    let factory: Arc<dyn crate::virt::VirtualizerFactory> = if cfg.simulation {
-        Arc::new(SimFactory::default())
-    } else {
-        Arc::new(crate::virt::NodeFactory {
-            docker: crate::virt::docker::DockerFactory {
-                socket: cfg.docker_socket.clone(),
-                stop_timeout: cfg.stop_timeout,
-            },
-            qemu: qemu_factory(&cfg),
-        })
-    };
     let nofile = raise_nofile();
     let max_vm = match (cfg.max_vm, cfg.protocol) {
         (Some(n), _) => n as usize,
@@ -139,6 +128,18 @@ fn run(cfg: Config) -> LauncherExit {
             error!("{}: cannot keep the node UUID: {e}", cfg.data_dir.display());
             return LauncherExit::DataDir;
         }
+    };
+    let factory: Arc<dyn crate::virt::VirtualizerFactory> = if cfg.simulation {
+        Arc::new(SimFactory::default())
+    } else {
+        Arc::new(crate::virt::NodeFactory {
+            docker: crate::virt::docker::DockerFactory {
+                socket: cfg.docker_socket.clone(),
+                stop_timeout: cfg.stop_timeout,
+                node: node.uuid.to_string(),
+            },
+            qemu: qemu_factory(&cfg),
+        })
     };
     let servers = client::server_list(cfg.server.as_deref(), &ca, client::DEFAULT_PORT);
     info!(

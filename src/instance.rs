@@ -1,26 +1,48 @@
-//! One thread per instance: its configuration, its virtualizer and its state
-//! machine. Every command for an instance is handled here, one at a time;
-//! different instances run in parallel.
+//! One thread per instance: its configuration, its virtualizer and its life.
+//! Every command for an instance is handled here, one at a time; different
+//! instances run in parallel.
 //!
-//! Inputs (one `select!`): the bounded command inbox (the server thread
+//! Inputs (one `select!`): the bounded command inbox (the overseer
 //! `try_send`s into it and answers "busy" when it is full), monitor events,
 //! the usage tick, and the shutdown channel (closed by the overseer).
-//! Outputs: error/event frames through the node's outbox, and
-//! [`InstanceUpdate`]s to the overseer (state, usage, "send STATUS now",
-//! "gone"). The overseer never sends to an instance.
+//! Outputs: error frames through the node's outbox, and [`InstanceUpdate`]s
+//! to the overseer (state, usage, "send STATUS now", "gone", and commands
+//! that reached the thread after the instance had gone).
+//!
+//! The life of an instance is one value of [`Life`]; every handler is a
+//! `match` on it, and a monitor exists exactly while the instance is
+//! starting or running:
 //!
 //! ```text
-//!           START ok            monitor: Running
-//!   New ────────────> Pending ────────────────────> Running
-//!    │ START fails      ▲ RESTART (2016)                │  STOP (2016), or exit/crash (2016)
-//!    v                  │                               v
-//!   Gone <── DELETE ── Exited <─────────────────────────┘
-//!           (any state; 2018: an exit or crash deletes at once, InstanceStopped)
+//!             START made, booted        monitor: Running
+//!   Creating ───────────────> Starting ────────────────> Running
+//!     │ START fails             ▲ RESTART (2016)            │ STOP (2016), exit or crash (2016)
+//!     v                         │                           v
+//!    Gone <──── DELETE ──────  Exited <─────────────────────┘
+//!          (from any state; 2018: an exit or crash deletes at once, InstanceStopped;
+//!           an instance whose container or VM no longer exists goes too)
 //! ```
 //!
-//! Files are written (atomically) before the scheduler hears of a change.
-//! A VM's START writes its state while qemu-img makes its disk (see
-//! `Virtualizer::create_image_while`), before the VM boots.
+//! # Exactly one outcome per command
+//! 1. The thread is spawned with the START's configuration and carries it out
+//!    before it reads its inbox.
+//! 2. Each command from the inbox is applied (an event, a STATUS, a state in
+//!    STATS) or answered with an error frame naming the reason.
+//! 3. When the instance goes (DELETE, a START that failed, a 2018 exit), the
+//!    thread tells the overseer `Gone` and then hands every command that still
+//!    reaches its inbox back to the overseer (`Unhandled`) until the overseer
+//!    has dropped the inbox. The overseer routes them again: a START then
+//!    starts a new instance, anything else gets `no_instance`.
+//! 4. At shutdown, commands still queued are answered with `instance_busy`.
+//!
+//! # Persist, then tell
+//! A change is on disk before the scheduler hears of it: STOP and RESTART
+//! write the new `stopped` flag before acting (and write the old one back if
+//! the action fails), DELETE removes the state before InstanceDeleted. A
+//! change that cannot be written is an error frame with `state_failure`, and
+//! nothing is changed. A VM's START writes its state while qemu-img makes its
+//! disk (see `Virtualizer::create_image_while`), before the VM boots.
+//!
 //! Shutdown leaves the instance running: the monitor is detached, not stopped.
 
 use std::path::PathBuf;
@@ -28,7 +50,7 @@ use std::thread::{self, JoinHandle};
 use std::time::Instant;
 
 use crossbeam_channel::{Receiver, Sender, select};
-use log::{debug, info, warn};
+use log::{debug, error, info, warn};
 
 use crate::node::NodeContext;
 use crate::payloads::Reason;
@@ -36,18 +58,20 @@ use crate::payloads::config::{InstanceConfig, VmType, Volume};
 use crate::payloads::outgoing::ErrorKind;
 use crate::ssntp::Profile;
 use crate::state::{StateError, StateFile};
-use crate::virt::{Monitor, MonitorEvent, Unavailable, Usage, VirtError, Virtualizer};
+use crate::virt::{Monitor, MonitorEvent, Usage, VirtError, Virtualizer};
 
-/// Commands queued in an instance's inbox before the server answers "busy".
+/// Commands queued in an instance's inbox before the overseer answers "busy".
 pub const INBOX: usize = 16;
 
 /// A type with no values: the shutdown channels carry none, they only close.
 #[derive(Debug)]
 pub enum Never {}
 
-/// Commands for one instance (server → instance).
+/// Commands for one instance (overseer → instance).
 #[derive(Debug)]
 pub enum InstanceCmd {
+    /// A START for an instance that exists already (a new one is spawned
+    /// with its configuration instead).
     Start(Box<InstanceConfig>),
     /// 2016: stop, keep the instance.
     Stop,
@@ -61,6 +85,30 @@ pub enum InstanceCmd {
     AttachVolume {
         volume: String,
     },
+}
+
+impl InstanceCmd {
+    /// The failure frame family of this command.
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            InstanceCmd::Start(_) => ErrorKind::Start,
+            InstanceCmd::Stop => ErrorKind::Stop,
+            InstanceCmd::Restart => ErrorKind::Restart,
+            InstanceCmd::Delete { .. } => ErrorKind::Delete,
+            InstanceCmd::AttachVolume { .. } => ErrorKind::AttachVolume,
+        }
+    }
+
+    /// Answers the command for instance `id` with an error frame: it is not
+    /// carried out, for `reason`.
+    pub fn refuse(&self, ctx: &NodeContext, id: &str, reason: Reason) {
+        let (restart, volume) = match self {
+            InstanceCmd::Start(cfg) => (cfg.restart, ""),
+            InstanceCmd::AttachVolume { volume } => (false, volume.as_str()),
+            _ => (false, ""),
+        };
+        ctx.send_error(self.kind(), id, reason, restart, volume);
+    }
 }
 
 /// The state reported in STATS.
@@ -81,6 +129,17 @@ impl InstanceState {
     }
 }
 
+/// What the scheduler is told when an instance goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Farewell {
+    /// Nothing (a START that failed has had its StartFailure).
+    Silent,
+    /// InstanceDeleted.
+    Deleted,
+    /// InstanceStopped where the profile has it, else InstanceDeleted.
+    Stopped,
+}
+
 /// Instance → overseer.
 #[derive(Debug)]
 pub enum InstanceUpdate {
@@ -93,19 +152,27 @@ pub enum InstanceUpdate {
         usage: Usage,
         volumes: Vec<String>,
     },
-    /// Send a STATUS now (after a successful START or a DELETE).
+    /// Send a STATUS now (after a successful START).
     StatusNow,
-    /// The instance removed itself: forget it and free its allocations.
+    /// The instance's files are gone: forget it, free its allocations, send
+    /// `farewell` (queued until the first connection, for instances that go
+    /// during recovery) and a STATUS.
     Gone {
         id: String,
+        farewell: Farewell,
+    },
+    /// A command that reached the instance after it had gone: route it again.
+    Unhandled {
+        id: String,
+        cmd: InstanceCmd,
     },
 }
 
 /// What an instance thread starts from.
 #[derive(Debug)]
 pub enum Seed {
-    /// A new instance; its START follows in the inbox.
-    New,
+    /// A new instance: its START's configuration (admitted by the overseer).
+    New(Box<InstanceConfig>),
     /// Found on disk at launcher start.
     Recovered(Box<StateFile>),
 }
@@ -117,51 +184,80 @@ pub struct InstanceHandle {
     pub thread: JoinHandle<()>,
 }
 
+/// The channels an instance thread is wired to.
+#[derive(Debug)]
+pub struct Wiring {
+    pub updates: Sender<InstanceUpdate>,
+    pub shutdown: Receiver<Never>,
+    pub tick: Receiver<Instant>,
+}
+
 /// Starts the thread of instance `id` (a validated, canonical UUID).
 pub fn spawn(
     ctx: NodeContext,
     id: String,
     seed: Seed,
-    updates: Sender<InstanceUpdate>,
-    shutdown: Receiver<Never>,
-    tick: Receiver<Instant>,
+    wiring: Wiring,
 ) -> std::io::Result<InstanceHandle> {
     let (inbox, cmds) = crossbeam_channel::bounded(INBOX);
     let name = format!("instance-{}", &id[..id.len().min(8)]);
-    let cfg = match &seed {
-        Seed::Recovered(s) => s.config.clone(),
-        Seed::New => InstanceConfig {
-            instance_uuid: id.clone(),
-            ..Default::default()
-        },
-    };
-    // A new instance gets its virtualizer from its START configuration.
-    let vm: Box<dyn Virtualizer> = match &seed {
-        Seed::Recovered(_) => ctx.factory.create(&cfg),
-        Seed::New => Box::new(Unavailable("the instance has not been started")),
-    };
+    let stack = ctx.instance_stack;
+    let thread = thread::Builder::new()
+        .name(name)
+        .stack_size(stack)
+        .spawn(move || run(ctx, id, seed, cmds, wiring))?;
+    Ok(InstanceHandle { inbox, thread })
+}
+
+/// The thread's body: carry out the seed, serve the inbox until the instance
+/// goes or the launcher shuts down, then settle what is left in the inbox.
+fn run(ctx: NodeContext, id: String, seed: Seed, cmds: Receiver<InstanceCmd>, w: Wiring) {
     let (mon_tx, mon_rx) = crossbeam_channel::unbounded();
     let dir = ctx.store.instance_dir(&id).unwrap_or_default();
-    let stack = ctx.instance_stack;
-    let inst = Instance {
+    let (cfg, recovered) = match seed {
+        Seed::New(cfg) => (*cfg, None),
+        Seed::Recovered(s) => (s.config.clone(), Some(s.stopped)),
+    };
+    let vm = ctx.factory.create(&cfg);
+    let mut inst = Instance {
         ctx,
         id,
         dir,
         cfg,
         vm,
-        monitor: None,
+        life: Life::Creating,
         mon_tx,
         mon_rx,
-        exists: false,
-        stopped: false,
-        state: InstanceState::Pending,
-        updates,
+        updates: w.updates,
     };
-    let thread = thread::Builder::new()
-        .name(name)
-        .stack_size(stack)
-        .spawn(move || inst.run(seed, cmds, shutdown, tick))?;
-    Ok(InstanceHandle { inbox, thread })
+    match recovered {
+        None => inst.start(),
+        Some(stopped) => inst.recover(stopped),
+    }
+    while !inst.life.is_gone() {
+        select! {
+            recv(w.shutdown) -> _ => break,
+            recv(cmds) -> c => match c {
+                Ok(c) => inst.handle(c, &w.shutdown),
+                // The overseer forgot this instance (it only does so at
+                // shutdown or after Gone).
+                Err(_) => break,
+            },
+            recv(inst.mon_rx) -> ev => if let Ok(ev) = ev {
+                inst.monitor_event(ev);
+            },
+            recv(w.tick) -> _ => inst.report_usage(),
+        }
+        if shutting_down(&w.shutdown) {
+            break;
+        }
+    }
+    if inst.life.is_gone() {
+        inst.hand_back(&cmds, &w.shutdown);
+    } else {
+        inst.refuse_queued(&cmds);
+    }
+    // Dropping the monitor detaches it; the instance keeps running.
 }
 
 /// The overseer closed the shutdown channel (it carries no messages).
@@ -172,10 +268,53 @@ fn shutting_down(shutdown: &Receiver<Never>) -> bool {
     )
 }
 
-#[derive(Debug, PartialEq, Eq)]
-enum Flow {
-    Continue,
-    Exit,
+/// The life of an instance. A monitor exists exactly while it is starting or
+/// running.
+#[derive(Debug)]
+enum Life {
+    /// Spawned for a START that is being carried out: nothing is booted yet.
+    Creating,
+    /// Booted and watched; not yet seen running.
+    Starting(Box<dyn Monitor>),
+    /// Seen running.
+    Running(Box<dyn Monitor>),
+    /// 2016: stopped, or exited by itself; kept (persisted) and restartable.
+    Exited,
+    /// Its files are removed and the overseer told: the thread is leaving.
+    Gone,
+}
+
+impl Life {
+    fn is_gone(&self) -> bool {
+        matches!(self, Life::Gone)
+    }
+
+    /// What STATS shows.
+    fn reported(&self) -> InstanceState {
+        match self {
+            Life::Creating | Life::Starting(_) => InstanceState::Pending,
+            Life::Running(_) => InstanceState::Running,
+            Life::Exited | Life::Gone => InstanceState::Exited,
+        }
+    }
+}
+
+/// Why waiting for a stopping instance ended without its exit.
+#[derive(Debug)]
+enum WaitError {
+    MonitorGone,
+    Shutdown,
+    Timeout,
+}
+
+impl std::fmt::Display for WaitError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            WaitError::MonitorGone => "its monitor went away",
+            WaitError::Shutdown => "the launcher is shutting down",
+            WaitError::Timeout => "it did not stop in time",
+        })
+    }
 }
 
 #[derive(Debug)]
@@ -185,62 +324,24 @@ struct Instance {
     dir: PathBuf,
     cfg: InstanceConfig,
     vm: Box<dyn Virtualizer>,
-    /// Present while the instance is (believed) running.
-    monitor: Option<Box<dyn Monitor>>,
+    life: Life,
     mon_tx: Sender<MonitorEvent>,
     mon_rx: Receiver<MonitorEvent>,
-    /// The instance directory exists (created by START or recovered).
-    exists: bool,
-    /// 2016: stopped and kept (persisted).
-    stopped: bool,
-    state: InstanceState,
     updates: Sender<InstanceUpdate>,
 }
 
 impl Instance {
-    fn run(
-        mut self,
-        seed: Seed,
-        cmds: Receiver<InstanceCmd>,
-        shutdown: Receiver<Never>,
-        tick: Receiver<Instant>,
-    ) {
-        if let Seed::Recovered(s) = seed {
-            self.recover(*s);
-        }
-        loop {
-            let flow = select! {
-                recv(shutdown) -> _ => Flow::Exit,
-                recv(cmds) -> c => match c {
-                    Ok(c) => self.handle(c, &shutdown),
-                    Err(_) => Flow::Exit,
-                },
-                recv(self.mon_rx) -> ev => match ev {
-                    Ok(ev) => self.monitor_event(ev),
-                    Err(_) => Flow::Continue,
-                },
-                recv(tick) -> _ => {
-                    self.report_usage();
-                    Flow::Continue
-                }
-            };
-            if flow == Flow::Exit {
-                break;
-            }
-        }
-        // Dropping the monitor detaches it; the instance keeps running.
-    }
-
     fn update(&self, u: InstanceUpdate) {
         // The overseer always drains this channel; it only fails at shutdown.
         let _ = self.updates.send(u);
     }
 
-    fn set_state(&mut self, state: InstanceState) {
-        self.state = state;
+    /// Moves to `life` and tells the overseer what STATS now shows.
+    fn become_(&mut self, life: Life) {
+        self.life = life;
         self.update(InstanceUpdate::State {
             id: self.id.clone(),
-            state,
+            state: self.life.reported(),
         });
     }
 
@@ -258,55 +359,93 @@ impl Instance {
         });
     }
 
-    /// What is written to the instance's state file.
-    fn state_file(&self) -> StateFile {
-        StateFile {
+    /// Writes the state file with the `stopped` flag given.
+    fn save(&self, stopped: bool) -> Result<(), StateError> {
+        let state = StateFile {
             config: self.cfg.clone(),
-            stopped: self.stopped,
-        }
+            stopped,
+        };
+        self.ctx.store.save(&self.id, &state)
     }
 
-    fn save(&self) -> Result<(), StateError> {
-        self.ctx.store.save(&self.id, &self.state_file())
-    }
-
-    fn fail(&self, kind: ErrorKind, reason: Reason) {
-        warn!("{kind:?} failure for {}: {}", self.id, reason.as_str());
+    /// An error frame for `kind`, logged once with its cause.
+    fn fail(&self, kind: ErrorKind, reason: Reason, cause: &dyn std::fmt::Display) {
+        warn!(
+            "{} failure for {}: {} ({cause})",
+            kind.name(),
+            self.id,
+            reason.as_str()
+        );
         self.ctx
             .send_error(kind, &self.id, reason, self.cfg.restart, "");
     }
 
-    fn recover(&mut self, s: StateFile) {
-        self.cfg = s.config;
-        self.stopped = s.stopped;
-        self.exists = true;
+    /// The instance's files are gone: tell the overseer, which forgets it.
+    fn leave(&mut self, farewell: Farewell) {
+        self.life = Life::Gone;
+        self.update(InstanceUpdate::Gone {
+            id: self.id.clone(),
+            farewell,
+        });
+    }
+
+    /// After `Gone`: every command that still reaches the inbox goes back to
+    /// the overseer, until the overseer has dropped the inbox.
+    fn hand_back(&self, cmds: &Receiver<InstanceCmd>, shutdown: &Receiver<Never>) {
+        loop {
+            select! {
+                recv(cmds) -> c => match c {
+                    Ok(cmd) => self.update(InstanceUpdate::Unhandled {
+                        id: self.id.clone(),
+                        cmd,
+                    }),
+                    Err(_) => return,
+                },
+                recv(shutdown) -> _ => return self.refuse_queued(cmds),
+            }
+        }
+    }
+
+    /// At shutdown: what is still queued is answered, not dropped.
+    fn refuse_queued(&self, cmds: &Receiver<InstanceCmd>) {
+        while let Ok(cmd) = cmds.try_recv() {
+            info!(
+                "{}: {} not carried out: the launcher is shutting down",
+                self.id,
+                cmd.kind().name()
+            );
+            cmd.refuse(&self.ctx, &self.id, Reason::InstanceBusy);
+        }
+    }
+
+    fn recover(&mut self, stopped: bool) {
         self.vm.init(&self.cfg, &self.dir);
         self.report_usage();
-        if self.stopped {
-            self.set_state(InstanceState::Exited);
-            return;
+        if !stopped {
+            return self.watch(true);
         }
-        self.attach(true);
+        if let Some(why) = self.vm.vanished() {
+            return self.vanished(&why);
+        }
+        self.become_(Life::Exited);
     }
 
-    /// Attaches a monitor; an error is treated as the instance having exited.
-    fn attach(&mut self, boot: bool) -> bool {
+    /// Attaches a monitor (`boot`: re-attaching after a launcher restart);
+    /// an instance that cannot be watched is treated as having exited.
+    fn watch(&mut self, boot: bool) {
         match self.vm.monitor(self.mon_tx.clone(), boot) {
-            Ok(m) => {
-                self.monitor = Some(m);
-                true
-            }
+            Ok(m) => self.become_(Life::Starting(m)),
             Err(e) => {
                 warn!("{}: cannot watch the instance: {e}", self.id);
-                let _ = self.mon_tx.send(MonitorEvent::Exited(e.to_string()));
-                false
+                self.life = Life::Exited;
+                self.exited(&e.to_string());
             }
         }
     }
 
-    fn handle(&mut self, cmd: InstanceCmd, shutdown: &Receiver<Never>) -> Flow {
+    fn handle(&mut self, cmd: InstanceCmd, shutdown: &Receiver<Never>) {
         match cmd {
-            InstanceCmd::Start(cfg) => self.start(*cfg),
+            InstanceCmd::Start(cfg) => self.start_again(&cfg),
             InstanceCmd::Stop => self.stop(shutdown),
             InstanceCmd::Restart => self.restart(),
             InstanceCmd::Delete { stop } => self.delete(stop, shutdown),
@@ -314,75 +453,58 @@ impl Instance {
         }
     }
 
-    fn start(&mut self, cfg: InstanceConfig) -> Flow {
-        if self.monitor.is_some() {
-            let restart = cfg.restart;
-            self.ctx.send_error(
-                ErrorKind::Start,
-                &self.id,
-                Reason::AlreadyRunning,
-                restart,
-                "",
-            );
-            return Flow::Continue;
-        }
-        if self.exists {
-            self.ctx.send_error(
-                ErrorKind::Start,
-                &self.id,
-                Reason::InstanceExists,
-                cfg.restart,
-                "",
-            );
-            return Flow::Continue;
-        }
-        self.cfg = cfg;
-        self.cfg.instance_uuid = self.id.clone();
+    /// A START for this instance while it exists.
+    fn start_again(&self, cfg: &InstanceConfig) {
+        let reason = match self.life {
+            Life::Starting(_) | Life::Running(_) => Reason::AlreadyRunning,
+            _ => Reason::InstanceExists,
+        };
+        info!("START {} refused: {}", self.id, reason.as_str());
+        self.ctx
+            .send_error(ErrorKind::Start, &self.id, reason, cfg.restart, "");
+    }
+
+    /// Carries out the START this thread was spawned for.
+    fn start(&mut self) {
         match self.ctx.store.create_instance_dir(&self.id) {
             Ok(dir) => self.dir = dir,
-            Err(StateError::Exists(_)) => {
+            Err(e @ StateError::Exists(_)) => {
                 // Files of an instance we do not know: never touch them.
-                self.fail(ErrorKind::Start, Reason::InstanceExists);
-                return self.forget();
+                self.fail(ErrorKind::Start, Reason::InstanceExists, &e);
+                return self.leave(Farewell::Silent);
             }
             Err(e) => {
-                warn!("{}: {e}", self.id);
-                self.fail(ErrorKind::Start, Reason::ImageFailure);
-                return self.forget();
+                self.fail(ErrorKind::Start, Reason::ImageFailure, &e);
+                return self.leave(Farewell::Silent);
             }
         }
-        self.exists = true;
-        // The configuration decides the virtualizer (container or VM): a new
-        // instance only learns it here.
-        self.vm = self.ctx.factory.create(&self.cfg);
         self.vm.init(&self.cfg, &self.dir);
         if let Err(e) = self.vm.ensure_backing_image() {
-            warn!("{}: image: {e}", self.id);
-            return self.start_failed(Reason::ImageFailure);
+            return self.start_failed(Reason::ImageFailure, &e);
         }
         let t0 = Instant::now();
         let (made, saved) = self.create_image_and_save();
         if let Err(e) = made {
-            warn!("{}: instance image: {e}", self.id);
-            return self.start_failed(Reason::ImageFailure);
+            return self.start_failed(Reason::ImageFailure, &e);
         }
+        // StartFailure has no `state_failure` in ciao's scheduler: a state
+        // that cannot be written is reported as the instance's image.
         if let Err(e) = saved {
-            warn!("{}: {e}", self.id);
-            return self.start_failed(Reason::ImageFailure);
+            return self.start_failed(Reason::ImageFailure, &e);
         }
         if let Err(e) = self.vm.start() {
-            warn!("{}: launch: {e}", self.id);
-            return self.start_failed(Reason::LaunchFailure);
+            return self.start_failed(Reason::LaunchFailure, &e);
         }
         debug!("{}: started {:?} after its START", self.id, t0.elapsed());
         info!(
-            "{} started ({:?}, {} vCPU, {} MB)",
-            self.id, self.cfg.vm_type, self.cfg.vcpus, self.cfg.mem_mb
+            "{} started ({}, {} vCPU, {} MB)",
+            self.id,
+            self.cfg.vm_type.name(),
+            self.cfg.vcpus,
+            self.cfg.mem_mb
         );
-        self.set_state(InstanceState::Pending);
-        self.attach(false);
+        self.watch(false);
         self.update(InstanceUpdate::StatusNow);
-        Flow::Continue
     }
 
     /// Creates the instance's artefacts and makes its state durable, both
@@ -391,7 +513,10 @@ impl Instance {
     /// is made by qemu-img), on this thread: a helper thread per START cost
     /// more than it saved on a host busy booting guests.
     fn create_image_and_save(&mut self) -> (Result<(), VirtError>, Result<(), StateError>) {
-        let state = self.state_file();
+        let state = StateFile {
+            config: self.cfg.clone(),
+            stopped: false,
+        };
         let (store, id, vm) = (&self.ctx.store, &self.id, &mut self.vm);
         let t = Instant::now();
         let mut saved = None;
@@ -408,143 +533,155 @@ impl Instance {
         (made, saved)
     }
 
-    /// A failed START: report it, remove what was made, and go away.
-    fn start_failed(&mut self, reason: Reason) -> Flow {
-        self.fail(ErrorKind::Start, reason);
-        self.remove_files();
-        self.forget()
+    /// A failed START: report it, remove what this START made, and go away.
+    fn start_failed(&mut self, reason: Reason, cause: &dyn std::fmt::Display) {
+        self.fail(ErrorKind::Start, reason, cause);
+        if let Err(e) = self.remove_all() {
+            // The directory has no usable state: recovery removes it.
+            warn!("{}: clean-up after the failed START: {e}", self.id);
+        }
+        self.leave(Farewell::Silent);
     }
 
-    /// Tells the overseer to drop this instance and ends the thread.
-    fn forget(&mut self) -> Flow {
-        self.update(InstanceUpdate::Gone {
-            id: self.id.clone(),
-        });
-        Flow::Exit
-    }
-
-    fn remove_files(&mut self) {
-        if let Err(e) = self.vm.delete_image() {
+    /// Removes what the virtualizer keeps, then the state (the commit point
+    /// of a deletion), then the rest of the instance directory.
+    fn remove_all(&mut self) -> Result<(), String> {
+        self.vm.delete_image().map_err(|e| e.to_string())?;
+        self.ctx
+            .store
+            .remove_state(&self.id)
+            .map_err(|e| e.to_string())?;
+        if let Err(e) = self.ctx.store.remove(&self.id) {
+            // No state any more: the instance is gone; recovery sweeps the rest.
             warn!("{}: {e}", self.id);
         }
-        if self.exists {
-            if let Err(e) = self.ctx.store.remove(&self.id) {
-                warn!("{}: {e}", self.id);
-            }
-            self.exists = false;
-        }
+        Ok(())
     }
 
     /// Waits for the monitor to confirm the instance is gone.
-    fn wait_exit(&mut self, shutdown: &Receiver<Never>) -> Result<String, &'static str> {
+    fn wait_exit(&mut self, shutdown: &Receiver<Never>) -> Result<String, WaitError> {
         let deadline = crossbeam_channel::after(self.ctx.stop_wait);
         loop {
             select! {
                 recv(self.mon_rx) -> ev => match ev {
-                    Ok(MonitorEvent::Exited(why)) => return Ok(why),
+                    Ok(MonitorEvent::Exited(why) | MonitorEvent::Vanished(why)) => return Ok(why),
                     Ok(MonitorEvent::Running) => continue,
                     Ok(MonitorEvent::Usage(u)) => self.send_usage(u),
-                    Err(_) => return Err("monitor gone"),
+                    Err(_) => return Err(WaitError::MonitorGone),
                 },
-                recv(shutdown) -> _ => return Err("launcher shutting down"),
-                recv(deadline) -> _ => return Err("the instance did not stop in time"),
+                recv(shutdown) -> _ => return Err(WaitError::Shutdown),
+                recv(deadline) -> _ => return Err(WaitError::Timeout),
             }
         }
     }
 
-    /// Stops (gracefully, or at once with `kill`) a running instance and
-    /// waits until it is gone; false if it would not stop.
-    fn end_running(&mut self, kill: bool, shutdown: &Receiver<Never>) -> bool {
-        let Some(mut m) = self.monitor.take() else {
-            return true;
+    /// Ends a starting or running instance (gracefully, or at once with
+    /// `kill`) and waits until it is gone. On success the life is `Exited`;
+    /// otherwise it is unchanged and the error says why.
+    fn end_running(&mut self, kill: bool, shutdown: &Receiver<Never>) -> Result<(), String> {
+        let (mut m, seen_running) = match std::mem::replace(&mut self.life, Life::Exited) {
+            Life::Starting(m) => (m, false),
+            Life::Running(m) => (m, true),
+            other => {
+                self.life = other;
+                return Ok(());
+            }
+        };
+        let restore = |m| {
+            if seen_running {
+                Life::Running(m)
+            } else {
+                Life::Starting(m)
+            }
         };
         let asked = if kill { m.kill() } else { m.stop() };
         if let Err(e) = asked {
-            warn!("{}: stop: {e}", self.id);
-            self.monitor = Some(m);
-            return false;
+            self.life = restore(m);
+            return Err(e.to_string());
         }
         match self.wait_exit(shutdown) {
             Ok(why) => {
                 info!("{} stopped ({why})", self.id);
                 self.vm.lost();
-                true
+                drop(m);
+                self.become_(Life::Exited);
+                Ok(())
             }
             Err(e) => {
-                warn!("{}: {e}", self.id);
-                self.monitor = Some(m);
-                false
+                self.life = restore(m);
+                Err(e.to_string())
             }
         }
     }
 
-    fn stop(&mut self, shutdown: &Receiver<Never>) -> Flow {
-        if self.monitor.is_none() {
-            self.fail(ErrorKind::Stop, Reason::AlreadyStopped);
-            return Flow::Continue;
+    fn stop(&mut self, shutdown: &Receiver<Never>) {
+        if !matches!(self.life, Life::Starting(_) | Life::Running(_)) {
+            return self.fail(ErrorKind::Stop, Reason::AlreadyStopped, &"not running");
         }
-        if !self.end_running(false, shutdown) {
-            if shutting_down(shutdown) {
-                return Flow::Exit;
+        if let Err(e) = self.save(true) {
+            return self.fail(ErrorKind::Stop, Reason::StateFailure, &e);
+        }
+        if let Err(e) = self.end_running(false, shutdown) {
+            // Not stopped: the disk says so again.
+            if let Err(e) = self.save(false) {
+                error!("{}: state left saying stopped: {e}", self.id);
             }
-            self.fail(ErrorKind::Stop, Reason::InstanceFailure);
-            return Flow::Continue;
+            let reason = if shutting_down(shutdown) {
+                Reason::InstanceBusy
+            } else {
+                Reason::InstanceFailure
+            };
+            return self.fail(ErrorKind::Stop, reason, &e);
         }
-        self.stopped = true;
-        if let Err(e) = self.save() {
-            warn!("{}: {e}", self.id);
-        }
-        self.set_state(InstanceState::Exited);
         self.report_usage();
-        Flow::Continue
     }
 
-    fn restart(&mut self) -> Flow {
-        if self.monitor.is_some() {
-            self.fail(ErrorKind::Restart, Reason::AlreadyRunning);
-            return Flow::Continue;
+    fn restart(&mut self) {
+        if !matches!(self.life, Life::Exited) {
+            return self.fail(ErrorKind::Restart, Reason::AlreadyRunning, &"running");
         }
-        if !self.exists {
-            self.fail(ErrorKind::Restart, Reason::NoInstance);
-            return Flow::Continue;
+        if let Some(why) = self.vm.vanished() {
+            self.fail(ErrorKind::Restart, Reason::NoInstance, &why);
+            return self.vanished(&why);
+        }
+        if let Err(e) = self.save(false) {
+            return self.fail(ErrorKind::Restart, Reason::StateFailure, &e);
         }
         if let Err(e) = self.vm.start() {
-            warn!("{}: restart: {e}", self.id);
-            self.fail(ErrorKind::Restart, Reason::LaunchFailure);
-            return Flow::Continue;
-        }
-        self.stopped = false;
-        if let Err(e) = self.save() {
-            warn!("{}: {e}", self.id);
+            if let Err(e) = self.save(true) {
+                error!("{}: state left saying running: {e}", self.id);
+            }
+            return self.fail(ErrorKind::Restart, Reason::LaunchFailure, &e);
         }
         info!("{} restarted", self.id);
-        self.set_state(InstanceState::Pending);
-        self.attach(false);
-        Flow::Continue
+        self.watch(false);
     }
 
-    fn delete(&mut self, stop: bool, shutdown: &Receiver<Never>) -> Flow {
-        if self.monitor.is_some() && !self.end_running(true, shutdown) {
-            if shutting_down(shutdown) {
-                return Flow::Exit;
-            }
-            self.fail(ErrorKind::Delete, Reason::InstanceFailure);
-            return Flow::Continue;
+    fn delete(&mut self, stop: bool, shutdown: &Receiver<Never>) {
+        if let Err(e) = self.end_running(true, shutdown) {
+            let reason = if shutting_down(shutdown) {
+                Reason::InstanceBusy
+            } else {
+                Reason::InstanceFailure
+            };
+            return self.fail(ErrorKind::Delete, reason, &e);
         }
-        self.remove_files();
+        if let Err(e) = self.remove_all() {
+            // Still here, exited: a later DELETE tries again.
+            return self.fail(ErrorKind::Delete, Reason::StateFailure, &e);
+        }
         info!("{} deleted", self.id);
-        self.ctx.send_gone_event(&self.id, stop);
-        self.update(InstanceUpdate::Gone {
-            id: self.id.clone(),
+        self.leave(if stop {
+            Farewell::Stopped
+        } else {
+            Farewell::Deleted
         });
-        self.update(InstanceUpdate::StatusNow);
-        Flow::Exit
     }
 
     /// An AttachVolumeFailure, logged.
-    fn fail_attach(&self, volume: &str, reason: Reason) {
+    fn fail_attach(&self, volume: &str, reason: Reason, cause: &dyn std::fmt::Display) {
         warn!(
-            "AttachVolume failure for {} (volume {volume}): {}",
+            "AttachVolume failure for {} (volume {volume}): {} ({cause})",
             self.id,
             reason.as_str()
         );
@@ -552,85 +689,106 @@ impl Instance {
             .send_error(ErrorKind::AttachVolume, &self.id, reason, false, volume);
     }
 
-    fn attach_volume(&mut self, volume: String) -> Flow {
+    fn attach_volume(&mut self, volume: String) {
         if self.cfg.vm_type == VmType::Docker {
-            self.fail_attach(&volume, Reason::NotSupported);
-            return Flow::Continue;
+            return self.fail_attach(&volume, Reason::NotSupported, &"a container");
         }
         if self.cfg.volumes.iter().any(|v| v.uuid == volume) {
-            self.fail_attach(&volume, Reason::AlreadyAttached);
-            return Flow::Continue;
+            return self.fail_attach(&volume, Reason::AlreadyAttached, &"listed already");
         }
-        // A running VM gets it now; a stopped one at its next boot.
-        // The monitor checks the volume as it attaches it; a stopped
-        // instance only checks it now.
-        let attached = match &mut self.monitor {
-            Some(m) => m.attach_volume(&volume),
-            None => self.vm.check_volume(&volume),
+        // A running VM gets it now; a stopped one at its next boot. The
+        // monitor checks the volume as it attaches it; a stopped instance
+        // only checks it now.
+        let attached = match &mut self.life {
+            Life::Starting(m) | Life::Running(m) => m.attach_volume(&volume),
+            _ => self.vm.check_volume(&volume),
         };
         if let Err(e) = attached {
-            warn!("{}: attach {volume}: {e}", self.id);
-            self.fail_attach(&volume, Reason::AttachFailure);
-            return Flow::Continue;
+            return self.fail_attach(&volume, Reason::AttachFailure, &e);
         }
         info!("{}: volume {volume} attached", self.id);
         self.cfg.volumes.push(Volume {
             uuid: volume.clone(),
             bootable: false,
         });
-        if let Err(e) = self.save() {
-            warn!("{}: {e}", self.id);
+        let stopped = matches!(self.life, Life::Exited);
+        if let Err(e) = self.save(stopped) {
             self.cfg.volumes.retain(|v| v.uuid != volume);
-            self.fail_attach(&volume, Reason::StateFailure);
-            return Flow::Continue;
+            return self.fail_attach(&volume, Reason::StateFailure, &e);
         }
         self.report_usage();
-        Flow::Continue
     }
 
-    fn monitor_event(&mut self, ev: MonitorEvent) -> Flow {
+    fn monitor_event(&mut self, ev: MonitorEvent) {
         match ev {
-            MonitorEvent::Usage(u) => {
-                self.send_usage(u);
-                Flow::Continue
-            }
+            MonitorEvent::Usage(u) => self.send_usage(u),
             MonitorEvent::Running => {
-                if self.monitor.is_some() && self.state != InstanceState::Running {
+                // Only a starting instance changes (a repeated report does not).
+                if !matches!(self.life, Life::Starting(_)) {
+                    return;
+                }
+                if let Life::Starting(m) = std::mem::replace(&mut self.life, Life::Exited) {
                     self.vm.connected();
-                    self.set_state(InstanceState::Running);
+                    self.become_(Life::Running(m));
                     self.report_usage();
                 }
-                Flow::Continue
             }
             MonitorEvent::Exited(why) => {
-                if self.monitor.take().is_none() && self.state == InstanceState::Exited {
-                    return Flow::Continue;
+                // Late events of a monitor already dropped mean nothing.
+                if matches!(self.life, Life::Starting(_) | Life::Running(_)) {
+                    warn!("{} exited by itself: {why}", self.id);
+                    self.life = Life::Exited;
+                    self.exited(&why);
                 }
-                warn!("{} exited by itself: {why}", self.id);
-                self.vm.lost();
-                self.report_usage();
-                match self.ctx.profile {
-                    // 2016: kept as `exited`, restartable.
-                    Profile::P2016 => {
-                        self.stopped = true;
-                        if let Err(e) = self.save() {
-                            warn!("{}: {e}", self.id);
-                        }
-                        self.set_state(InstanceState::Exited);
-                        Flow::Continue
-                    }
-                    // 2018: instances never stay stopped.
-                    Profile::P2018 => {
-                        self.set_state(InstanceState::Exited);
-                        self.remove_files();
-                        self.ctx.send_gone_event(&self.id, true);
-                        self.update(InstanceUpdate::Gone {
-                            id: self.id.clone(),
-                        });
-                        self.update(InstanceUpdate::StatusNow);
-                        Flow::Exit
-                    }
+            }
+            MonitorEvent::Vanished(why) => {
+                if !self.life.is_gone() {
+                    self.vanished(&why);
                 }
+            }
+        }
+    }
+
+    /// The instance is no longer running (the monitor has been dropped).
+    fn exited(&mut self, why: &str) {
+        self.vm.lost();
+        self.report_usage();
+        match self.ctx.profile {
+            // 2016: kept as `exited`, restartable.
+            Profile::P2016 => {
+                if let Err(e) = self.save(true) {
+                    // The disk still says running; at the next start the
+                    // monitor sees it exited again.
+                    error!("{}: cannot record that it exited ({why}): {e}", self.id);
+                }
+                self.become_(Life::Exited);
+            }
+            // 2018: instances never stay stopped.
+            Profile::P2018 => {
+                self.become_(Life::Exited);
+                match self.remove_all() {
+                    Ok(()) => self.leave(Farewell::Stopped),
+                    Err(e) => error!("{}: exited, but cannot be removed: {e}", self.id),
+                }
+            }
+        }
+    }
+
+    /// The instance's container or VM no longer exists at all (an
+    /// interrupted DELETE, or removed behind the launcher's back): what is
+    /// left of it is removed and it is reported gone.
+    fn vanished(&mut self, why: &str) {
+        warn!(
+            "{}: no longer exists ({why}): removing what is left",
+            self.id
+        );
+        self.life = Life::Exited;
+        self.vm.lost();
+        match self.remove_all() {
+            Ok(()) => self.leave(Farewell::Stopped),
+            Err(e) => {
+                error!("{}: cannot remove what is left: {e}", self.id);
+                self.become_(Life::Exited);
             }
         }
     }

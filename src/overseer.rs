@@ -1,20 +1,34 @@
-//! The overseer thread: the instance map, resource accounting, node status,
-//! and the STATUS/STATS reports (spec/launcher-behaviour.md §5).
+//! The overseer thread: the instance map, admission and resource
+//! accounting, command routing, node status, and the STATUS/STATS reports
+//! (docs/architecture.md).
 //!
 //! Inputs (one `select!`):
-//! * [`OverseerReq`] from the server thread; each request carries its own
-//!   reply channel (admission of a START, looking up an instance's inbox,
-//!   maintenance, "connected: report now");
+//! * [`OverseerReq`] from the server thread: a START's configuration, a
+//!   command for an instance, EVACUATE, maintenance, "connected: report
+//!   now", and snapshots for tests and tools (those carry a reply channel);
 //! * [`InstanceUpdate`]s from instance threads (bounded; always drained);
 //! * the stats tick (injected: `tick()` in production, a test channel in tests);
 //! * shutdown (the server drops the sender).
 //!
-//! The overseer never sends to an instance (that would let a busy instance
-//! stall the node): it only starts instance threads and hands their inbox to
-//! the server. At shutdown it closes the instances' shutdown channel and
-//! joins every instance thread, having dropped the update receiver so that no
-//! exiting instance can block on it. Threads of deleted instances are reaped
-//! once finished, never waited for.
+//! # Routing: exactly one outcome per command
+//! 1. A START for an unknown id is admitted (maintenance, capacity, sanity
+//!    of its sizes against the node) and its instance thread is spawned with
+//!    the configuration; a refusal is a StartFailure with the reason.
+//! 2. Any other command, and a START for a known id, is `try_send`ed into
+//!    the instance's bounded inbox; a full inbox is `instance_busy`, an
+//!    unknown id `no_instance`. The overseer never blocks on an instance
+//!    (it never uses a blocking send), which is the reason for the
+//!    original's rule that it must not send to instances.
+//! 3. An instance that goes says `Gone`; the overseer then drops its inbox.
+//!    Commands the instance received after it decided to go come back as
+//!    `Unhandled` (after `Gone`, on the same channel) and are routed again
+//!    from step 1.
+//! 4. At shutdown, requests still queued are answered with `instance_busy`.
+//!
+//! At shutdown it closes the instances' shutdown channel and joins every
+//! instance thread, having dropped the update receiver so that no exiting
+//! instance can block on it. Threads of deleted instances are reaped once
+//! finished, never waited for.
 
 use std::collections::HashMap;
 use std::fs;
@@ -22,39 +36,38 @@ use std::path::PathBuf;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{Receiver, Sender, select};
+use crossbeam_channel::{Receiver, Sender, TrySendError, select};
 use log::{error, info, warn};
 
-use crate::instance::{self, InstanceCmd, InstanceState, InstanceUpdate, Never, Seed};
+use crate::instance::{
+    self, Farewell, InstanceCmd, InstanceState, InstanceUpdate, Never, Seed, Wiring,
+};
 use crate::node::NodeContext;
 use crate::nodestats::{NodeFigures, NodeStatsSource};
 use crate::payloads::Reason;
 use crate::payloads::config::InstanceConfig;
-use crate::payloads::outgoing::{self, InstanceStat, NodeStatus};
+use crate::payloads::outgoing::{self, ErrorKind, InstanceStat, NodeStatus};
 use crate::ssntp::{Command, Operation, Profile, Status};
+use crate::state::StateError;
 use crate::virt::Usage;
 
-/// Server → overseer. Replies travel on the channel inside the request.
+/// Server → overseer. Snapshots answer on the channel inside the request.
 #[derive(Debug)]
 pub enum OverseerReq {
-    /// Admit a new instance (or return the inbox of a known one).
-    Add {
-        cfg: Box<InstanceConfig>,
-        reply: Sender<Result<Sender<InstanceCmd>, Reason>>,
-    },
-    /// The inbox of a known instance.
-    Get {
+    /// A decoded START: admit and spawn, or route to the known instance.
+    Start(Box<InstanceConfig>),
+    /// A command for instance `id` (canonical UUID).
+    Command {
         id: String,
-        reply: Sender<Option<Sender<InstanceCmd>>>,
+        cmd: InstanceCmd,
     },
-    /// Inboxes of every instance (EVACUATE).
-    All {
-        reply: Sender<Vec<(String, Sender<InstanceCmd>)>>,
-    },
+    /// Maintenance on, then DELETE (InstanceStopped) of every instance.
+    Evacuate,
     Maintenance {
         on: bool,
     },
-    /// (Re)connected to the scheduler: send STATUS and STATS now.
+    /// (Re)connected to the scheduler: send STATUS and STATS now, and what
+    /// was held back until the first connection.
     Connected,
     /// Snapshot for tests and the operator: (id, state) of every instance.
     List {
@@ -105,16 +118,37 @@ fn contribution(usage: &Usage, mem_mb: i64) -> (i64, i64) {
 
 #[derive(Debug)]
 struct Record {
+    /// Dropped when the instance says Gone: that ends its thread's hand-back.
     inbox: Sender<InstanceCmd>,
     thread: Option<JoinHandle<()>>,
     state: InstanceState,
     usage: Usage,
+    sizes: Sizes,
+}
+
+/// What the overseer keeps of an instance's configuration: its allocation
+/// and what STATS shows.
+#[derive(Debug)]
+struct Sizes {
     volumes: Vec<String>,
     vcpus: i64,
     mem_mb: i64,
     disk_mb: i64,
     ssh_ip: String,
     ssh_port: i64,
+}
+
+impl Sizes {
+    fn of(cfg: &InstanceConfig) -> Sizes {
+        Sizes {
+            volumes: cfg.volumes.iter().map(|v| v.uuid.clone()).collect(),
+            vcpus: i64::from(cfg.vcpus),
+            mem_mb: cfg.mem_mb as i64,
+            disk_mb: cfg.disk_mb as i64,
+            ssh_ip: cfg.networking.concentrator_ip.clone(),
+            ssh_port: i64::from(cfg.ssh_port),
+        }
+    }
 }
 
 /// Everything the overseer thread owns. Built by [`Overseer::new`], moved
@@ -148,6 +182,11 @@ pub struct Overseer {
     /// How often instance threads sample their usage (None: never, for
     /// deterministic tests).
     usage_period: Option<Duration>,
+    /// Connected to the scheduler at least once.
+    connected: bool,
+    /// Events of instances that went before the first connection (found
+    /// gone during recovery), sent when it comes.
+    held_farewells: Vec<(String, Farewell)>,
 }
 
 /// The overseer's inputs, kept apart from its state.
@@ -188,6 +227,8 @@ impl Overseer {
             instance_shutdown: Some(instance_shutdown),
             instance_shutdown_rx,
             usage_period: Some(USAGE_PERIOD),
+            connected: false,
+            held_farewells: Vec::new(),
         }
     }
 
@@ -198,28 +239,53 @@ impl Overseer {
     }
 
     /// Scans the store and starts a thread for every instance found (their
-    /// monitors re-attach). Unreadable entries are reported and skipped.
+    /// monitors re-attach). Finishes what an interrupted START left: an
+    /// instance directory without a state is removed, and so are resources
+    /// of this node that belong to no instance directory (a container
+    /// created just before the crash). Unreadable states are reported and
+    /// left in place for inspection; their ids stay taken.
     pub fn recover(&mut self) -> usize {
         self.maintenance = self.maintenance_file.exists();
         let mut n = 0;
+        let mut kept = std::collections::HashSet::new();
         for entry in self.ctx.store.scan() {
             match entry {
                 Ok((id, state)) => {
+                    kept.insert(id.clone());
                     if self.instances.contains_key(&id) {
                         continue;
                     }
-                    if let Err(e) = self.launch(
-                        id.clone(),
-                        Seed::Recovered(Box::new(state.clone())),
-                        &state.config,
-                    ) {
+                    if let Err(e) = self.launch(id.clone(), Seed::Recovered(Box::new(state))) {
                         error!("cannot recover {id}: {e}");
                         continue;
                     }
                     n += 1;
                 }
-                Err(e) => warn!("skipped while recovering: {e}"),
+                Err(StateError::NoState { id, path }) => match self.ctx.store.remove(&id) {
+                    Ok(()) => info!(
+                        "removed {}: an interrupted START of {id} left it without a state",
+                        path.display()
+                    ),
+                    Err(e) => {
+                        kept.insert(id);
+                        warn!("cannot remove what an interrupted START left: {e}");
+                    }
+                },
+                Err(e) => {
+                    if let StateError::Corrupt { path, .. } | StateError::Io { path, .. } = &e
+                        && let Some(id) = path
+                            .strip_prefix(self.ctx.store.instances_dir())
+                            .ok()
+                            .and_then(|p| p.components().next())
+                    {
+                        kept.insert(id.as_os_str().to_string_lossy().into_owned());
+                    }
+                    error!("not recovered (kept for inspection; remove it to free the id): {e}");
+                }
             }
+        }
+        for what in self.ctx.factory.sweep(&|id| kept.contains(id)) {
+            info!("removed {what}: left by an interrupted START");
         }
         if n > 0 {
             info!("recovered {n} instance(s)");
@@ -227,38 +293,31 @@ impl Overseer {
         n
     }
 
-    fn launch(
-        &mut self,
-        id: String,
-        seed: Seed,
-        cfg: &InstanceConfig,
-    ) -> std::io::Result<Sender<InstanceCmd>> {
-        let h = instance::spawn(
-            self.ctx.clone(),
-            id.clone(),
-            seed,
-            self.updates_tx.clone(),
-            self.instance_shutdown_rx.clone(),
-            self.usage_period
+    fn launch(&mut self, id: String, seed: Seed) -> std::io::Result<()> {
+        let sizes = Sizes::of(match &seed {
+            Seed::New(cfg) => cfg,
+            Seed::Recovered(state) => &state.config,
+        });
+        let wiring = Wiring {
+            updates: self.updates_tx.clone(),
+            shutdown: self.instance_shutdown_rx.clone(),
+            tick: self
+                .usage_period
                 .map_or_else(crossbeam_channel::never, crossbeam_channel::tick),
-        )?;
+        };
+        let h = instance::spawn(self.ctx.clone(), id.clone(), seed, wiring)?;
+        self.vcpus_allocated += sizes.vcpus;
+        self.mem_allocated += sizes.mem_mb;
+        self.disk_allocated += sizes.disk_mb;
         let rec = Record {
-            inbox: h.inbox.clone(),
+            inbox: h.inbox,
             thread: Some(h.thread),
             state: InstanceState::Pending,
             usage: Usage::default(),
-            volumes: cfg.volumes.iter().map(|v| v.uuid.clone()).collect(),
-            vcpus: i64::from(cfg.vcpus),
-            mem_mb: cfg.mem_mb as i64,
-            disk_mb: cfg.disk_mb as i64,
-            ssh_ip: cfg.networking.concentrator_ip.clone(),
-            ssh_port: i64::from(cfg.ssh_port),
+            sizes,
         };
-        self.vcpus_allocated += rec.vcpus;
-        self.mem_allocated += rec.mem_mb;
-        self.disk_allocated += rec.disk_mb;
         self.instances.insert(id, rec);
-        Ok(h.inbox)
+        Ok(())
     }
 
     /// Moves the overseer into its thread.
@@ -290,27 +349,42 @@ impl Overseer {
                 }
             }
         }
+        // Accepted by the server, never carried out: answered, not dropped.
+        while let Ok(r) = inputs.requests.try_recv() {
+            let (id, cmd) = match r {
+                OverseerReq::Start(cfg) => (cfg.instance_uuid.clone(), InstanceCmd::Start(cfg)),
+                OverseerReq::Command { id, cmd } => (id, cmd),
+                _ => continue,
+            };
+            info!(
+                "{} for {id} not carried out: shutting down",
+                cmd.kind().name()
+            );
+            cmd.refuse(&self.ctx, &id, Reason::InstanceBusy);
+        }
         self.shutdown();
     }
 
     fn request(&mut self, r: OverseerReq) {
+        if matches!(
+            r,
+            OverseerReq::Start(_) | OverseerReq::Command { .. } | OverseerReq::Evacuate
+        ) {
+            // A command comes over a connection.
+            self.scheduler_heard();
+        }
         match r {
-            OverseerReq::Add { cfg, reply } => {
-                let _ = reply.send(self.add(&cfg));
+            OverseerReq::Start(cfg) => {
+                let id = cfg.instance_uuid.clone();
+                self.route(id, InstanceCmd::Start(cfg));
             }
-            OverseerReq::Get { id, reply } => {
-                let _ = reply.send(self.instances.get(&id).map(|r| r.inbox.clone()));
-            }
-            OverseerReq::All { reply } => {
-                let _ = reply.send(
-                    self.instances
-                        .iter()
-                        .map(|(id, r)| (id.clone(), r.inbox.clone()))
-                        .collect(),
-                );
-            }
+            OverseerReq::Command { id, cmd } => self.route(id, cmd),
+            OverseerReq::Evacuate => self.evacuate(),
             OverseerReq::Maintenance { on } => self.set_maintenance(on),
-            OverseerReq::Connected => self.report(true),
+            OverseerReq::Connected => {
+                self.scheduler_heard();
+                self.report(true);
+            }
             OverseerReq::List { reply } => {
                 let mut v: Vec<_> = self
                     .instances
@@ -323,32 +397,93 @@ impl Overseer {
         }
     }
 
-    /// Admission (spec §5.2), using availability from the last status.
-    fn add(&mut self, cfg: &InstanceConfig) -> Result<Sender<InstanceCmd>, Reason> {
-        if let Some(r) = self.instances.get(&cfg.instance_uuid) {
-            return Ok(r.inbox.clone());
+    /// The scheduler is (or was) connected: send what waited for it.
+    fn scheduler_heard(&mut self) {
+        self.connected = true;
+        for (id, farewell) in std::mem::take(&mut self.held_farewells) {
+            self.farewell(&id, farewell);
         }
+    }
+
+    /// Delivers `cmd` to instance `id` (see the module docs, steps 1–3).
+    fn route(&mut self, id: String, cmd: InstanceCmd) {
+        let Some(r) = self.instances.get(&id) else {
+            return match cmd {
+                InstanceCmd::Start(cfg) => self.admit(cfg),
+                other => {
+                    info!("{} for {id}: no such instance", other.kind().name());
+                    other.refuse(&self.ctx, &id, Reason::NoInstance);
+                }
+            };
+        };
+        match r.inbox.try_send(cmd) {
+            Ok(()) => {}
+            Err(TrySendError::Full(cmd)) => {
+                warn!(
+                    "{} for {id}: the instance's inbox is full",
+                    cmd.kind().name()
+                );
+                cmd.refuse(&self.ctx, &id, Reason::InstanceBusy);
+            }
+            Err(TrySendError::Disconnected(cmd)) => {
+                // Its thread ended without saying Gone: it panicked.
+                error!("the thread of {id} is gone; forgetting the instance");
+                self.forget(&id);
+                self.route(id, cmd);
+            }
+        }
+    }
+
+    /// Admission of a new instance (docs/architecture.md), using
+    /// availability from the last status; spawns its thread with the START.
+    fn admit(&mut self, cfg: Box<InstanceConfig>) {
+        let id = cfg.instance_uuid.clone();
+        if let Err((reason, why)) = self.admission(&cfg) {
+            info!("START {id} refused: {} ({why})", reason.as_str());
+            return self
+                .ctx
+                .send_error(ErrorKind::Start, &id, reason, cfg.restart, "");
+        }
+        let restart = cfg.restart;
+        if let Err(e) = self.launch(id.clone(), Seed::New(cfg)) {
+            error!("cannot start a thread for {id}: {e}");
+            self.ctx
+                .send_error(ErrorKind::Start, &id, Reason::LaunchFailure, restart, "");
+        }
+    }
+
+    fn admission(&self, cfg: &InstanceConfig) -> Result<(), (Reason, String)> {
         if self.maintenance {
-            return Err(Reason::NodeMaintenance);
+            return Err((Reason::NodeMaintenance, "maintenance".into()));
         }
+        sane_sizes(cfg, &self.last_figures).map_err(|why| (Reason::InvalidData, why))?;
         if self.instances.len() >= self.limits.max_instances {
-            return Err(Reason::FullCn);
+            return Err((
+                Reason::FullCn,
+                format!("{} instances, the most allowed", self.instances.len()),
+            ));
         }
         if self.limits.disk_limit
             && self.disk_available - (cfg.disk_mb as i64) < self.limits.disk_refuse_mb
         {
-            return Err(Reason::FullCn);
+            return Err((Reason::FullCn, "disk".into()));
         }
         if self.limits.mem_limit
             && self.mem_available - (cfg.mem_mb as i64) < self.limits.mem_refuse_mb
         {
-            return Err(Reason::FullCn);
+            return Err((Reason::FullCn, "memory".into()));
         }
-        let id = cfg.instance_uuid.clone();
-        self.launch(id, Seed::New, cfg).map_err(|e| {
-            error!("cannot start a thread for {}: {e}", cfg.instance_uuid);
-            Reason::LaunchFailure
-        })
+        Ok(())
+    }
+
+    /// Maintenance on, then a DELETE (InstanceStopped) for every instance.
+    fn evacuate(&mut self) {
+        self.set_maintenance(true);
+        let ids: Vec<String> = self.instances.keys().cloned().collect();
+        info!("evacuating {} instance(s)", ids.len());
+        for id in ids {
+            self.route(id, InstanceCmd::Delete { stop: true });
+        }
     }
 
     fn instance_update(&mut self, u: InstanceUpdate) {
@@ -360,28 +495,48 @@ impl Overseer {
             }
             InstanceUpdate::Usage { id, usage, volumes } => {
                 if let Some(r) = self.instances.get_mut(&id) {
-                    let (d0, m0) = contribution(&r.usage, r.mem_mb);
-                    let (d1, m1) = contribution(&usage, r.mem_mb);
+                    let (d0, m0) = contribution(&r.usage, r.sizes.mem_mb);
+                    let (d1, m1) = contribution(&usage, r.sizes.mem_mb);
                     self.disk_used += d1 - d0;
                     self.mem_used += m1 - m0;
                     r.usage = usage;
-                    r.volumes = volumes;
+                    r.sizes.volumes = volumes;
                 }
             }
             InstanceUpdate::StatusNow => self.report(false),
-            InstanceUpdate::Gone { id } => {
-                if let Some(mut r) = self.instances.remove(&id) {
-                    let (d, m) = contribution(&r.usage, r.mem_mb);
-                    self.disk_used -= d;
-                    self.mem_used -= m;
-                    self.vcpus_allocated = (self.vcpus_allocated - r.vcpus).max(0);
-                    self.mem_allocated = (self.mem_allocated - r.mem_mb).max(0);
-                    self.disk_allocated = (self.disk_allocated - r.disk_mb).max(0);
-                    if let Some(t) = r.thread.take() {
-                        self.exiting.push(t);
-                    }
-                }
+            InstanceUpdate::Gone { id, farewell } => {
+                self.forget(&id);
                 self.reap();
+                if self.connected {
+                    self.farewell(&id, farewell);
+                } else if farewell != Farewell::Silent {
+                    self.held_farewells.push((id, farewell));
+                }
+                self.report(false);
+            }
+            InstanceUpdate::Unhandled { id, cmd } => self.route(id, cmd),
+        }
+    }
+
+    fn farewell(&self, id: &str, farewell: Farewell) {
+        match farewell {
+            Farewell::Silent => {}
+            Farewell::Deleted => self.ctx.send_gone_event(id, false),
+            Farewell::Stopped => self.ctx.send_gone_event(id, true),
+        }
+    }
+
+    /// Drops instance `id` and its allocations; its inbox closes.
+    fn forget(&mut self, id: &str) {
+        if let Some(mut r) = self.instances.remove(id) {
+            let (d, m) = contribution(&r.usage, r.sizes.mem_mb);
+            self.disk_used -= d;
+            self.mem_used -= m;
+            self.vcpus_allocated = (self.vcpus_allocated - r.sizes.vcpus).max(0);
+            self.mem_allocated = (self.mem_allocated - r.sizes.mem_mb).max(0);
+            self.disk_allocated = (self.disk_allocated - r.sizes.disk_mb).max(0);
+            if let Some(t) = r.thread.take() {
+                self.exiting.push(t);
             }
         }
     }
@@ -480,12 +635,12 @@ impl Overseer {
             .map(|(id, r)| InstanceStat {
                 instance_uuid: id.clone(),
                 state: r.state.wire_name(profile).to_string(),
-                ssh_ip: r.ssh_ip.clone(),
-                ssh_port: r.ssh_port,
+                ssh_ip: r.sizes.ssh_ip.clone(),
+                ssh_port: r.sizes.ssh_port,
                 memory_usage_mb: r.usage.memory_mb.unwrap_or(-1),
                 disk_usage_mb: r.usage.disk_mb.unwrap_or(-1),
                 cpu_usage: r.usage.cpu_percent.unwrap_or(-1),
-                volumes: r.volumes.clone(),
+                volumes: r.sizes.volumes.clone(),
             })
             .collect();
         stats.sort_by(|a, b| a.instance_uuid.cmp(&b.instance_uuid));
@@ -522,4 +677,28 @@ fn status_name(s: Status) -> &'static str {
         Status::Offline => "OFFLINE",
         Status::Connected => "CONNECTED",
     }
+}
+
+/// Sizes a START may ask for: not beyond what the node has (when its
+/// figures are known). Zero sizes are refused when the payload is parsed.
+fn sane_sizes(cfg: &InstanceConfig, node: &NodeFigures) -> Result<(), String> {
+    if node.cpus_online > 0 && i64::from(cfg.vcpus) > node.cpus_online {
+        return Err(format!(
+            "vcpus: {} is more than the node's {} CPUs",
+            cfg.vcpus, node.cpus_online
+        ));
+    }
+    if node.mem_total_mb > 0 && cfg.mem_mb as i64 > node.mem_total_mb {
+        return Err(format!(
+            "mem_mb: {} is more than the node's {} MB",
+            cfg.mem_mb, node.mem_total_mb
+        ));
+    }
+    if node.disk_total_mb > 0 && cfg.disk_mb as i64 > node.disk_total_mb {
+        return Err(format!(
+            "disk_mb: {} is more than the node's {} MB",
+            cfg.disk_mb, node.disk_total_mb
+        ));
+    }
+    Ok(())
 }

@@ -85,6 +85,9 @@ pub enum StateError {
     Corrupt { path: PathBuf, detail: String },
     /// The instance directory already exists (`create_instance_dir`).
     Exists(PathBuf),
+    /// `scan`: an instance directory with no state file: the remains of a
+    /// START that was interrupted before its state was written.
+    NoState { id: String, path: PathBuf },
 }
 
 impl StateError {
@@ -124,6 +127,13 @@ impl fmt::Display for StateError {
             StateError::Io { path, source } => write!(f, "{}: {source}", path.display()),
             StateError::Corrupt { path, detail } => write!(f, "{}: {detail}", path.display()),
             StateError::Exists(path) => write!(f, "{}: already exists", path.display()),
+            StateError::NoState { path, .. } => {
+                write!(
+                    f,
+                    "{}: instance directory without a state file",
+                    path.display()
+                )
+            }
         }
     }
 }
@@ -223,8 +233,9 @@ impl Store {
         let path = self.instance_dir(id)?.join(STATE_FILE);
         let yaml = serde_yaml::to_string(state)
             .map_err(|e| StateError::corrupt(&path, format!("cannot serialise state: {e}")))?;
+        let text = seal(&yaml);
         let first = fs::symlink_metadata(&path).is_err();
-        write_atomic(&path, yaml.as_bytes(), STATE_MODE).map_err(|e| StateError::io(&path, e))?;
+        write_atomic(&path, text.as_bytes(), STATE_MODE).map_err(|e| StateError::io(&path, e))?;
         if first {
             // The instance directory's own entry in instances/.
             sync_dir(&self.instances).map_err(|e| StateError::io(&self.instances, e))?;
@@ -242,8 +253,17 @@ impl Store {
         if text.trim().is_empty() {
             return Err(StateError::corrupt(&path, "state file is empty"));
         }
-        let state: StateFile = serde_yaml::from_str(&text)
+        let (yaml, sealed) = unseal(&text).map_err(|detail| StateError::corrupt(&path, detail))?;
+        let state: StateFile = serde_yaml::from_str(yaml)
             .map_err(|e| StateError::corrupt(&path, format!("unparsable state: {e}")))?;
+        // An unsealed file comes from a launcher before the seal: it cannot
+        // show truncation, but it must at least name its instance.
+        if !sealed && state.config.instance_uuid.is_empty() {
+            return Err(StateError::corrupt(
+                &path,
+                "state names no instance: truncated, or not a state file",
+            ));
+        }
         // A state copied or moved from another instance's directory must not
         // be adopted under this id (an empty id is tolerated: the directory
         // name is authoritative).
@@ -257,6 +277,19 @@ impl Store {
             ));
         }
         Ok(state)
+    }
+
+    /// Removes the state file of `id` and syncs its directory: once this
+    /// returns, the instance is durably deleted (a directory left without a
+    /// state is swept at the next start). A missing state is `Ok`.
+    pub fn remove_state(&self, id: &str) -> Result<(), StateError> {
+        let dir = self.instance_dir(id)?;
+        let path = dir.join(STATE_FILE);
+        match fs::remove_file(&path) {
+            Ok(()) => sync_dir(&dir).map_err(|e| StateError::io(&dir, e)),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(StateError::io(&path, e)),
+        }
     }
 
     /// Removes the instance directory and everything in it. Symbolic links
@@ -319,7 +352,17 @@ impl Store {
             .ok_or_else(|| {
                 StateError::corrupt(path, "directory name is not a canonical instance UUID")
             })?;
-        Ok((id.to_owned(), self.load(id)?))
+        match self.load(id) {
+            Ok(state) => {
+                remove_leftover_temps(path);
+                Ok((id.to_owned(), state))
+            }
+            Err(e) if e.is_not_found() => Err(StateError::NoState {
+                id: id.to_owned(),
+                path: path.to_path_buf(),
+            }),
+            Err(e) => Err(e),
+        }
     }
 
     /// Removes every entry of the instances directory (instance directories,
@@ -361,6 +404,90 @@ impl Store {
         match first_error {
             Some(e) => Err(e),
             None => Ok(removed),
+        }
+    }
+}
+
+/// First line of a sealed state file.
+const SEAL_HEADER: &str = "# ciao-launcher instance state, sealed\n";
+/// Last line of a sealed state file: `# end: <bytes> bytes, fnv1a64 <hex>`,
+/// over the YAML between the two lines.
+const SEAL_END: &str = "# end: ";
+
+/// The state file's text: the YAML between a header line and an end line
+/// that carries its length and checksum, so that a truncated or damaged
+/// file is told from a short one (YAML would read a prefix of a state as a
+/// state with defaults). Both lines are YAML comments.
+fn seal(yaml: &str) -> String {
+    let mut text = String::with_capacity(SEAL_HEADER.len() + yaml.len() + 48);
+    text.push_str(SEAL_HEADER);
+    text.push_str(yaml);
+    if !yaml.is_empty() && !yaml.ends_with('\n') {
+        text.push('\n');
+    }
+    let body = &text[SEAL_HEADER.len()..];
+    let end = format!(
+        "{SEAL_END}{} bytes, fnv1a64 {:016x}\n",
+        body.len(),
+        fnv1a64(body.as_bytes())
+    );
+    text.push_str(&end);
+    text
+}
+
+/// The YAML of a state file's text and whether it was sealed; an error
+/// says why a sealed (or seemingly sealed) text is not whole.
+fn unseal(text: &str) -> Result<(&str, bool), String> {
+    let Some(rest) = text.strip_prefix(SEAL_HEADER) else {
+        if SEAL_HEADER.starts_with(text) || text.starts_with(&SEAL_HEADER[..10]) {
+            return Err("truncated state file (its header is cut)".into());
+        }
+        return Ok((text, false));
+    };
+    let damaged = |what: &str| format!("truncated or damaged state file ({what})");
+    let Some(last) = rest.strip_suffix('\n') else {
+        return Err(damaged("no end line"));
+    };
+    let end_at = last.rfind('\n').map_or(0, |i| i + 1);
+    let (body, end) = rest.split_at(end_at);
+    let figures = end
+        .strip_prefix(SEAL_END)
+        .and_then(|e| e.trim_end().split_once(" bytes, fnv1a64 "))
+        .ok_or_else(|| damaged("no end line"))?;
+    let len: usize = figures.0.parse().map_err(|_| damaged("bad end line"))?;
+    let sum = u64::from_str_radix(figures.1, 16).map_err(|_| damaged("bad end line"))?;
+    if len != body.len() {
+        return Err(damaged(&format!("{} bytes of {len}", body.len())));
+    }
+    if sum != fnv1a64(body.as_bytes()) {
+        return Err(damaged("checksum mismatch"));
+    }
+    Ok((body, true))
+}
+
+/// 64-bit FNV-1a: enough to tell a damaged file, and no dependency.
+fn fnv1a64(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+    })
+}
+
+/// Removes the `.state.tmp-*` files a crash left in an instance directory
+/// (recovery; nobody writes there then).
+fn remove_leftover_temps(dir: &Path) {
+    let Ok(entries) = fs::read_dir(dir) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name();
+        if name
+            .to_string_lossy()
+            .starts_with(&format!(".{STATE_FILE}.tmp-"))
+        {
+            match fs::remove_file(e.path()) {
+                Ok(()) => log::info!("removed {}, left by a crash", e.path().display()),
+                Err(err) => log::warn!("{}: {err}", e.path().display()),
+            }
         }
     }
 }
@@ -695,9 +822,10 @@ mod tests {
         let dir = store.create_instance_dir(ID1).unwrap();
         fs::write(
             dir.join(STATE_FILE),
-            "config:\n  vcpus: 2\nfuture_field: 1\n",
+            format!("config:\n  instance_uuid: {ID1}\n  vcpus: 2\nfuture_field: 1\n"),
         )
         .unwrap();
+        // An unsealed file (from a launcher before the seal) is read.
         let s = store.load(ID1).unwrap();
         assert_eq!(s.config.vcpus, 2);
         assert!(!s.stopped);
@@ -917,6 +1045,42 @@ mod tests {
         assert!(!store.instances_dir().join(ID2).exists());
     }
 
+    /// Defect: a truncated state file was read as a state with defaults (a
+    /// stopped instance came back running, its user data gone). Every cut
+    /// of a sealed file, and every flipped byte, is now refused.
+    #[test]
+    fn truncated_or_damaged_state_is_refused() {
+        let tmp = TempDir::new("truncate");
+        let store = Store::new(&tmp.0);
+        store.create_instance_dir(ID1).unwrap();
+        let state = StateFile {
+            config: full_config(ID1),
+            stopped: true,
+        };
+        store.save(ID1, &state).unwrap();
+        let path = store.instance_dir(ID1).unwrap().join(STATE_FILE);
+        let whole = fs::read(&path).unwrap();
+        assert!(whole.starts_with(SEAL_HEADER.as_bytes()));
+        assert_eq!(store.load(ID1).unwrap(), state);
+        for cut in 1..whole.len() {
+            fs::write(&path, &whole[..cut]).unwrap();
+            let e = store.load(ID1).expect_err(&format!("cut at {cut}"));
+            assert!(matches!(e, StateError::Corrupt { .. }), "cut at {cut}: {e}");
+        }
+        for at in [SEAL_HEADER.len() + 3, whole.len() / 2, whole.len() - 5] {
+            let mut damaged = whole.clone();
+            damaged[at] ^= 0x01;
+            fs::write(&path, &damaged).unwrap();
+            assert!(
+                matches!(store.load(ID1), Err(StateError::Corrupt { .. })),
+                "flip at {at}"
+            );
+        }
+        // An unsealed state that names no instance is refused too.
+        fs::write(&path, "config:\n  vcpus: 2\n").unwrap();
+        assert!(matches!(store.load(ID1), Err(StateError::Corrupt { .. })));
+    }
+
     #[test]
     fn leftover_tmp_does_not_matter() {
         let tmp = TempDir::new("crash");
@@ -1007,11 +1171,11 @@ mod tests {
             let msg = e.to_string();
             assert!(msg.contains(&*inst.to_string_lossy()), "{msg}");
         }
-        let unreadable_state = results
+        let no_state = results
             .iter()
-            .filter(|r| matches!(r, Err(StateError::Io { .. })))
+            .filter(|r| matches!(r, Err(StateError::NoState { .. })))
             .count();
-        assert_eq!(unreadable_state, 1); // the missing state
+        assert_eq!(no_state, 1); // the missing state
     }
 
     #[test]

@@ -68,8 +68,15 @@ fn id_of(
 ) -> Result<String, PayloadError> {
     canonical_uuid(raw).ok_or_else(|| {
         let cut: String = raw.trim().chars().take(64).collect();
+        // The id as received when it is the instance's own (so that the
+        // scheduler can match the error to its request).
+        let echoed = if instance_for_error.is_empty() {
+            crate::payloads::as_received(raw)
+        } else {
+            instance_for_error.to_string()
+        };
         PayloadError::invalid_data(
-            instance_for_error,
+            &echoed,
             format!("{what} payload: {path}: {cut:?} is not a UUID"),
         )
     })
@@ -352,9 +359,11 @@ mod tests {
             ] {
                 let doc = good.replace(INSTANCE, bad_id);
                 let e = parse(doc.as_bytes()).expect_err(&doc);
+                // The id comes back as received (the YAML `""` is empty).
+                let echoed = if bad_id == "\"\"" { "" } else { bad_id };
                 assert_eq!(
                     (e.reason, e.instance_uuid.as_str()),
-                    (Reason::InvalidData, "")
+                    (Reason::InvalidData, echoed)
                 );
             }
             for empty in ["", "{}\n", &format!("{top}:\n")] {

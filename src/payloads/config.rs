@@ -13,6 +13,16 @@ pub enum VmType {
     Docker,
 }
 
+impl VmType {
+    /// For log lines.
+    pub fn name(self) -> &'static str {
+        match self {
+            VmType::Qemu => "VM",
+            VmType::Docker => "container",
+        }
+    }
+}
+
 /// Guest firmware (`fw_type`: "" and `efi` mean EFI, `legacy` means BIOS).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]

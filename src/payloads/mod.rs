@@ -178,10 +178,10 @@ pub struct PayloadError {
     /// [`Reason::InvalidPayload`] (the YAML could not be decoded, including
     /// type mismatches) or [`Reason::InvalidData`] (a decoded value is invalid).
     pub reason: Reason,
-    /// The canonical instance id when the payload carried a valid one, ""
-    /// otherwise (YAML errors, missing or invalid id). Note the Go launcher
-    /// always reports START parse failures with an empty `instance_uuid`;
-    /// whoever builds the failure frame decides which to send.
+    /// The canonical instance id when the payload carried a valid one; an
+    /// invalid id as received (see [`as_received`]); "" for YAML errors and
+    /// a missing id. (The Go launcher always reported START parse failures
+    /// with an empty `instance_uuid`; ours lets a scheduler match them.)
     pub instance_uuid: String,
     /// Human text: which field, what was wrong, the YAML error position.
     pub detail: String,
@@ -216,6 +216,16 @@ impl fmt::Display for PayloadError {
 }
 
 impl std::error::Error for PayloadError {}
+
+/// An id that is not a UUID, as an error frame carries it back: as
+/// received, but at most [`ID_ECHO_LIMIT`] characters (a peer could send
+/// megabytes).
+pub(crate) fn as_received(raw: &str) -> String {
+    raw.chars().take(ID_ECHO_LIMIT).collect()
+}
+
+/// How much of an invalid id an error frame echoes.
+pub const ID_ECHO_LIMIT: usize = 256;
 
 /// The payload as text; anything else is `invalid_payload`.
 pub(crate) fn payload_text<'a>(payload: &'a [u8], what: &str) -> Result<&'a str, PayloadError> {

@@ -101,6 +101,19 @@ pub enum ErrorKind {
     AttachVolume,
 }
 
+impl ErrorKind {
+    /// The failure's name in log lines ("StartFailure", ...).
+    pub fn name(self) -> &'static str {
+        match self {
+            ErrorKind::Start => "StartFailure",
+            ErrorKind::Stop => "StopFailure",
+            ErrorKind::Restart => "RestartFailure",
+            ErrorKind::Delete => "DeleteFailure",
+            ErrorKind::AttachVolume => "AttachVolumeFailure",
+        }
+    }
+}
+
 /// A decoded failure payload (any kind, either profile; absent keys empty).
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct ErrorReport {

@@ -229,6 +229,10 @@ struct RawStart {
     vcpus: i64,
     mem_mb: i64,
     disk_mb: i64,
+    /// `vcpus` / `mem_mb` were in the payload (an absent size is left to
+    /// the virtualizer's default; a zero one is refused).
+    vcpus_given: bool,
+    mem_given: bool,
     network_node: bool,
     privileged: bool,
     restart: bool,
@@ -285,8 +289,8 @@ fn decode_start(root: &Node) -> DecodeResult<RawStart> {
         item.get("value_string")?.string()?;
         item.get("mandatory")?.bool()?;
         match kind.as_str() {
-            "vcpus" => raw.vcpus = value,
-            "mem_mb" => raw.mem_mb = value,
+            "vcpus" => (raw.vcpus, raw.vcpus_given) = (value, true),
+            "mem_mb" => (raw.mem_mb, raw.mem_given) = (value, true),
             "disk_mb" => raw.disk_mb = value,
             "network_node" => raw.network_node = value != 0,
             _ => {}
@@ -300,10 +304,10 @@ fn decode_start(root: &Node) -> DecodeResult<RawStart> {
     // 2018 shape: keys present in `requirements` override the list.
     let req = s.get("requirements")?;
     if let Some(v) = req.get("vcpus")?.opt_int()? {
-        raw.vcpus = v;
+        (raw.vcpus, raw.vcpus_given) = (v, true);
     }
     if let Some(v) = req.get("mem_mb")?.opt_int()? {
-        raw.mem_mb = v;
+        (raw.mem_mb, raw.mem_given) = (v, true);
     }
     // Not a ciao key: lets a 2018-shaped START carry a disk size (ours
     // round-trips it; Go peers ignore it).
@@ -352,8 +356,10 @@ fn ssh_port(network_node: bool, private_ip: &str) -> u16 {
 
 fn validate(raw: RawStart, split: SplitYaml) -> Result<InstanceConfig, PayloadError> {
     let instance = canonical_uuid(&raw.instance_uuid).ok_or_else(|| {
+        // The id as received, so that the scheduler can match the error to
+        // its request.
         PayloadError::invalid_data(
-            "",
+            &super::as_received(&raw.instance_uuid),
             format!(
                 "start.instance_uuid: {} is not a UUID",
                 shown(raw.instance_uuid.trim())
@@ -417,6 +423,14 @@ fn validate(raw: RawStart, split: SplitYaml) -> Result<InstanceConfig, PayloadEr
         .map_err(|_| bad(format!("mem_mb: {} is out of range", raw.mem_mb)))?;
     let disk_mb = u64::try_from(raw.disk_mb)
         .map_err(|_| bad(format!("disk_mb: {} is out of range", raw.disk_mb)))?;
+    // Zero is no size QEMU or Docker can run with (ciao's scheduler never
+    // sends it); sizes beyond the node are refused at admission.
+    if raw.vcpus_given && vcpus == 0 {
+        return Err(bad("vcpus: 0 (an instance needs at least one)".into()));
+    }
+    if raw.mem_given && mem_mb == 0 {
+        return Err(bad("mem_mb: 0 (an instance needs memory)".into()));
+    }
 
     let ssh_port = ssh_port(raw.network_node, &raw.networking.private_ip);
     Ok(InstanceConfig {
@@ -1070,7 +1084,9 @@ start:
             let doc = GO_START_DOC.replace("d7d86208-b46c-4465-9018-ee14087d415f", id);
             let e = err(&doc);
             assert_eq!(e.reason, Reason::InvalidData, "{id}: {e}");
-            assert_eq!(e.instance_uuid, "", "{id}");
+            // As received, so that a scheduler can match it to its request.
+            let echoed = if id == "\"\"" { "" } else { id };
+            assert_eq!(e.instance_uuid, echoed, "{id}");
             assert!(e.detail.contains("instance_uuid"), "{e}");
         }
         // Upper case and surrounding blanks are fine: canonical form.

@@ -35,6 +35,11 @@ use crate::payloads::config::InstanceConfig;
 /// Label naming the instance a container belongs to (recovery finds them by it).
 pub const LABEL_INSTANCE: &str = "org.ciao.instance";
 pub const LABEL_TENANT: &str = "org.ciao.tenant";
+/// Label naming the node (launcher) that made a container: a launcher only
+/// ever removes containers that carry its instance label and, where present,
+/// its node label, so that another launcher's containers on the same engine,
+/// or a foreign container that merely has an instance's name, are left alone.
+pub const LABEL_NODE: &str = "org.ciao.node";
 
 /// How long a container's disk figure is reused before the engine is asked
 /// again: computing it can be expensive (the vfs driver walks the whole
@@ -46,6 +51,8 @@ pub const DISK_SAMPLE_PERIOD: Duration = Duration::from_secs(10);
 pub struct DockerFactory {
     pub socket: PathBuf,
     pub stop_timeout: Duration,
+    /// This node's UUID, for [`LABEL_NODE`].
+    pub node: String,
 }
 
 impl VirtualizerFactory for DockerFactory {
@@ -53,10 +60,49 @@ impl VirtualizerFactory for DockerFactory {
         Box::new(Docker {
             socket: self.socket.clone(),
             stop_timeout: self.stop_timeout,
+            node: self.node.clone(),
             cfg: cfg.clone(),
             api: None,
             sampling: Sampling::default(),
         })
+    }
+
+    /// Removes the containers of this node whose instance has no directory
+    /// (created by a START that was killed before it wrote its state).
+    fn sweep(&self, recorded: &dyn Fn(&str) -> bool) -> Vec<String> {
+        let api = match DockerApi::connect(&self.socket) {
+            Ok(a) => a,
+            Err(e) => {
+                info!("no sweep of this node's containers: {e}");
+                return Vec::new();
+            }
+        };
+        let ours = match api.containers_by_label(LABEL_NODE, &self.node) {
+            Ok(list) => list,
+            Err(e) => {
+                warn!("cannot list this node's containers: {e}");
+                return Vec::new();
+            }
+        };
+        let mut removed = Vec::new();
+        for c in ours {
+            let Some(instance) = c.labels.get(LABEL_INSTANCE) else {
+                continue;
+            };
+            if recorded(instance) {
+                continue;
+            }
+            let shown = format!(
+                "container {} ({}) of instance {instance}",
+                c.names.first().map_or("", |n| n.trim_start_matches('/')),
+                &c.id[..c.id.len().min(12)]
+            );
+            match api.container_remove(&c.id, true, true) {
+                Ok(()) | Err(DockerError::NotFound(_)) => removed.push(shown),
+                Err(e) => warn!("cannot remove {shown}: {e}"),
+            }
+        }
+        removed
     }
 }
 
@@ -65,6 +111,7 @@ impl VirtualizerFactory for DockerFactory {
 pub struct Docker {
     socket: PathBuf,
     stop_timeout: Duration,
+    node: String,
     cfg: InstanceConfig,
     /// Connected lazily, so an engine that is down at launcher start does not
     /// prevent recovery; reconnected after errors.
@@ -90,10 +137,18 @@ impl Docker {
         Ok(a)
     }
 
+    /// A container of ours carries this instance's label and, where it has
+    /// one (containers made before node labels have none), this node's.
+    fn is_ours(&self, labels: &BTreeMap<String, String>) -> bool {
+        labels.get(LABEL_INSTANCE).map(String::as_str) == Some(self.name())
+            && labels.get(LABEL_NODE).is_none_or(|n| *n == self.node)
+    }
+
     fn spec(&self) -> CreateSpec {
         let mut labels = BTreeMap::new();
         labels.insert(LABEL_INSTANCE.to_string(), self.cfg.instance_uuid.clone());
         labels.insert(LABEL_TENANT.to_string(), self.cfg.tenant_uuid.clone());
+        labels.insert(LABEL_NODE.to_string(), self.node.clone());
         CreateSpec {
             image: self.cfg.docker_image.clone(),
             cmd: first_runcmd(&self.cfg.user_data),
@@ -183,16 +238,48 @@ impl Virtualizer for Docker {
     fn create_image(&mut self) -> Result<(), VirtError> {
         let api = self.api()?;
         let spec = self.spec();
-        api.container_create(self.name(), &spec)
-            .map(|_| ())
-            .map_err(|e| verr("create container", e))
+        match api.container_create(self.name(), &spec) {
+            Ok(_) => Ok(()),
+            Err(DockerError::Api { status: 409, .. }) => Err(VirtError(format!(
+                "a container named {} exists already; this START did not make it and leaves it alone",
+                self.name()
+            ))),
+            Err(e) => Err(verr("create container", e)),
+        }
     }
 
+    /// Removes the instance's container, if it is ours: it carries this
+    /// instance's label and, where it has one, this node's label. Any
+    /// other container of that name is left alone (and logged).
     fn delete_image(&mut self) -> Result<(), VirtError> {
         let api = self.api()?;
-        match api.container_remove(self.name(), true, true) {
+        let info = match api.container_inspect(self.name()) {
+            Ok(Some(info)) => info,
+            Ok(None) | Err(DockerError::NotFound(_)) => return Ok(()),
+            Err(e) => return Err(verr("inspect container", e)),
+        };
+        if !self.is_ours(&info.labels) {
+            warn!(
+                "{}: container {} is not this instance's (labels {:?}): left alone",
+                self.name(),
+                &info.id[..info.id.len().min(12)],
+                info.labels
+            );
+            return Ok(());
+        }
+        match api.container_remove(&info.id, true, true) {
             Ok(()) | Err(DockerError::NotFound(_)) => Ok(()),
             Err(e) => Err(verr("remove container", e)),
+        }
+    }
+
+    fn vanished(&mut self) -> Option<String> {
+        let api = self.api().ok()?;
+        match api.container_inspect(self.name()) {
+            Ok(None) | Err(DockerError::NotFound(_)) => {
+                Some(format!("container {} not found", self.name()))
+            }
+            _ => None,
         }
     }
 
@@ -523,7 +610,9 @@ fn watch(
                 return;
             }
             Ok(None) => {
-                let _ = events.send(MonitorEvent::Exited("container not found".into()));
+                let _ = events.send(MonitorEvent::Vanished(format!(
+                    "container {name} not found"
+                )));
                 return;
             }
             Err(e) => {

@@ -46,6 +46,9 @@ pub enum MonitorEvent {
     /// A fresh usage sample, for virtualizers that sample off the instance
     /// thread because sampling can take long (Docker).
     Usage(Usage),
+    /// The instance's container or VM no longer exists at all (not merely
+    /// stopped): nothing is left to restart.
+    Vanished(String),
 }
 
 /// Resource usage of one instance; `None` = unknown (−1 on the wire).
@@ -108,6 +111,13 @@ pub trait Virtualizer: Send + fmt::Debug {
     fn check_volume(&mut self, _id: &str) -> Result<(), VirtError> {
         Ok(())
     }
+    /// `Some(why)` when the instance's container or VM no longer exists at
+    /// all (an interrupted DELETE, or removed behind the launcher's back);
+    /// `None` when it exists or that cannot be told now (an engine that is
+    /// down proves nothing).
+    fn vanished(&mut self) -> Option<String> {
+        None
+    }
     /// The monitor saw the instance running.
     fn connected(&mut self) {}
     /// The instance is gone (monitor saw it exit, or a stop completed).
@@ -117,6 +127,13 @@ pub trait Virtualizer: Send + fmt::Debug {
 /// Makes a virtualizer for a new or recovered instance.
 pub trait VirtualizerFactory: Send + Sync + fmt::Debug {
     fn create(&self, cfg: &InstanceConfig) -> Box<dyn Virtualizer>;
+    /// Removes, at launcher start, what an interrupted START left outside
+    /// the instance directories: resources that carry this node's labels
+    /// but belong to no instance directory (`recorded` says which ids have
+    /// one). Returns a line per resource removed, for the log.
+    fn sweep(&self, _recorded: &dyn Fn(&str) -> bool) -> Vec<String> {
+        Vec::new()
+    }
 }
 
 /// Production: containers through Docker, VMs through QEMU.
@@ -132,6 +149,10 @@ impl VirtualizerFactory for NodeFactory {
             crate::payloads::config::VmType::Docker => self.docker.create(cfg),
             crate::payloads::config::VmType::Qemu => self.qemu.create(cfg),
         }
+    }
+
+    fn sweep(&self, recorded: &dyn Fn(&str) -> bool) -> Vec<String> {
+        self.docker.sweep(recorded)
     }
 }
 
