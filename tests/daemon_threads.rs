@@ -565,3 +565,326 @@ fn shutdown_with_1000_instances_joins_within_one_second() {
     // Shutdown leaves instances running.
     assert_eq!(n.sim.running_count(), 1000);
 }
+
+// ---- Reliability: each test below failed on the code before the fix ----
+
+/// Events and errors for `id` among the frames that arrive until `until`
+/// has been seen `times` times (bounded by WAIT per frame).
+fn outcomes_until(n: &Node, until: Operation, times: usize) -> Vec<(Operation, String)> {
+    let mut seen = Vec::new();
+    let mut hits = 0;
+    while hits < times {
+        let (op, p) = n.next();
+        match op {
+            Operation::Error(_) => {
+                let e = outgoing::parse_error(&p).expect("error payload");
+                seen.push((op, e.reason));
+            }
+            Operation::Event(_) => seen.push((op, String::new())),
+            _ => continue,
+        }
+        if op == until {
+            hits += 1;
+        }
+    }
+    seen
+}
+
+/// Defect: commands queued behind a DELETE vanished (no reply, no effect):
+/// the instance thread left its loop and dropped its inbox. Three DELETEs
+/// queued while the START is still being carried out: one deletes, the two
+/// others each get `no_instance`.
+#[test]
+fn every_delete_queued_behind_a_delete_gets_an_outcome() {
+    for profile in Profile::ALL {
+        let mut n = Node::start(profile, limits(8));
+        let id = uuid_n(60);
+        let gate = n.sim.gate_image(&id);
+        n.start_instance(&id);
+        for _ in 0..3 {
+            n.command(
+                Command::Delete,
+                commands::delete_payload(profile, &id, NODE, false),
+            );
+        }
+        drop(gate);
+        let seen = outcomes_until(&n, Operation::Error(ErrorCode::DeleteFailure), 2);
+        let deleted = seen
+            .iter()
+            .filter(|(op, _)| *op == Operation::Event(Event::InstanceDeleted))
+            .count();
+        assert_eq!(deleted, 1, "{profile}: {seen:?}");
+        assert!(
+            seen.iter()
+                .filter(|(op, _)| matches!(op, Operation::Error(_)))
+                .all(|(_, r)| r == "no_instance"),
+            "{profile}: {seen:?}"
+        );
+        n.wait_gone(&id);
+    }
+}
+
+/// Defect: a START right after a DELETE was swallowed (handed the inbox of
+/// the instance whose thread was ending). It now starts a new instance.
+#[test]
+fn start_queued_behind_a_delete_starts_a_new_instance() {
+    let mut n = Node::start(Profile::P2016, limits(8));
+    let id = uuid_n(61);
+    let gate = n.sim.gate_image(&id);
+    n.start_instance(&id);
+    n.command(
+        Command::Delete,
+        commands::delete_payload(Profile::P2016, &id, NODE, false),
+    );
+    n.command(Command::Stop, commands::stop_payload(&id, NODE));
+    n.start_instance(&id);
+    n.command(Command::Stop, commands::stop_payload(&id, NODE));
+    drop(gate);
+    // DELETE → InstanceDeleted; the first STOP (behind it) → no_instance;
+    // the START → a new instance; the second STOP stops that one.
+    let ev = n.expect(Operation::Event(Event::InstanceDeleted));
+    assert_eq!(outgoing::parse_instance_event(&ev).expect("event"), id);
+    assert_eq!(n.expect_error(ErrorCode::StopFailure).reason, "no_instance");
+    n.wait_state(&id, InstanceState::Exited);
+    assert!(Store::new(&n.dir).load(&id).expect("the new one").stopped);
+    n.command(Command::Restart, commands::restart_payload(&id, NODE));
+    n.wait_state(&id, InstanceState::Running);
+}
+
+/// Commands still queued when the launcher shuts down are answered.
+#[test]
+fn commands_queued_at_shutdown_are_answered() {
+    let mut n = Node::start(Profile::P2016, limits(8));
+    let id = uuid_n(62);
+    let gate = n.sim.gate_image(&id);
+    n.start_instance(&id);
+    n.command(Command::Stop, commands::stop_payload(&id, NODE));
+    n.command(Command::Stop, commands::stop_payload(&id, NODE));
+    // Shut down while the START is still under way, then let it finish.
+    n.overseer_shutdown.take();
+    drop(gate);
+    let mut busy = 0;
+    while busy < 2 {
+        if n.expect_error(ErrorCode::StopFailure).reason == "instance_busy" {
+            busy += 1;
+        }
+    }
+    n.shutdown();
+}
+
+/// A private tmpfs mounted on `path`, made read-only on demand (a full or
+/// failing disk); unmounted on drop.
+struct Mount(PathBuf);
+
+impl Mount {
+    fn tmpfs(path: &std::path::Path) -> Mount {
+        std::fs::create_dir_all(path).expect("mount point");
+        let ok = std::process::Command::new("mount")
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                "size=16m",
+                "ciao-test",
+                &path.to_string_lossy(),
+            ])
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(
+            ok,
+            "mount -t tmpfs on {} failed (needs root)",
+            path.display()
+        );
+        Mount(path.to_path_buf())
+    }
+
+    fn set_read_only(&self, ro: bool) {
+        let opt = if ro { "remount,ro" } else { "remount,rw" };
+        let ok = std::process::Command::new("mount")
+            .args(["-o", opt, &self.0.to_string_lossy()])
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(ok, "mount -o {opt} {} failed", self.0.display());
+    }
+}
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .args(["-l", &self.0.to_string_lossy()])
+            .status();
+    }
+}
+
+/// Defect: with `instances/` read-only, DELETE sent InstanceDeleted and STOP
+/// showed `exited`, yet after a restart both came back running. Now nothing
+/// is told that is not on disk.
+#[test]
+fn nothing_is_confirmed_that_did_not_reach_the_disk() {
+    let dir = tmpdir();
+    let mount = Mount::tmpfs(&dir.join("instances"));
+    let sim = SimControl::new();
+    let (a, b) = (uuid_n(63), uuid_n(64));
+    {
+        let mut n = Node::start_in(Profile::P2016, limits(8), dir.clone(), sim.clone());
+        n.start_instance(&a);
+        n.start_instance(&b);
+        n.wait_state(&a, InstanceState::Running);
+        n.wait_state(&b, InstanceState::Running);
+        mount.set_read_only(true);
+        n.command(Command::Stop, commands::stop_payload(&a, NODE));
+        assert_eq!(
+            n.expect_error(ErrorCode::StopFailure).reason,
+            "state_failure"
+        );
+        assert!(
+            sim.is_running(&a),
+            "stopped although the stop was not recorded"
+        );
+        n.command(
+            Command::Delete,
+            commands::delete_payload(Profile::P2016, &b, NODE, false),
+        );
+        assert_eq!(
+            n.expect_error(ErrorCode::DeleteFailure).reason,
+            "state_failure"
+        );
+        let (_, stats) = n.tick();
+        let state_of = |id: &str| {
+            stats
+                .instances
+                .iter()
+                .find(|i| i.instance_uuid == id)
+                .map(|i| i.state.clone())
+        };
+        assert_eq!(state_of(&a).as_deref(), Some("running"));
+        // B was ended before its state could not be removed: it is kept,
+        // exited, and a later DELETE tries again.
+        assert_eq!(state_of(&b).as_deref(), Some("exited"));
+        n.shutdown();
+        n.dir = tmpdir();
+    }
+    mount.set_read_only(false);
+    let mut n = Node::start_in(Profile::P2016, limits(8), dir.clone(), sim.clone());
+    n.wait_state(&a, InstanceState::Running);
+    n.wait_state(&b, InstanceState::Exited);
+    n.command(
+        Command::Delete,
+        commands::delete_payload(Profile::P2016, &b, NODE, false),
+    );
+    n.expect(Operation::Event(Event::InstanceDeleted));
+    n.wait_gone(&b);
+    n.shutdown();
+    drop(mount);
+}
+
+/// Defect: a kill during a START left a directory without a state (and a
+/// temporary file); recovery skipped it forever and the id was blocked
+/// (START: instance_exists, DELETE: no_instance). Recovery removes it.
+#[test]
+fn recovery_removes_what_an_interrupted_start_left() {
+    let dir = tmpdir();
+    let id = uuid_n(65);
+    let inst = dir.join("instances").join(&id);
+    std::fs::create_dir_all(&inst).expect("instance dir");
+    std::fs::write(inst.join(".state.tmp-0123"), vec![b'x'; 4096]).expect("temp");
+    let kept = uuid_n(66);
+    let kept_dir = dir.join("instances").join(&kept);
+    std::fs::create_dir_all(&kept_dir).expect("dir");
+    let mut n = Node::start_in(Profile::P2016, limits(8), dir, SimControl::new());
+    assert!(!inst.exists(), "the stateless directory is still there");
+    assert!(!kept_dir.exists());
+    n.start_instance(&id);
+    n.wait_state(&id, InstanceState::Running);
+    n.command(
+        Command::Delete,
+        commands::delete_payload(Profile::P2016, &id, NODE, false),
+    );
+    n.expect(Operation::Event(Event::InstanceDeleted));
+}
+
+/// Defect: a truncated state file came back with defaults (a stopped
+/// instance running). It is now refused, reported and left in place.
+#[test]
+fn truncated_state_is_not_recovered_with_defaults() {
+    let dir = tmpdir();
+    let sim = SimControl::new();
+    let id = uuid_n(67);
+    {
+        let mut n = Node::start_in(Profile::P2016, limits(8), dir.clone(), sim.clone());
+        n.start_instance(&id);
+        n.wait_state(&id, InstanceState::Running);
+        n.command(Command::Stop, commands::stop_payload(&id, NODE));
+        n.wait_state(&id, InstanceState::Exited);
+        n.shutdown();
+        n.dir = tmpdir();
+    }
+    let path = dir.join("instances").join(&id).join("state");
+    let whole = std::fs::read(&path).expect("state");
+    std::fs::write(&path, &whole[..whole.len() - 40]).expect("truncate");
+    let mut n = Node::start_in(Profile::P2016, limits(8), dir, sim);
+    assert!(n.list().is_empty(), "{:?}", n.list());
+    assert_eq!(
+        std::fs::read(&path).expect("kept"),
+        whole[..whole.len() - 40]
+    );
+    n.start_instance(&id);
+    assert_eq!(
+        n.expect_error(ErrorCode::StartFailure).reason,
+        "instance_exists"
+    );
+}
+
+/// Sizes of zero, or beyond the node, are refused before any work.
+#[test]
+fn insane_sizes_are_invalid_data() {
+    let mut n = Node::start(Profile::P2018, limits(8));
+    let cases: [(u32, u64); 3] = [(0, 370), (2, 0), (100_000, 370)];
+    for (i, (vcpus, mem_mb)) in cases.into_iter().enumerate() {
+        let id = uuid_n(70 + i as u32);
+        let mut req = request(&id);
+        req.vcpus = vcpus;
+        req.mem_mb = mem_mb;
+        n.command(Command::Start, start_payload(Profile::P2018, &req));
+        let e = n.expect_error(ErrorCode::StartFailure);
+        assert_eq!(
+            (e.instance_uuid.as_str(), e.reason.as_str()),
+            (id.as_str(), "invalid_data"),
+            "vcpus {vcpus}, mem_mb {mem_mb}"
+        );
+    }
+    let mut req = request(&uuid_n(73));
+    req.mem_mb = 2_000_000; // more than the node's 1 000 000 MB
+    n.command(Command::Start, start_payload(Profile::P2018, &req));
+    assert_eq!(
+        n.expect_error(ErrorCode::StartFailure).reason,
+        "invalid_data"
+    );
+    assert!(n.list().is_empty());
+    assert_eq!(
+        std::fs::read_dir(n.dir.join("instances"))
+            .expect("dir")
+            .count(),
+        0
+    );
+}
+
+/// An error frame for an invalid id carries the id as received.
+#[test]
+fn invalid_ids_come_back_as_received() {
+    let mut n = Node::start(Profile::P2016, limits(8));
+    n.command(Command::Stop, commands::stop_payload("not-a-uuid", NODE));
+    let e = n.expect_error(ErrorCode::StopFailure);
+    assert_eq!(
+        (e.instance_uuid.as_str(), e.reason.as_str()),
+        ("not-a-uuid", "invalid_data")
+    );
+    let mut req = request("x-1");
+    req.instance_uuid = "x-1".into();
+    n.command(Command::Start, start_payload(Profile::P2016, &req));
+    let e = n.expect_error(ErrorCode::StartFailure);
+    assert_eq!(
+        (e.instance_uuid.as_str(), e.reason.as_str()),
+        ("x-1", "invalid_data")
+    );
+}

@@ -20,7 +20,7 @@ use std::collections::{HashMap, HashSet};
 use std::path::Path;
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use crossbeam_channel::Sender;
+use crossbeam_channel::{Receiver, Sender};
 
 use super::{Monitor, MonitorEvent, Usage, VirtError, Virtualizer, VirtualizerFactory};
 use crate::payloads::config::InstanceConfig;
@@ -43,6 +43,8 @@ struct Table {
     fail_start: HashSet<String>,
     /// Instances whose stop never completes (a wedged guest).
     hang_stop: HashSet<String>,
+    /// Instances whose next `ensure_backing_image` waits for the test.
+    gates: HashMap<String, Receiver<()>>,
 }
 
 /// The simulated "hypervisor": shared by every simulated instance; tests keep
@@ -102,6 +104,15 @@ impl SimControl {
     /// The next `start` of `id` fails.
     pub fn fail_start(&self, id: &str) {
         self.lock().fail_start.insert(id.to_string());
+    }
+
+    /// The next `ensure_backing_image` of `id` waits until the returned
+    /// sender is used or dropped (at most a minute): the instance thread is
+    /// busy in its START meanwhile, so commands queue in its inbox.
+    pub fn gate_image(&self, id: &str) -> Sender<()> {
+        let (open, gate) = crossbeam_channel::bounded(1);
+        self.lock().gates.insert(id.to_string(), gate);
+        open
     }
 
     /// Stops of `id` are accepted but never complete.
@@ -188,6 +199,10 @@ impl Virtualizer for Sim {
     }
 
     fn ensure_backing_image(&mut self) -> Result<(), VirtError> {
+        let gate = self.control.lock().gates.remove(&self.id);
+        if let Some(gate) = gate {
+            let _ = gate.recv_timeout(std::time::Duration::from_secs(60));
+        }
         if self.control.lock().fail_image.remove(&self.id) {
             return Err(VirtError("simulated image failure".into()));
         }
