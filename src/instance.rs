@@ -480,20 +480,20 @@ impl Instance {
         }
         self.vm.init(&self.cfg, &self.dir);
         if let Err(e) = self.vm.ensure_backing_image() {
-            return self.start_failed(Reason::ImageFailure, &e);
+            return self.start_failed(Reason::ImageFailure, &e, false);
         }
         let t0 = Instant::now();
         let (made, saved) = self.create_image_and_save();
         if let Err(e) = made {
-            return self.start_failed(Reason::ImageFailure, &e);
+            return self.start_failed(Reason::ImageFailure, &e, true);
         }
         // StartFailure has no `state_failure` in ciao's scheduler: a state
         // that cannot be written is reported as the instance's image.
         if let Err(e) = saved {
-            return self.start_failed(Reason::ImageFailure, &e);
+            return self.start_failed(Reason::ImageFailure, &e, true);
         }
         if let Err(e) = self.vm.start() {
-            return self.start_failed(Reason::LaunchFailure, &e);
+            return self.start_failed(Reason::LaunchFailure, &e, true);
         }
         debug!("{}: started {:?} after its START", self.id, t0.elapsed());
         info!(
@@ -533,11 +533,18 @@ impl Instance {
         (made, saved)
     }
 
-    /// A failed START: report it, remove what this START made, and go away.
-    fn start_failed(&mut self, reason: Reason, cause: &dyn std::fmt::Display) {
+    /// A failed START: report it, remove what this START made (`made`: it
+    /// got as far as making the instance's image or container), and go
+    /// away. The scheduler never saw the instance, so its state and
+    /// directory go even when the virtualizer cannot clean up now; what it
+    /// leaves carries our labels and is swept at the next start.
+    fn start_failed(&mut self, reason: Reason, cause: &dyn std::fmt::Display, made: bool) {
         self.fail(ErrorKind::Start, reason, cause);
-        if let Err(e) = self.remove_all() {
-            // The directory has no usable state: recovery removes it.
+        if made && let Err(e) = self.vm.delete_image() {
+            warn!("{}: clean-up after the failed START: {e}", self.id);
+        }
+        if let Err(e) = self.ctx.store.remove(&self.id) {
+            // No usable state is left in it: recovery removes the rest.
             warn!("{}: clean-up after the failed START: {e}", self.id);
         }
         self.leave(Farewell::Silent);

@@ -255,3 +255,190 @@ fn container_that_exits_by_itself_is_stopped_and_gone_2018() {
     }
     assert_eq!(env.instance_dirs(), 0);
 }
+
+// ---- Reliability: each test below failed on the code before the fix ----
+
+fn container_exists(engine: &Engine, name: &str) -> bool {
+    docker(engine, &["inspect", "-f", "{{.Id}}", name])
+        .status
+        .success()
+}
+
+/// Polls until `done` holds (bounded), with what was seen on failure.
+fn wait_for(what: &str, env: &Env, done: impl Fn() -> bool) {
+    let deadline = std::time::Instant::now() + WAIT;
+    while !done() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out waiting for {what}; launcher log:\n{}",
+            env.log()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
+/// Defect: a START of a uuid that names someone else's container failed
+/// with a 409 and then force-removed that container. It is left alone now.
+#[test]
+fn failed_start_never_removes_a_foreign_container() {
+    let (engine, env, _serve, _addr, _launcher) = setup("2016");
+    let id = uuid::Uuid::new_v4().to_string();
+    let made = docker(
+        &engine,
+        &[
+            "create",
+            "--name",
+            &id,
+            "--label",
+            "owner=someone-else",
+            "--network",
+            "none",
+            IMAGE,
+            "sleep",
+            "300",
+        ],
+    );
+    assert!(made.status.success(), "{}", text(&made.stderr));
+    let out = env.lc(&["start", "--docker-image", IMAGE, "--instance", &id]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    wait_for("the START to fail", &env, || {
+        env.log().contains("exists already")
+    });
+    assert!(
+        container_exists(&engine, &id),
+        "the foreign container was removed"
+    );
+    let labels = docker(
+        &engine,
+        &["inspect", "-f", "{{index .Config.Labels \"owner\"}}", &id],
+    );
+    assert_eq!(text(&labels.stdout).trim(), "someone-else");
+    env.wait_list("nothing listed", |l| state_of(l, &id).is_none());
+    assert!(!env.dir.join("data/instances").join(&id).exists());
+    docker(&engine, &["rm", "-f", &id]);
+}
+
+/// The node UUID a launcher on `env` uses (its persisted identity).
+fn node_uuid(env: &Env) -> String {
+    let path = env.dir.join("data/local/uuid-storage/role/client/0x4");
+    std::fs::read_to_string(&path)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+        .trim()
+        .to_string()
+}
+
+/// Defect: `kill -9` during a START left a stateless directory and a
+/// `Created` container that blocked the id forever. Recovery removes both
+/// (only containers with this node's labels), and the id is usable again.
+#[test]
+fn recovery_removes_an_interrupted_starts_container() {
+    let (engine, env, _serve, addr, launcher) = setup("2016");
+    let node = node_uuid(&env);
+    launcher.kill9();
+    // What a kill between `create container` and the state write leaves.
+    let id = uuid::Uuid::new_v4().to_string();
+    std::fs::create_dir_all(env.dir.join("data/instances").join(&id)).expect("dir");
+    let label_instance = format!("org.ciao.instance={id}");
+    let label_node = format!("org.ciao.node={node}");
+    let made = docker(
+        &engine,
+        &[
+            "create",
+            "--name",
+            &id,
+            "--label",
+            &label_instance,
+            "--label",
+            &label_node,
+            "--network",
+            "none",
+            IMAGE,
+            "sleep",
+            "300",
+        ],
+    );
+    assert!(made.status.success(), "{}", text(&made.stderr));
+    // Another node's container with an instance label: not ours.
+    let other = uuid::Uuid::new_v4().to_string();
+    let other_label = format!("org.ciao.instance={other}");
+    let made = docker(
+        &engine,
+        &[
+            "create",
+            "--name",
+            &other,
+            "--label",
+            &other_label,
+            "--label",
+            "org.ciao.node=another-node",
+            "--network",
+            "none",
+            IMAGE,
+            "sleep",
+            "300",
+        ],
+    );
+    assert!(made.status.success(), "{}", text(&made.stderr));
+
+    let _launcher = launcher_again(&env, &engine, addr);
+    // Recovery (and its sweep) is done when the launcher says it runs.
+    wait_for("the second launcher's recovery", &env, || {
+        env.log().matches("instance(s) recovered)").count() >= 2
+    });
+    env.wait_connected();
+    assert!(
+        !container_exists(&engine, &id),
+        "our leftover container is still there"
+    );
+    assert!(
+        container_exists(&engine, &other),
+        "another node's container was removed"
+    );
+    assert!(!env.dir.join("data/instances").join(&id).exists());
+    assert!(env.log().contains("interrupted START"), "{}", env.log());
+    let ud = env.dir.join("ud-sleep");
+    std::fs::write(&ud, "#cloud-config\nruncmd:\n  - [ sleep, \"300\" ]\n").expect("user data");
+    let ud = ud.to_string_lossy().into_owned();
+    let out = env.lc(&[
+        "start",
+        "--docker-image",
+        IMAGE,
+        "--instance",
+        &id,
+        "--user-data",
+        &ud,
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    env.wait_list("the id usable again", |l| {
+        state_of(l, &id) == Some("running")
+    });
+    env.lc_ok(&["delete", &id]);
+    env.wait_list("deleted", |l| state_of(l, &id).is_none());
+    docker(&engine, &["rm", "-f", &other]);
+}
+
+fn launcher_again(env: &Env, engine: &Engine, addr: std::net::SocketAddr) -> Proc {
+    launcher(env, engine, addr, "2016")
+}
+
+/// Defect: `kill -9` during a DELETE of a stopped container left a phantom
+/// (state `exited`, container gone) whose RESTART failed forever. Recovery
+/// sees that the container no longer exists and removes the instance.
+#[test]
+fn recovery_sees_a_vanished_container_for_what_it_is() {
+    let (engine, env, _serve, addr, launcher) = setup("2016");
+    let id = start_container(&env, "#cloud-config\nruncmd:\n  - [ sleep, \"300\" ]\n");
+    env.wait_list("running", |l| state_of(l, &id) == Some("running"));
+    env.lc_ok(&["stop", &id]);
+    env.wait_list("exited", |l| state_of(l, &id) == Some("exited"));
+    launcher.kill9();
+    // The DELETE removed the container, then the launcher was killed.
+    assert!(docker(&engine, &["rm", "-f", &id]).status.success());
+    let _launcher = launcher_again(&env, &engine, addr);
+    env.wait_connected();
+    env.wait_list("the phantom gone", |l| state_of(l, &id).is_none());
+    assert!(!env.dir.join("data/instances").join(&id).exists());
+    let out = env.lc(&["restart", &id]);
+    let shown = format!("{}{}", text(&out.stdout), text(&out.stderr));
+    assert!(!shown.contains("launch_failure"), "{shown}");
+}
