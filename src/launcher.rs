@@ -106,6 +106,7 @@ impl Launcher {
             requests: req_rx,
             stats_tick: crossbeam_channel::tick(s.stats_interval),
             shutdown: ovs_shutdown_rx,
+            sweep_again: crossbeam_channel::after(crate::overseer::SWEEP_AGAIN),
         };
         let overseer = overseer.spawn(inputs).map_err(StartError::Io)?;
         let (shutdown, shutdown_rx) = crossbeam_channel::bounded::<Never>(0);

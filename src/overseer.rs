@@ -121,7 +121,10 @@ struct Record {
     /// Dropped when the instance says Gone: that ends its thread's hand-back.
     inbox: Sender<InstanceCmd>,
     thread: Option<JoinHandle<()>>,
-    state: InstanceState,
+    /// What STATS shows; `None` until the instance's state is durable (a
+    /// new instance says its first state once its START has booted it), so
+    /// that the scheduler never hears of an instance a crash would lose.
+    state: Option<InstanceState>,
     usage: Usage,
     sizes: Sizes,
 }
@@ -195,7 +198,13 @@ pub struct OverseerInputs {
     pub requests: Receiver<OverseerReq>,
     pub stats_tick: Receiver<Instant>,
     pub shutdown: Receiver<Never>,
+    /// When to sweep leftovers once more after recovery (production:
+    /// `after(SWEEP_AGAIN)`; tests: `never()`).
+    pub sweep_again: Receiver<Instant>,
 }
+
+/// How long after start the overseer sweeps leftovers a second time.
+pub const SWEEP_AGAIN: Duration = Duration::from_secs(30);
 
 impl Overseer {
     pub fn new(
@@ -247,11 +256,9 @@ impl Overseer {
     pub fn recover(&mut self) -> usize {
         self.maintenance = self.maintenance_file.exists();
         let mut n = 0;
-        let mut kept = std::collections::HashSet::new();
         for entry in self.ctx.store.scan() {
             match entry {
                 Ok((id, state)) => {
-                    kept.insert(id.clone());
                     if self.instances.contains_key(&id) {
                         continue;
                     }
@@ -266,31 +273,31 @@ impl Overseer {
                         "removed {}: an interrupted START of {id} left it without a state",
                         path.display()
                     ),
-                    Err(e) => {
-                        kept.insert(id);
-                        warn!("cannot remove what an interrupted START left: {e}");
-                    }
+                    Err(e) => warn!("cannot remove what an interrupted START left: {e}"),
                 },
                 Err(e) => {
-                    if let StateError::Corrupt { path, .. } | StateError::Io { path, .. } = &e
-                        && let Some(id) = path
-                            .strip_prefix(self.ctx.store.instances_dir())
-                            .ok()
-                            .and_then(|p| p.components().next())
-                    {
-                        kept.insert(id.as_os_str().to_string_lossy().into_owned());
-                    }
-                    error!("not recovered (kept for inspection; remove it to free the id): {e}");
+                    error!("not recovered (kept for inspection; remove it to free the id): {e}")
                 }
             }
         }
-        for what in self.ctx.factory.sweep(&|id| kept.contains(id)) {
-            info!("removed {what}: left by an interrupted START");
-        }
+        self.sweep();
         if n > 0 {
             info!("recovered {n} instance(s)");
         }
         n
+    }
+
+    /// Removes the virtualizers' resources of this node that belong to no
+    /// instance directory. At recovery, and once more a while later: an
+    /// engine may finish a create that a killed launcher had asked for only
+    /// after its successor's first sweep. A new START makes its directory
+    /// before anything else, so its resources are never taken for leftovers.
+    fn sweep(&self) {
+        let store = &self.ctx.store;
+        let recorded = |id: &str| store.instance_dir(id).is_ok_and(|d| d.exists());
+        for what in self.ctx.factory.sweep(&recorded) {
+            info!("removed {what}: left by an interrupted START");
+        }
     }
 
     fn launch(&mut self, id: String, seed: Seed) -> std::io::Result<()> {
@@ -298,6 +305,8 @@ impl Overseer {
             Seed::New(cfg) => cfg,
             Seed::Recovered(state) => &state.config,
         });
+        // A recovered instance is on disk already.
+        let state = matches!(seed, Seed::Recovered(_)).then_some(InstanceState::Pending);
         let wiring = Wiring {
             updates: self.updates_tx.clone(),
             shutdown: self.instance_shutdown_rx.clone(),
@@ -312,7 +321,7 @@ impl Overseer {
         let rec = Record {
             inbox: h.inbox,
             thread: Some(h.thread),
-            state: InstanceState::Pending,
+            state,
             usage: Usage::default(),
             sizes,
         };
@@ -327,7 +336,7 @@ impl Overseer {
             .spawn(move || self.run(inputs))
     }
 
-    fn run(mut self, inputs: OverseerInputs) {
+    fn run(mut self, mut inputs: OverseerInputs) {
         // Availability starts from real figures, not from zero (Go's started
         // at 0 and refused every START until its first STATUS).
         self.status(true);
@@ -346,6 +355,10 @@ impl Overseer {
                 recv(inputs.stats_tick) -> _ => {
                     self.reap();
                     self.report(true);
+                }
+                recv(inputs.sweep_again) -> _ => {
+                    inputs.sweep_again = crossbeam_channel::never();
+                    self.sweep();
                 }
             }
         }
@@ -389,7 +402,7 @@ impl Overseer {
                 let mut v: Vec<_> = self
                     .instances
                     .iter()
-                    .map(|(id, r)| (id.clone(), r.state))
+                    .filter_map(|(id, r)| Some((id.clone(), r.state?)))
                     .collect();
                 v.sort_by(|a, b| a.0.cmp(&b.0));
                 let _ = reply.send(v);
@@ -490,7 +503,7 @@ impl Overseer {
         match u {
             InstanceUpdate::State { id, state } => {
                 if let Some(r) = self.instances.get_mut(&id) {
-                    r.state = state;
+                    r.state = Some(state);
                 }
             }
             InstanceUpdate::Usage { id, usage, volumes } => {
@@ -632,9 +645,10 @@ impl Overseer {
         let mut stats: Vec<InstanceStat> = self
             .instances
             .iter()
-            .map(|(id, r)| InstanceStat {
+            .filter_map(|(id, r)| Some((id, r, r.state?)))
+            .map(|(id, r, state)| InstanceStat {
                 instance_uuid: id.clone(),
-                state: r.state.wire_name(profile).to_string(),
+                state: state.wire_name(profile).to_string(),
                 ssh_ip: r.sizes.ssh_ip.clone(),
                 ssh_port: r.sizes.ssh_port,
                 memory_usage_mb: r.usage.memory_mb.unwrap_or(-1),

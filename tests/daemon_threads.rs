@@ -94,6 +94,7 @@ impl Node {
                 requests: req_rx,
                 stats_tick: tick_rx,
                 shutdown: shutdown_rx,
+                sweep_again: crossbeam_channel::never(),
             })
             .expect("overseer");
         let server = Server::new(ctx, requests.clone());

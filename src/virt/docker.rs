@@ -692,9 +692,13 @@ impl Monitor for DockerMonitor {
     /// DELETE force-removes, as `docker rm -f` (and ciao, which killed).
     fn kill(&mut self) -> Result<(), VirtError> {
         info!("{}: killing the container", self.name);
-        self.api()?
-            .container_kill(&self.name)
-            .map_err(|e| verr("kill container", e))
+        match self.api()?.container_kill(&self.name) {
+            Ok(()) => Ok(()),
+            // Not running (it exited meanwhile): its exit reaches the
+            // monitor through /wait, as the kill's would.
+            Err(DockerError::Api { status: 409, .. }) => Ok(()),
+            Err(e) => Err(verr("kill container", e)),
+        }
     }
 
     fn stop(&mut self) -> Result<(), VirtError> {
