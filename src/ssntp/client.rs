@@ -516,7 +516,7 @@ impl IoThread {
             Err(ConnError::Tls(e)) if tls::hostname_mismatch(&e).is_some() => {
                 let why = tls::hostname_mismatch(&e).map_or_else(String::new, |m| m.to_string());
                 return Err(AttemptError {
-                    error: ConnError::Protocol(format!(
+                    error: ConnError::Security(format!(
                         "{server}: the server's {why}; refusing to talk to it \
                          (--verify-hostname=false turns the check off)"
                     )),

@@ -66,6 +66,8 @@ pub enum ConnError {
     Shutdown,
     /// The peer broke the SSNTP protocol.
     Protocol(String),
+    /// The peer cannot be trusted (e.g. its certificate does not name it).
+    Security(String),
     /// Every server of a dial pass failed; the text names the last one.
     Unreachable(String),
 }
@@ -80,6 +82,7 @@ impl fmt::Display for ConnError {
             ConnError::Timeout(what) => write!(f, "timed out waiting for {what}"),
             ConnError::Shutdown => f.write_str("shutting down"),
             ConnError::Protocol(s) => write!(f, "protocol error: {s}"),
+            ConnError::Security(s) => write!(f, "security failure: {s}"),
             ConnError::Unreachable(s) => f.write_str(s),
         }
     }
