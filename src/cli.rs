@@ -128,10 +128,10 @@ pub struct LauncherCli {
     #[arg(long, value_name = "PROFILE", default_value = "2016", value_parser = profile_parser())]
     pub protocol: Profile,
 
-    /// Also require the scheduler's certificate to name the host dialled (ciao certificates often carry no names, so this is off by default).
-    #[arg(long, value_name = "BOOL", default_value = "false", num_args = 0..=1, require_equals = true,
+    /// Require the scheduler's certificate to name the address dialled: an IP subject alternative name for an IP address, a DNS one for a host name, as Go checks it. On by default with --protocol 2018 (ciao master's launcher always checks); off by default with 2016 (its launchers did not, and older certificates may carry no names). A mismatch stops the launcher with exit status 4. -verify-hostname=false turns the check off, with a warning.
+    #[arg(long, value_name = "BOOL", num_args = 0..=1, require_equals = true,
           default_missing_value = "true", action = ArgAction::Set, value_parser = parse_go_bool)]
-    pub verify_hostname: bool,
+    pub verify_hostname: Option<bool>,
 
     /// Root of the launcher's files: instances, images, node UUID, logs, lock file.
     #[arg(long, value_name = "DIR", default_value = "/var/lib/ciao")]
@@ -425,6 +425,7 @@ pub struct Config {
     /// `--server` as given (trimmed); `None`: dial the CA certificate's names.
     pub server: Option<String>,
     pub protocol: Profile,
+    /// `--verify-hostname`, else true in the 2018 profile, false in 2016.
     pub verify_hostname: bool,
     pub data_dir: PathBuf,
     pub simulation: bool,
@@ -641,7 +642,9 @@ impl LauncherCli {
             mode,
             server,
             protocol: self.protocol,
-            verify_hostname: self.verify_hostname,
+            verify_hostname: self
+                .verify_hostname
+                .unwrap_or(self.protocol == Profile::P2018),
             simulation: self.simulation,
             network: self.network,
             max_vm: self.max_vm,
@@ -1166,6 +1169,31 @@ mod tests {
         assert!(c.log.logtostderr && c.log.alsologtostderr);
         assert_eq!(c.log.dir, PathBuf::from("/l"));
         assert_eq!(c.log.stderr_threshold, LevelFilter::Warn);
+    }
+
+    #[test]
+    fn verify_hostname_defaults_per_profile_and_every_spelling() {
+        let v = |a: &[&str]| with_certs(a).verify_hostname;
+        assert!(!v(&[]));
+        assert!(!v(&["--protocol", "2016"]));
+        assert!(v(&["--protocol", "2018"]));
+        for (arg, want) in [
+            ("--verify-hostname", true),
+            ("-verify-hostname", true),
+            ("--verify-hostname=true", true),
+            ("-verify-hostname=true", true),
+            ("-verify-hostname=1", true),
+            ("--verify-hostname=false", false),
+            ("-verify-hostname=false", false),
+            ("-verify-hostname=F", false),
+        ] {
+            assert_eq!(v(&["-protocol=2016", arg]), want, "2016 {arg}");
+            assert_eq!(v(&["-protocol=2018", arg]), want, "2018 {arg}");
+        }
+        assert!(matches!(
+            parse_err(&["-cacert=/a", "-cert=/b", "-verify-hostname=maybe"]),
+            CliError::Clap(_)
+        ));
     }
 
     #[test]
