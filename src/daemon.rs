@@ -363,7 +363,7 @@ fn raise_nofile() -> u64 {
 
 /// glog's behaviour: a log file in the log directory, and on standard error
 /// what reaches the threshold (everything with -logtostderr, which also
-/// disables the file).
+/// disables the file). Repeated identical lines are rate-limited.
 fn init_logging(log: &LogConfig) -> Result<(), String> {
     let config = ConfigBuilder::new()
         .set_thread_level(LevelFilter::Error)
@@ -389,7 +389,9 @@ fn init_logging(log: &LogConfig) -> Result<(), String> {
         log.verbosity.min(log.stderr_threshold)
     };
     loggers.push(WriteLogger::new(stderr_level, config, std::io::stderr()));
-    // Fails only if a logger is already set (tests): keep that one.
-    let _ = CombinedLogger::init(loggers);
+    // Identical lines beyond a few a minute are counted, not written
+    // (crate::logging). Fails only if a logger is already set (tests): keep
+    // that one.
+    let _ = crate::logging::install(CombinedLogger::new(loggers));
     Ok(())
 }
