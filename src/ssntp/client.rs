@@ -5,7 +5,7 @@
 //! frames (cloneable, thread-safe) and a channel of [`ClientEvent`]s.
 //!
 //! The io thread loops:
-//! 1. one *pass* over the server list (spec/ssntp.md §4.1): TCP connect, TLS
+//! 1. one *pass* over the server list ([`server_list`]): TCP connect, TLS
 //!    handshake, send CONNECT, then send nothing until the CONNECTED reply;
 //! 2. on success: `Connected`, then frames in both directions until the
 //!    connection fails: `Disconnected` (with any frames that were queued but
@@ -219,7 +219,7 @@ impl ClientConfig {
 
 /// The dial list: `explicit` (`host` or `host:port`) if given, else every IP
 /// SAN of the CA certificate, then every DNS SAN, then `localhost`
-/// (spec/ssntp.md §4.1), all on `port` unless `explicit` names one.
+/// (the order of the Go client), all on `port` unless `explicit` names one.
 pub fn server_list(explicit: Option<&str>, ca: &[CertificateDer<'_>], port: u16) -> Vec<String> {
     if let Some(s) = explicit.map(str::trim).filter(|s| !s.is_empty()) {
         return vec![with_port(s, port)];

@@ -1,6 +1,6 @@
 //! rustls configurations for SSNTP and the ciao certificate verifier.
 //!
-//! Why a custom verifier (spec/ssntp.md §5.4): ciao certificates do not fit
+//! Why a custom verifier: ciao certificates do not fit
 //! the stock webpki verifiers of rustls.
 //! - The classic scheduler presents its self-signed CA certificate
 //!   (`CA:TRUE`) as its server certificate; webpki refuses a CA as end entity
@@ -47,7 +47,8 @@ pub use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime}
 
 use super::role::Role;
 
-/// TLS 1.3 first; TLS 1.2 is required for Go 1.8/1.9 peers (spec §5.1).
+/// TLS 1.3 first; TLS 1.2 is required for Go 1.8/1.9 peers (ciao was built
+/// with those, and they speak TLS 1.0–1.2 only).
 const PROTOCOL_VERSIONS: &[&SupportedProtocolVersion] =
     &[&rustls::version::TLS13, &rustls::version::TLS12];
 
@@ -822,7 +823,7 @@ fn client_config_with_versions(
         .with_custom_certificate_verifier(verifier)
         .with_client_auth_cert(id.chain.clone(), id.key.clone_key())
         .map_err(TlsError::Config)?;
-    // Go 1.8 peers do not offer extended master secret (spec §5.1).
+    // Go 1.8 peers do not offer extended master secret.
     config.require_ems = false;
     Ok(Arc::new(config))
 }
