@@ -261,3 +261,31 @@ fn expired_own_certificate_is_reported_at_start() {
     assert!(text.contains(&want), "{text}");
     assert!(text.contains("ERROR"), "{text}");
 }
+
+#[test]
+fn serve_refuses_an_expired_scheduler_certificate() {
+    let env = Env::new();
+    let dir = env.dir.join("expired-ca");
+    std::fs::create_dir_all(&dir).expect("mkdir");
+    let day = Duration::from_secs(86400);
+    let mut spec = CertSpec::new(Role::SCHEDULER);
+    spec.not_before = SystemTime::now() - 30 * day;
+    spec.not_after = SystemTime::now() - day;
+    let (_, ca_cert) = certgen::self_signed_ca(&spec).expect("CA");
+    std::fs::write(dir.join("CAcert.pem"), &ca_cert.cert_pem).expect("write");
+    std::fs::write(dir.join("cert-Scheduler.pem"), ca_cert.combined_pem()).expect("write");
+    let mut child = Command::new(LC)
+        .args(["serve", "--listen", "127.0.0.1:0", "--certs"])
+        .arg(&dir)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("serve");
+    assert_eq!(exit_code(&mut child), Some(3));
+    let mut err = String::new();
+    if let Some(mut e) = child.stderr.take() {
+        use std::io::Read;
+        e.read_to_string(&mut err).expect("stderr");
+    }
+    assert!(err.contains("cert-Scheduler.pem expired on "), "{err}");
+}
