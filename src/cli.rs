@@ -128,10 +128,10 @@ pub struct LauncherCli {
     #[arg(long, value_name = "PROFILE", default_value = "2016", value_parser = profile_parser())]
     pub protocol: Profile,
 
-    /// Also require the scheduler's certificate to name the host dialled (ciao certificates often carry no names, so this is off by default).
-    #[arg(long, value_name = "BOOL", default_value = "false", num_args = 0..=1, require_equals = true,
+    /// Require the scheduler's certificate to name the address dialled: an IP subject alternative name for an IP address, a DNS one for a host name, as Go checks it. On by default with --protocol 2018 (ciao master's launcher always checks); off by default with 2016 (its launchers did not, and older certificates may carry no names). A mismatch stops the launcher with exit status 4. -verify-hostname=false turns the check off, with a warning.
+    #[arg(long, value_name = "BOOL", num_args = 0..=1, require_equals = true,
           default_missing_value = "true", action = ArgAction::Set, value_parser = parse_go_bool)]
-    pub verify_hostname: bool,
+    pub verify_hostname: Option<bool>,
 
     /// Root of the launcher's files: instances, images, node UUID, logs, lock file.
     #[arg(long, value_name = "DIR", default_value = "/var/lib/ciao")]
@@ -425,6 +425,7 @@ pub struct Config {
     /// `--server` as given (trimmed); `None`: dial the CA certificate's names.
     pub server: Option<String>,
     pub protocol: Profile,
+    /// `--verify-hostname`, else true in the 2018 profile, false in 2016.
     pub verify_hostname: bool,
     pub data_dir: PathBuf,
     pub simulation: bool,
@@ -641,7 +642,9 @@ impl LauncherCli {
             mode,
             server,
             protocol: self.protocol,
-            verify_hostname: self.verify_hostname,
+            verify_hostname: self
+                .verify_hostname
+                .unwrap_or(self.protocol == Profile::P2018),
             simulation: self.simulation,
             network: self.network,
             max_vm: self.max_vm,
@@ -744,6 +747,52 @@ A QEMU that exits by itself is a crash, handled as the protocol profile says.
 After a restart the launcher reconnects to every virtual machine's QMP socket.
 AttachVolume (2018) hot-plugs \fIvolumes/<volume_uuid>\fR with blockdev\-add and
 device_add and records it, so later boots attach it too.
+.SH "CERTIFICATES AND HOST NAMES"
+The scheduler must present a certificate that leads to the CA of \fB\-cacert\fR and carries
+the scheduler (or server) role; this node's certificate (\fB\-cert\fR) must carry the agent
+and/or netagent role.
+Before connecting, the launcher checks that its own certificate is within its validity
+period: an expired one is an error naming the file and the date
+("cert\-CNAgent.pem expired on 2026\-12\-06T02:15:00Z") and exit status 3, rather than a
+TLS alert from the scheduler on every attempt.
+.PP
+With \fB\-\-verify\-hostname\fR the scheduler's certificate must also name the address
+dialled, the way Go's TLS client checks it: an IP address (\fB\-server 10.0.0.1\fR, or an IP
+subject alternative name of the CA certificate) must be an IP subject alternative name of
+the scheduler's certificate, a host name must be a DNS one.
+This is the default with \fB\-\-protocol 2018\fR, as ciao master's launcher always checks:
+without it, anyone holding a certificate of the same CA with the scheduler role could pose
+as the scheduler.
+With \fB\-\-protocol 2016\fR it is off by default, as 2016 launchers did not check and
+certificates of that time may carry no names.
+A certificate that does not name the address is a security failure: the launcher logs the
+name it dialled and the names the certificate carries, does not retry, and exits with
+status 4.
+\fB\-verify\-hostname=false\fR turns the check off; in the 2018 profile a warning says so at
+start.
+.BR ciao\-lc (1)
+\fBcerts\fR writes localhost, 127.0.0.1 and the machine's host name into the scheduler's
+certificate by default.
+.SH "CONNECTION TO THE SCHEDULER"
+The launcher dials the scheduler until it is stopped.
+After a failed attempt, and also after a session that broke (the scheduler closed it, or
+broke the protocol, e.g. with a malformed or zero-length message), it waits a random
+time between 1 second and the end of a window before it dials again; the window is 5, 10,
+20 and 40 seconds, one failure after another, then 5 again (ciao's schedule).
+The windows start again from 5 seconds only after a session that stayed up for 60 seconds.
+So a scheduler that breaks every session at once gets one connection every few seconds,
+not dozens a second; and nodes that lose a scheduler which restarts come back spread over
+a few seconds.
+(ciao's own launcher redials at once after a broken session.)
+.PP
+Once part of a frame has arrived, the rest must follow within 60 seconds, or the session
+is dropped (and dialled again as above): a scheduler that stops in the middle of a frame
+does not hold the node for ever.
+A connection on which no frame is under way is not timed out.
+.PP
+Identical log lines (the same severity, thread and text) are written at most 5 times a
+minute; the rest are counted, and a line "last message repeated N times in 60s (thread):
+text" comes with the first line logged after that minute (or when the launcher exits).
 .SH SIGNALS
 .TP
 .BR SIGTERM ", " SIGINT ", " SIGHUP
@@ -765,12 +814,13 @@ Another launcher holds the data directory's lock.
 Command-line error.
 .TP
 .B 3
-The certificates are unusable, or this node's certificate proves neither the agent nor the
-netagent role.
+The certificates are unusable, this node's certificate has expired (or is not valid yet),
+or it proves neither the agent nor the netagent role.
 .TP
 .B 4
 Security failure: the scheduler aborted the connection (it refused this node's identity),
-or it claimed a role its certificate does not prove. Not retried.
+claimed a role its certificate does not prove, or (with host-name verification) its
+certificate does not name the address dialled. Not retried.
 .TP
 .B 5
 The data directory is unusable.
@@ -846,7 +896,8 @@ pub const LC_DESCRIPTION: &str =
     "ciao-lc helps to try out and debug ciao-launcher without a ciao cluster.
 
 ciao-lc certs makes a certificate authority the way ciao does (the scheduler's own certificate \
-is the CA) and certificates for a compute node (agent role) and a network node (netagent role).
+is the CA, naming localhost, 127.0.0.1 and the machine's host name unless told otherwise) and \
+certificates for a compute node (agent role) and a network node (netagent role).
 
 ciao-lc serve runs an SSNTP scheduler with those certificates. It accepts launchers, prints \
 every connection, disconnection, rejected handshake and frame (naming operations after the \
@@ -867,6 +918,17 @@ with mode 0600 and never overwritten:
 .I CAcert.pem
 The CA certificate, which is also the scheduler's own certificate, as ciao makes it.
 Give it to launchers with \fB\-cacert\fR.
+Its subject alternative names are where launchers without \fB\-server\fR dial (its IP
+addresses first, then its DNS names, then localhost) and the names a launcher that
+verifies the scheduler's name accepts.
+By default they are \fBlocalhost\fR, \fB127.0.0.1\fR and this machine's host name, so that
+launchers of the 2018 profile (which check the name by default, as ciao master's Go
+launcher always does) connect; ciao's own ciao\-cert writes names too.
+\fB\-\-host\fR and \fB\-\-ip\fR replace these defaults, \fB\-\-all\-addresses\fR adds this
+machine's non-loopback addresses (for launchers on other machines), and \fB\-\-no\-san\fR
+writes no names at all, as older ciao setups did: then only launchers that do not check
+the name (2016 profile, or \fB\-verify\-hostname=false\fR) connect.
+\fBcerts\fR prints the names it wrote.
 .TP
 .I cert\-Scheduler.pem
 The scheduler's certificate and private key, used by \fBserve\fR.
@@ -905,7 +967,7 @@ No \fBserve\fR answers on the control socket of the certificate directory.
 .SH EXAMPLE
 .RS 4
 .EX
-$ ciao\-lc certs \-\-dir certs \-\-ip 127.0.0.1
+$ ciao\-lc certs \-\-dir certs
 $ ciao\-lc serve \-\-certs certs &
 $ ciao\-launcher \-cacert certs/CAcert.pem \-cert certs/cert\-CNAgent.pem \e
       \-\-data\-dir /tmp/ciao \-simulation \-\-disk\-limit=false \-\-stats\-interval 1 &
@@ -917,7 +979,8 @@ $ ciao\-lc delete 5f0c…
 .EE
 .RE
 .PP
-With \fB\-\-ip 127.0.0.1\fR in the CA certificate the launcher needs no \fB\-server\fR.
+The CA certificate names 127.0.0.1 (a default of \fBcerts\fR), so the launcher needs no
+\fB\-server\fR, and would pass the name check of \fB\-\-protocol 2018\fR too.
 .SH "SEE ALSO"
 .BR ciao\-launcher (8)
 "#;
@@ -1166,6 +1229,31 @@ mod tests {
         assert!(c.log.logtostderr && c.log.alsologtostderr);
         assert_eq!(c.log.dir, PathBuf::from("/l"));
         assert_eq!(c.log.stderr_threshold, LevelFilter::Warn);
+    }
+
+    #[test]
+    fn verify_hostname_defaults_per_profile_and_every_spelling() {
+        let v = |a: &[&str]| with_certs(a).verify_hostname;
+        assert!(!v(&[]));
+        assert!(!v(&["--protocol", "2016"]));
+        assert!(v(&["--protocol", "2018"]));
+        for (arg, want) in [
+            ("--verify-hostname", true),
+            ("-verify-hostname", true),
+            ("--verify-hostname=true", true),
+            ("-verify-hostname=true", true),
+            ("-verify-hostname=1", true),
+            ("--verify-hostname=false", false),
+            ("-verify-hostname=false", false),
+            ("-verify-hostname=F", false),
+        ] {
+            assert_eq!(v(&["-protocol=2016", arg]), want, "2016 {arg}");
+            assert_eq!(v(&["-protocol=2018", arg]), want, "2018 {arg}");
+        }
+        assert!(matches!(
+            parse_err(&["-cacert=/a", "-cert=/b", "-verify-hostname=maybe"]),
+            CliError::Clap(_)
+        ));
     }
 
     #[test]

@@ -41,10 +41,13 @@ pub enum LauncherExit {
     Locked = 1,
     /// Bad command line (or signal handlers could not be installed).
     Usage = 2,
-    /// Certificates unreadable, or ours proves no agent/netagent role.
+    /// Certificates unreadable, ours expired or not yet valid, or ours
+    /// proves no agent/netagent role.
     Certificates = 3,
-    /// The scheduler refused our identity (ConnectionAborted) or proved a
-    /// role it does not hold: a security failure, not retried.
+    /// The scheduler refused our identity (ConnectionAborted), claimed a
+    /// role its certificate does not prove, or (host-name verification on)
+    /// its certificate does not name the address dialled: a security
+    /// failure, not retried.
     Security = 4,
     /// The data directory (or the log directory) is unusable.
     DataDir = 5,
@@ -114,6 +117,16 @@ fn run(cfg: Config) -> LauncherExit {
             return LauncherExit::Certificates;
         }
     };
+    // Expired (or not yet valid) is said here, naming the file: the peer
+    // would only answer with an anonymous TLS alert, on every attempt.
+    if let Err(e) = tls::check_own_validity(
+        &identity,
+        &cert.display().to_string(),
+        std::time::SystemTime::now(),
+    ) {
+        error!("{e}");
+        return LauncherExit::Certificates;
+    }
     if !identity.role.intersects(Role::AGENT.union(Role::NETAGENT)) {
         error!(
             "{}: role {} is neither agent nor netagent",
@@ -150,6 +163,13 @@ fn run(cfg: Config) -> LauncherExit {
         cfg.protocol,
         servers.join(", ")
     );
+    if !cfg.verify_hostname && cfg.protocol == Profile::P2018 {
+        warn!(
+            "--verify-hostname=false: the scheduler's certificate is not checked against the \
+             address dialled; any holder of a certificate from this CA with the scheduler \
+             role can pose as the scheduler"
+        );
+    }
     let mut client_cfg = ClientConfig::new(identity, ca, *node.uuid.as_bytes(), servers);
     client_cfg.profile = cfg.protocol;
     client_cfg.verify_hostname = cfg.verify_hostname;
@@ -344,7 +364,7 @@ fn raise_nofile() -> u64 {
 
 /// glog's behaviour: a log file in the log directory, and on standard error
 /// what reaches the threshold (everything with -logtostderr, which also
-/// disables the file).
+/// disables the file). Repeated identical lines are rate-limited.
 fn init_logging(log: &LogConfig) -> Result<(), String> {
     let config = ConfigBuilder::new()
         .set_thread_level(LevelFilter::Error)
@@ -370,7 +390,9 @@ fn init_logging(log: &LogConfig) -> Result<(), String> {
         log.verbosity.min(log.stderr_threshold)
     };
     loggers.push(WriteLogger::new(stderr_level, config, std::io::stderr()));
-    // Fails only if a logger is already set (tests): keep that one.
-    let _ = CombinedLogger::init(loggers);
+    // Identical lines beyond a few a minute are counted, not written
+    // (crate::logging). Fails only if a logger is already set (tests): keep
+    // that one.
+    let _ = crate::logging::install(CombinedLogger::new(loggers));
     Ok(())
 }

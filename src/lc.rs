@@ -93,12 +93,18 @@ pub enum LcCommand {
         /// Organisation name in the certificates' subject.
         #[arg(long, value_name = "NAME", default_value = "ciao")]
         org: String,
-        /// DNS names for the scheduler certificate (launchers dial them).
+        /// A DNS name for the scheduler certificate (repeatable). With --host or --ip, only the names given are written, not the defaults (localhost, 127.0.0.1 and this machine's host name).
         #[arg(long = "host", value_name = "NAME")]
         hosts: Vec<String>,
-        /// IP addresses for the scheduler certificate (launchers dial them first).
+        /// An IP address for the scheduler certificate (repeatable; launchers without -server dial these first). Replaces the defaults, as --host does.
         #[arg(long = "ip", value_name = "ADDR")]
         ips: Vec<IpAddr>,
+        /// Also name this machine's non-loopback addresses (link-local IPv6 ones excepted) in the scheduler certificate, for launchers on other machines.
+        #[arg(long)]
+        all_addresses: bool,
+        /// Write the scheduler certificate without subject alternative names, as ciao-deploy's launcher certificates and 2016 setups look. Launchers that check the scheduler's name (the 2018 profile by default, Go's ciao master launcher always) refuse such a scheduler.
+        #[arg(long, conflicts_with_all = ["hosts", "ips", "all_addresses"])]
+        no_san: bool,
     },
     /// Run the embedded SSNTP scheduler and its control socket; print every connection and frame.
     Serve {
@@ -226,7 +232,16 @@ pub fn main(args: impl IntoIterator<Item = OsString>) -> ExitCode {
             org,
             hosts,
             ips,
-        } => certs(&dir, &org, hosts, ips),
+            all_addresses,
+            no_san,
+        } => {
+            let (hosts, ips) = if no_san {
+                (Vec::new(), Vec::new())
+            } else {
+                scheduler_names(hosts, ips, all_addresses)
+            };
+            certs(&dir, &org, hosts, ips)
+        }
         LcCommand::Serve {
             certs,
             listen,
@@ -297,12 +312,97 @@ pub const NETAGENT_FILE: &str = "cert-NetworkingAgent.pem";
 /// The control socket of `serve`, inside the certificate directory.
 pub const CONTROL_SOCKET: &str = "ciao-lc.sock";
 
+/// The subject alternative names of the scheduler certificate. Launchers
+/// that verify the scheduler's name (the 2018 profile by default, and every
+/// Go launcher of ciao master) accept a scheduler only under a name or
+/// address its certificate carries, so by default it names `localhost`,
+/// `127.0.0.1` and this machine's host name; `--host`/`--ip` replace that
+/// list; `--all-addresses` adds the machine's non-loopback addresses.
+pub fn scheduler_names(
+    hosts: Vec<String>,
+    ips: Vec<IpAddr>,
+    all_addresses: bool,
+) -> (Vec<String>, Vec<IpAddr>) {
+    let (mut hosts, mut ips) = if hosts.is_empty() && ips.is_empty() {
+        let mut hosts = vec!["localhost".to_string()];
+        match nix::unistd::gethostname().map(|h| h.into_string()) {
+            Ok(Ok(h)) if usable_dns_name(&h) => hosts.push(h),
+            Ok(Ok(h)) => eprintln!(
+                "ciao-lc certs: host name {h:?} is not a DNS name; not written (use --host)"
+            ),
+            Ok(Err(h)) => eprintln!("ciao-lc certs: host name {h:?} is not UTF-8; not written"),
+            Err(e) => eprintln!("ciao-lc certs: cannot read the host name: {e}"),
+        }
+        (hosts, vec![IpAddr::from([127, 0, 0, 1])])
+    } else {
+        (hosts, ips)
+    };
+    if all_addresses {
+        ips.extend(own_addresses());
+    }
+    dedup(&mut hosts);
+    dedup(&mut ips);
+    (hosts, ips)
+}
+
+/// Removes later repetitions, keeping the first of each in place.
+fn dedup<T: PartialEq + Clone>(v: &mut Vec<T>) {
+    let mut seen: Vec<T> = Vec::with_capacity(v.len());
+    v.retain(|x| {
+        let new = !seen.contains(x);
+        if new {
+            seen.push(x.clone());
+        }
+        new
+    });
+}
+
+/// What a TLS client accepts as a DNS name (no IP literals, no `_`, …).
+fn usable_dns_name(name: &str) -> bool {
+    name.parse::<IpAddr>().is_err()
+        && matches!(
+            tls::ServerName::try_from(name),
+            Ok(tls::ServerName::DnsName(_))
+        )
+}
+
+/// This machine's addresses, without loopback and link-local IPv6 ones.
+fn own_addresses() -> Vec<IpAddr> {
+    let addrs = match nix::ifaddrs::getifaddrs() {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("ciao-lc certs: cannot list this machine's addresses: {e}");
+            return Vec::new();
+        }
+    };
+    addrs
+        .filter_map(|a| a.address)
+        .filter_map(|sa| {
+            if let Some(v4) = sa.as_sockaddr_in() {
+                Some(IpAddr::V4(v4.ip()))
+            } else {
+                sa.as_sockaddr_in6().map(|v6| IpAddr::V6(v6.ip()))
+            }
+        })
+        .filter(|ip| {
+            !ip.is_loopback()
+                && !ip.is_unspecified()
+                && !matches!(ip, IpAddr::V6(v6) if v6.is_unicast_link_local())
+        })
+        .collect()
+}
+
 fn certs(dir: &Path, org: &str, hosts: Vec<String>, ips: Vec<IpAddr>) -> LcExit {
     let result = (|| -> Result<(), String> {
         fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
         let mut spec = CertSpec::new(Role::SCHEDULER);
         spec.org = org.to_string();
         spec.is_ca = true;
+        let names: Vec<String> = hosts
+            .iter()
+            .map(|h| format!("DNS:{h}"))
+            .chain(ips.iter().map(|ip| format!("IP:{ip}")))
+            .collect();
         spec.dns = hosts;
         spec.ips = ips;
         let (ca, ca_cert) = certgen::self_signed_ca(&spec).map_err(|e| e.to_string())?;
@@ -318,6 +418,11 @@ fn certs(dir: &Path, org: &str, hosts: Vec<String>, ips: Vec<IpAddr>) -> LcExit 
             "wrote {CA_FILE}, {SCHEDULER_FILE}, {AGENT_FILE} and {NETAGENT_FILE} in {}",
             dir.display()
         );
+        if names.is_empty() {
+            println!("the scheduler certificate names no host (--no-san)");
+        } else {
+            println!("the scheduler certificate names {}", names.join(", "));
+        }
         Ok(())
     })();
     match result {
@@ -395,7 +500,10 @@ fn serve(
 ) -> LcExit {
     let loaded = (|| -> Result<_, String> {
         let ca = tls::load_ca(&dir.join(CA_FILE)).map_err(|e| e.to_string())?;
-        let id = tls::load_identity(&dir.join(SCHEDULER_FILE)).map_err(|e| e.to_string())?;
+        let id_path = dir.join(SCHEDULER_FILE);
+        let id = tls::load_identity(&id_path).map_err(|e| e.to_string())?;
+        tls::check_own_validity(&id, &id_path.display().to_string(), SystemTime::now())
+            .map_err(|e| e.to_string())?;
         let conf = match &configuration {
             Some(p) => fs::read(p).map_err(|e| format!("{}: {e}", p.display()))?,
             None => Vec::new(),

@@ -1,15 +1,384 @@
 //! Log set-up with `log` + `simplelog` (UTC timestamps, no colour). Every line
 //! names its thread (`ssntp-io`, `instance-1a2b3c4d`, …).
+//!
+//! Repeated lines are rate-limited ([`RateLimited`]): of identical lines
+//! (same level, thread and text) at most [`BURST`] are written per
+//! [`WINDOW`]; the rest are counted, and once the window is over one line
+//! says how many were left out ("last message repeated N times …"), the
+//! way syslog does. Identical lines need not follow each other: a
+//! connect/disconnect loop alternates two of them. A peer that makes the
+//! launcher fail the same way over and over thus costs a few lines a minute,
+//! not a gigabyte a day.
 
-use log::LevelFilter;
-use simplelog::{ConfigBuilder, ThreadLogMode, WriteLogger};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
-/// Logs to standard error. A second call is a no-op.
+use log::{Level, LevelFilter, Log, Metadata, Record};
+use simplelog::{ConfigBuilder, SharedLogger, ThreadLogMode, WriteLogger};
+
+/// Identical lines written per window before the rest are only counted.
+pub const BURST: u32 = 5;
+/// The rate limit's window.
+pub const WINDOW: Duration = Duration::from_secs(60);
+/// Distinct lines remembered at once; beyond that the oldest is forgotten
+/// (its count, if any, written first).
+const MAX_KEYS: usize = 256;
+
+/// Logs to standard error (rate-limited). A second call is a no-op.
 pub fn to_stderr(level: LevelFilter) {
     let config = ConfigBuilder::new()
         // "Error and more verbose": every line carries its thread's name.
         .set_thread_level(LevelFilter::Error)
         .set_thread_mode(ThreadLogMode::Names)
         .build();
-    let _ = WriteLogger::init(level, config, std::io::stderr());
+    let _ = install(WriteLogger::new(level, config, std::io::stderr()));
+}
+
+/// Installs `inner` behind the rate limit as the process's logger. Fails
+/// only if a logger is already set.
+pub fn install<L: SharedLogger + 'static>(inner: Box<L>) -> Result<(), log::SetLoggerError> {
+    let level = inner.level();
+    log::set_boxed_logger(Box::new(RateLimited::new(inner)))?;
+    log::set_max_level(level);
+    Ok(())
+}
+
+/// The time source of [`RateLimited`] (injected in tests).
+pub type Clock = Arc<dyn Fn() -> Instant + Send + Sync>;
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct Key {
+    level: Level,
+    target: String,
+    thread: String,
+    text: String,
+}
+
+#[derive(Debug)]
+struct Entry {
+    window_start: Instant,
+    /// Lines of this key in the current window, written or not.
+    seen: u32,
+    suppressed: u64,
+    /// Order of first sight, to forget the oldest.
+    order: u64,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    entries: HashMap<Key, Entry>,
+    next_order: u64,
+    last_sweep: Option<Instant>,
+}
+
+/// A logger that rate-limits identical lines in front of another (module doc).
+pub struct RateLimited<L> {
+    inner: L,
+    state: Mutex<State>,
+    clock: Clock,
+    burst: u32,
+    window: Duration,
+}
+
+impl<L> std::fmt::Debug for RateLimited<L> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RateLimited")
+            .field("burst", &self.burst)
+            .field("window", &self.window)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<L: Log> RateLimited<L> {
+    /// [`BURST`] lines per [`WINDOW`], on the monotonic clock.
+    pub fn new(inner: L) -> Self {
+        Self::with_clock(inner, BURST, WINDOW, Arc::new(Instant::now))
+    }
+
+    pub fn with_clock(inner: L, burst: u32, window: Duration, clock: Clock) -> Self {
+        RateLimited {
+            inner,
+            state: Mutex::new(State::default()),
+            clock,
+            burst,
+            window,
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // Every critical section leaves the map consistent.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The line that stands for `n` left-out repetitions of `key`.
+    fn summary(&self, key: &Key, n: u64) {
+        self.inner.log(
+            &Record::builder()
+                .level(key.level)
+                .target(&key.target)
+                .args(format_args!(
+                    "last message repeated {n} times in {}s ({}): {}",
+                    self.window.as_secs(),
+                    key.thread,
+                    key.text
+                ))
+                .build(),
+        );
+    }
+
+    /// Writes the counts of windows that are over (all of them if `all`).
+    fn sweep(&self, st: &mut State, now: Instant, all: bool) {
+        let window = self.window;
+        let mut due: Vec<(Key, u64)> = Vec::new();
+        st.entries.retain(|k, e| {
+            let over = now.saturating_duration_since(e.window_start) >= window;
+            if (over || all) && e.suppressed > 0 {
+                due.push((k.clone(), e.suppressed));
+            }
+            !over && !all
+        });
+        for (k, n) in due {
+            self.summary(&k, n);
+        }
+        st.last_sweep = Some(now);
+    }
+
+    /// Whether to write this line now (counting it either way).
+    fn admit(&self, key: Key, now: Instant) -> bool {
+        let mut st = self.lock();
+        if st
+            .last_sweep
+            .is_none_or(|t| now.saturating_duration_since(t) >= Duration::from_secs(1))
+        {
+            self.sweep(&mut st, now, false);
+        }
+        if let Some(e) = st.entries.get_mut(&key) {
+            if now.saturating_duration_since(e.window_start) < self.window {
+                e.seen = e.seen.saturating_add(1);
+                if e.seen > self.burst {
+                    e.suppressed += 1;
+                    return false;
+                }
+                return true;
+            }
+            let n = std::mem::take(&mut e.suppressed);
+            e.window_start = now;
+            e.seen = 1;
+            if n > 0 {
+                self.summary(&key, n);
+            }
+            return true;
+        }
+        if st.entries.len() >= MAX_KEYS {
+            let oldest = st
+                .entries
+                .iter()
+                .min_by_key(|(_, e)| e.order)
+                .map(|(k, e)| (k.clone(), e.suppressed));
+            if let Some((k, n)) = oldest {
+                st.entries.remove(&k);
+                if n > 0 {
+                    self.summary(&k, n);
+                }
+            }
+        }
+        let order = st.next_order;
+        st.next_order += 1;
+        st.entries.insert(
+            key,
+            Entry {
+                window_start: now,
+                seen: 1,
+                suppressed: 0,
+                order,
+            },
+        );
+        true
+    }
+}
+
+impl<L: Log> Log for RateLimited<L> {
+    fn enabled(&self, metadata: &Metadata<'_>) -> bool {
+        self.inner.enabled(metadata)
+    }
+
+    fn log(&self, record: &Record<'_>) {
+        if !self.inner.enabled(record.metadata()) {
+            return;
+        }
+        let key = Key {
+            level: record.level(),
+            target: record.target().to_string(),
+            thread: std::thread::current()
+                .name()
+                .unwrap_or("unnamed")
+                .to_string(),
+            text: record.args().to_string(),
+        };
+        if self.admit(key, (self.clock)()) {
+            self.inner.log(record);
+        }
+    }
+
+    /// Writes every pending count, then flushes the inner logger (the
+    /// launcher does so at exit).
+    fn flush(&self) {
+        {
+            let mut st = self.lock();
+            let now = (self.clock)();
+            self.sweep(&mut st, now, true);
+        }
+        self.inner.flush();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Collects what reaches it.
+    #[derive(Default, Clone)]
+    struct Sink(Arc<Mutex<Vec<String>>>);
+
+    impl Log for Sink {
+        fn enabled(&self, _: &Metadata<'_>) -> bool {
+            true
+        }
+        fn log(&self, r: &Record<'_>) {
+            self.0
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push(format!("{} {}", r.level(), r.args()));
+        }
+        fn flush(&self) {}
+    }
+
+    impl Sink {
+        fn lines(&self) -> Vec<String> {
+            self.0.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        }
+    }
+
+    fn line(l: &RateLimited<Sink>, level: Level, text: &str) {
+        l.log(
+            &Record::builder()
+                .level(level)
+                .target("t")
+                .args(format_args!("{text}"))
+                .build(),
+        );
+    }
+
+    /// A clock the test moves by hand.
+    fn clock() -> (Clock, Arc<Mutex<Instant>>) {
+        let now = Arc::new(Mutex::new(Instant::now()));
+        let read = Arc::clone(&now);
+        let clock: Clock = Arc::new(move || *read.lock().unwrap_or_else(|p| p.into_inner()));
+        (clock, now)
+    }
+
+    fn advance(now: &Mutex<Instant>, d: Duration) {
+        let mut t = now.lock().unwrap_or_else(|p| p.into_inner());
+        *t += d;
+    }
+
+    #[test]
+    fn a_storm_of_identical_lines_is_counted_not_written() {
+        let sink = Sink::default();
+        let (clock, now) = clock();
+        let l = RateLimited::with_clock(sink.clone(), 5, Duration::from_secs(60), clock);
+        // A reconnect loop: two lines alternating, 1 000 times in 50 s.
+        for _ in 0..1000 {
+            line(&l, Level::Info, "SSNTP connected to 127.0.0.1:8888");
+            line(
+                &l,
+                Level::Warn,
+                "SSNTP disconnected: gob: zero-length message",
+            );
+            advance(&now, Duration::from_millis(50));
+        }
+        let lines = sink.lines();
+        assert_eq!(lines.len(), 10, "{lines:?}");
+        // A different line still gets through at once.
+        line(&l, Level::Error, "something else");
+        assert_eq!(sink.lines().len(), 11);
+        // The window ends: each count is written once, then lines flow again.
+        advance(&now, Duration::from_secs(11));
+        line(
+            &l,
+            Level::Warn,
+            "SSNTP disconnected: gob: zero-length message",
+        );
+        let lines = sink.lines();
+        let summary = |level: &str, text: &str| {
+            lines.iter().any(|s| {
+                s.starts_with(&format!("{level} last message repeated 995 times in 60s ("))
+                    && s.ends_with(text)
+            })
+        };
+        assert!(
+            summary("WARN", "): SSNTP disconnected: gob: zero-length message"),
+            "{lines:?}"
+        );
+        assert!(
+            summary("INFO", "): SSNTP connected to 127.0.0.1:8888"),
+            "{lines:?}"
+        );
+        assert_eq!(
+            lines.last().map(String::as_str),
+            Some("WARN SSNTP disconnected: gob: zero-length message")
+        );
+        assert_eq!(lines.len(), 14, "{lines:?}");
+    }
+
+    #[test]
+    fn counts_are_written_at_flush_and_bursts_pass() {
+        let sink = Sink::default();
+        let (clock, now) = clock();
+        let l = RateLimited::with_clock(sink.clone(), 3, Duration::from_secs(60), clock);
+        for _ in 0..3 {
+            line(&l, Level::Info, "a few");
+        }
+        assert_eq!(sink.lines().len(), 3, "a burst passes whole");
+        for _ in 0..7 {
+            line(&l, Level::Info, "a few");
+        }
+        assert_eq!(sink.lines().len(), 3);
+        advance(&now, Duration::from_secs(1));
+        l.flush();
+        let last = sink.lines().last().cloned().unwrap_or_default();
+        assert!(
+            last.starts_with("INFO last message repeated 7 times in 60s (")
+                && last.ends_with("): a few"),
+            "{last}"
+        );
+        // Nothing pending any more: a second flush writes nothing.
+        l.flush();
+        assert_eq!(sink.lines().len(), 4);
+    }
+
+    #[test]
+    fn distinct_lines_beyond_the_memory_are_forgotten_oldest_first() {
+        let sink = Sink::default();
+        let (clock, _now) = clock();
+        let l = RateLimited::with_clock(sink.clone(), 1, Duration::from_secs(60), clock);
+        line(&l, Level::Info, "first");
+        line(&l, Level::Info, "first");
+        for i in 0..MAX_KEYS {
+            line(&l, Level::Info, &format!("line {i}"));
+        }
+        let lines = sink.lines();
+        assert!(
+            lines
+                .iter()
+                .any(|s| s.starts_with("INFO last message repeated 1 times")
+                    && s.ends_with("): first")),
+            "{:?}",
+            &lines[..3]
+        );
+        // Forgotten, so written again.
+        line(&l, Level::Info, "first");
+        assert_eq!(sink.lines().last().map(String::as_str), Some("INFO first"));
+    }
 }

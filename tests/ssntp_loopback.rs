@@ -4,11 +4,12 @@
 
 use std::net::SocketAddr;
 use std::thread;
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use ciao_launcher::ssntp::certgen::{self, Authority, CertSpec, Issued};
-use ciao_launcher::ssntp::client::{Backoff, Client, ClientConfig, ClientEvent};
+use ciao_launcher::ssntp::client::{Backoff, Client, ClientConfig, ClientEvent, Timer};
 use ciao_launcher::ssntp::conn::{SendError, send_patiently};
+use ciao_launcher::ssntp::gob::Encoder;
 use ciao_launcher::ssntp::server::{Server, ServerConfig, ServerEvent};
 use ciao_launcher::ssntp::tls::{self, CertificateDer, Identity};
 use ciao_launcher::ssntp::{ErrorCode, Frame, FrameType, Operation, Profile, Role};
@@ -608,4 +609,274 @@ fn saturated_outbound_queue_keeps_draining() {
         }
     }
     sender.join().expect("sender");
+}
+
+// ---------------------------------------------------------------------------
+// Host names: the scheduler's certificate must name the address dialled when
+// the client asks (the launcher's 2018 profile does by default).
+
+impl Pki {
+    /// A classic CA-as-scheduler whose certificate carries these SANs.
+    fn with_names(dns: &[&str], ips: &[&str]) -> Pki {
+        let mut spec = CertSpec::new(Role::SCHEDULER);
+        spec.is_ca = true;
+        spec.dns = dns.iter().map(|d| d.to_string()).collect();
+        spec.ips = ips
+            .iter()
+            .map(|ip| ip.parse().expect("ip literal"))
+            .collect();
+        let (ca, ca_cert) = certgen::self_signed_ca(&spec).expect("CA");
+        Pki { ca, ca_cert }
+    }
+}
+
+/// A client that verifies the server's name, dialling `host:port`.
+fn strict_client(pki: &Pki, host: &str, port: u16, verify: bool) -> Client {
+    let mut cfg = ClientConfig::new(
+        pki.leaf(Role::AGENT),
+        pki.anchors(),
+        *uuid::Uuid::new_v4().as_bytes(),
+        vec![format!("{host}:{port}")],
+    );
+    cfg.backoff = fast_backoff();
+    cfg.handshake_timeout = Duration::from_secs(5);
+    cfg.verify_hostname = verify;
+    Client::start(cfg).expect("client")
+}
+
+/// The client's first event must be a security stop (no retry before it).
+fn expect_security_stop(c: &Client) -> String {
+    match c.events().recv_timeout(WAIT).expect("client event") {
+        ClientEvent::Stopped { error: Some(e) } => e,
+        other => panic!("expected a security stop, got {other:?}"),
+    }
+}
+
+#[test]
+fn scheduler_name_matches_ip_and_dns_sans() {
+    let pki = Pki::with_names(&["localhost"], &["127.0.0.1"]);
+    let server = server_with(pki.ca_identity(), pki.anchors(), |_| {});
+    let port = server.local_addr().port();
+    let mut clients = Vec::new();
+    for host in ["127.0.0.1", "localhost"] {
+        let client = strict_client(&pki, host, port, true);
+        assert_eq!(expect_connected(&client).0, Role::SCHEDULER, "{host}");
+        expect_server_connected(&server);
+        clients.push(client);
+    }
+}
+
+#[test]
+fn scheduler_without_a_matching_san_is_refused_for_good() {
+    // No SANs at all (ciao-lc certs --no-san, old setups).
+    let pki = Pki::new();
+    let server = server_with(pki.ca_identity(), pki.anchors(), |_| {});
+    let port = server.local_addr().port();
+    let e = expect_security_stop(&strict_client(&pki, "127.0.0.1", port, true));
+    assert!(
+        e.contains("not valid for name \"127.0.0.1\"")
+            && e.contains("it has no subject alternative names")
+            && e.contains("--verify-hostname=false"),
+        "{e}"
+    );
+
+    // IP case: a DNS SAN does not vouch for an IP address (Go's rule).
+    let pki = Pki::with_names(&["localhost"], &["127.0.0.2"]);
+    let server = server_with(pki.ca_identity(), pki.anchors(), |_| {});
+    let port = server.local_addr().port();
+    let e = expect_security_stop(&strict_client(&pki, "127.0.0.1", port, true));
+    assert!(
+        e.contains("not valid for name \"127.0.0.1\"")
+            && e.contains("its subject alternative names are DNS:localhost, IP:127.0.0.2"),
+        "{e}"
+    );
+    // DNS case: an IP SAN does not vouch for a name.
+    let pki = Pki::with_names(&["sched.example"], &["127.0.0.1"]);
+    let server = server_with(pki.ca_identity(), pki.anchors(), |_| {});
+    let port = server.local_addr().port();
+    let e = expect_security_stop(&strict_client(&pki, "localhost", port, true));
+    assert!(
+        e.contains("not valid for name \"localhost\"")
+            && e.contains("DNS:sched.example, IP:127.0.0.1"),
+        "{e}"
+    );
+    // The server saw a refused TLS handshake, never a session.
+    assert!(matches!(
+        server.events().recv_timeout(WAIT),
+        Ok(ServerEvent::Rejected { .. })
+    ));
+    assert!(server.sessions().is_empty());
+}
+
+#[test]
+fn unverified_name_connects_to_a_scheduler_without_sans() {
+    let pki = Pki::new();
+    let server = server_with(pki.ca_identity(), pki.anchors(), |_| {});
+    let port = server.local_addr().port();
+    let client = strict_client(&pki, "127.0.0.1", port, false);
+    expect_connected(&client);
+}
+
+// ---------------------------------------------------------------------------
+// A hostile scheduler: our handshake, then whatever bytes the test chooses.
+
+/// Completes TLS and the CONNECT/CONNECTED exchange, then writes what `then`
+/// returns (given the session's gob encoder, CONNECTED already encoded with
+/// it) inside TLS and holds the connection until the client closes it.
+/// Sessions are served one after the other; each is announced on `sessions`.
+struct Hostile {
+    addr: SocketAddr,
+    sessions: Receiver<usize>,
+    _thread: thread::JoinHandle<()>,
+}
+
+impl Hostile {
+    fn start(pki: &Pki, then: impl Fn(&mut Encoder) -> Vec<u8> + Send + 'static) -> Hostile {
+        use ciao_launcher::ssntp::ConnectedFrame;
+        use ciao_launcher::ssntp::gob::Decoder;
+        use ciao_launcher::ssntp::tls::PeerPolicy;
+        use std::io::{Read, Write};
+
+        let config = tls::server_config(
+            &pki.ca_identity(),
+            &pki.anchors(),
+            &PeerPolicy {
+                accepted_roles: Role::AGENT,
+                verify_hostname: false,
+            },
+        )
+        .expect("server config");
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let (tx, sessions) = crossbeam_channel::unbounded();
+        let thread = thread::spawn(move || {
+            for (n, sock) in listener.incoming().enumerate() {
+                let Ok(sock) = sock else { return };
+                // Every read of this peer is bounded.
+                let _ = sock.set_read_timeout(Some(WAIT));
+                let Ok(conn) = rustls::ServerConnection::new(config.clone()) else {
+                    return;
+                };
+                let mut tls = rustls::StreamOwned::new(conn, sock);
+                let mut dec = Decoder::new(1 << 20);
+                let mut buf = [0u8; 4096];
+                let connect = loop {
+                    match dec.next_value() {
+                        Ok(Some((_, v))) => break Some(v),
+                        Ok(None) => {}
+                        Err(_) => break None,
+                    }
+                    match tls.read(&mut buf) {
+                        Ok(0) | Err(_) => break None,
+                        Ok(k) => dec.feed(&buf[..k]),
+                    }
+                };
+                if connect.is_none() {
+                    continue;
+                }
+                let mut out = Vec::new();
+                let mut enc = Encoder::new();
+                enc.encode(
+                    &ConnectedFrame::new(Role::SCHEDULER, [9; 16], &[0; 16], Vec::new()),
+                    &mut out,
+                );
+                out.extend_from_slice(&then(&mut enc));
+                if tls.write_all(&out).and_then(|()| tls.flush()).is_err() {
+                    continue;
+                }
+                if tx.send(n).is_err() {
+                    return;
+                }
+                // Until the client hangs up (or the bounded read gives up).
+                while matches!(tls.read(&mut buf), Ok(k) if k > 0) {}
+            }
+        });
+        Hostile {
+            addr,
+            sessions,
+            _thread: thread,
+        }
+    }
+}
+
+/// A Timer whose waits the test sees and ends: each wait is announced with
+/// its delay and a sender that ends it.
+fn test_timer() -> (
+    Timer,
+    Receiver<(Duration, crossbeam_channel::Sender<Instant>)>,
+) {
+    let (tx, waits) = crossbeam_channel::unbounded();
+    let timer = Timer::new(move |delay| {
+        let (end, wait) = crossbeam_channel::bounded(1);
+        let _ = tx.send((delay, end));
+        wait
+    });
+    (timer, waits)
+}
+
+#[test]
+fn broken_sessions_reconnect_after_the_backoff_not_at_once() {
+    // One zero-length gob message right after CONNECTED, every session: the
+    // client used to redial at once (~30 TLS connections a second).
+    let pki = Pki::new();
+    let hostile = Hostile::start(&pki, |_| vec![0x00]);
+    let (timer, waits) = test_timer();
+    let client = client_with(pki.leaf(Role::AGENT), pki.anchors(), hostile.addr, |c| {
+        c.backoff = Backoff::default();
+        c.timer = timer;
+    });
+    for round in 0..3 {
+        hostile.sessions.recv_timeout(WAIT).expect("a session");
+        expect_connected(&client);
+        match next_client_event(client.events()) {
+            ClientEvent::Disconnected { reason, .. } => {
+                assert!(
+                    reason.contains("zero-length") || reason.contains("empty"),
+                    "{reason}"
+                )
+            }
+            other => panic!("expected Disconnected, got {other:?}"),
+        }
+        // Before it dials again, the client must wait out a backoff delay.
+        crossbeam_channel::select! {
+            recv(waits) -> w => {
+                let (delay, end) = w.expect("timer alive");
+                let window = [5, 10, 20][round];
+                assert!(
+                    delay >= Duration::from_secs(1) && delay <= Duration::from_secs(window),
+                    "round {round}: {delay:?}"
+                );
+                end.send(Instant::now()).expect("client waits");
+            }
+            recv(hostile.sessions) -> _ => panic!("round {round}: redialled without a backoff"),
+            default(WAIT) => panic!("round {round}: neither a wait nor a new session"),
+        }
+    }
+}
+
+#[test]
+fn a_frame_that_stops_halfway_ends_the_session() {
+    // The Frame type's definition and all but the last bytes of one frame,
+    // then silence.
+    let pki = Pki::new();
+    let hostile = Hostile::start(&pki, |enc| {
+        let mut bytes = Vec::new();
+        enc.encode(&frame(1, [9; 16], &"p".repeat(1000)), &mut bytes);
+        bytes.truncate(bytes.len() - 100);
+        bytes
+    });
+    let (timer, _waits) = test_timer();
+    let client = client_with(pki.leaf(Role::AGENT), pki.anchors(), hostile.addr, |c| {
+        c.frame_timeout = Duration::from_millis(300);
+        c.timer = timer;
+    });
+    hostile.sessions.recv_timeout(WAIT).expect("a session");
+    expect_connected(&client);
+    match next_client_event(client.events()) {
+        ClientEvent::Disconnected { reason, .. } => assert!(
+            reason.contains("timed out waiting for the rest of a frame"),
+            "{reason}"
+        ),
+        other => panic!("expected Disconnected, got {other:?}"),
+    }
 }

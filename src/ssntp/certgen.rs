@@ -1,4 +1,4 @@
-//! Generation of ciao-style certificates (spec/ssntp.md §5.2) with rcgen:
+//! Generation of ciao-style certificates (as ciao-cert makes them) with rcgen:
 //! subject only `O=<org>`, EKU = anyExtendedKeyUsage plus one private OID per
 //! role, no serverAuth/clientAuth, SANs only when asked for.
 //!

@@ -5,20 +5,32 @@
 //! frames (cloneable, thread-safe) and a channel of [`ClientEvent`]s.
 //!
 //! The io thread loops:
-//! 1. one *pass* over the server list (spec/ssntp.md §4.1): TCP connect, TLS
+//! 1. one *pass* over the server list ([`server_list`]): TCP connect, TLS
 //!    handshake, send CONNECT, then send nothing until the CONNECTED reply;
 //! 2. on success: `Connected`, then frames in both directions until the
 //!    connection fails: `Disconnected` (with any frames that were queued but
-//!    not written), and straight back to 1;
-//! 3. on a failed pass: `ConnectFailed`, then wait `1 s + rand(0 ‥ window−1 s)`
-//!    with the window cycling 5, 10, 20, 40 s as in Go (tests inject shorter
-//!    ones), and back to 1.
+//!    not written);
+//! 3. after a failed pass (`ConnectFailed`) and after a broken session alike,
+//!    wait `1 s + rand(0 ‥ window−1 s)` with the window cycling 5, 10, 20,
+//!    40 s as in Go (tests inject shorter ones), then back to 1. The window
+//!    moves on with every wait and starts again at 5 s only after a session
+//!    that stayed up for [`ClientConfig::healthy_session`] (60 s): a
+//!    scheduler that breaks every session at once (a protocol error, a
+//!    zero-length message) gets one attempt per backoff period, not dozens a
+//!    second. Go redials at once after a broken session; we wait even after a
+//!    healthy one, so that the nodes of a restarted scheduler come back spread
+//!    over a few seconds rather than all in the same instant.
 //!
 //! Unlike the Go client, a failed SSNTP handshake is retried too; only a
 //! security failure stops the client for good (`Stopped`): the server answered
-//! ConnectionAborted (our certificate does not prove the role we claim), or
-//! the server claimed a role its certificate does not carry. Closing the
-//! client (drop or [`Client::close`]) wakes the thread wherever it waits.
+//! ConnectionAborted (our certificate does not prove the role we claim), the
+//! server claimed a role its certificate does not carry, or (with
+//! [`ClientConfig::verify_hostname`]) its certificate does not name the
+//! address dialled. Closing the client (drop or [`Client::close`]) wakes the
+//! thread wherever it waits.
+//!
+//! Time enters through [`ClientConfig::timer`] (backoff waits), so tests can
+//! see each wait and end it themselves.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Seek, Write};
@@ -33,7 +45,7 @@ use crossbeam_channel::{Receiver, Sender, select};
 use log::{debug, info, warn};
 
 use super::StartError;
-use super::conn::{ConnError, Link, Transport};
+use super::conn::{ConnError, DEFAULT_FRAME_TIMEOUT, Link, Transport};
 use super::frame::{
     ConnectFrame, ConnectedFrame, ErrorCode, Frame, FrameType, GoTime, Node, Operation, Status,
     Uuid16,
@@ -82,6 +94,68 @@ impl Backoff {
     }
 }
 
+/// Where the client's backoff waits come from: a function that returns a
+/// channel receiving once the delay is over (production:
+/// `crossbeam_channel::after`). Tests inject their own to see every wait and
+/// end it when they choose.
+#[derive(Clone)]
+pub struct Timer(Arc<dyn Fn(Duration) -> Receiver<Instant> + Send + Sync>);
+
+impl Timer {
+    pub fn new(f: impl Fn(Duration) -> Receiver<Instant> + Send + Sync + 'static) -> Timer {
+        Timer(Arc::new(f))
+    }
+
+    pub fn after(&self, delay: Duration) -> Receiver<Instant> {
+        (self.0)(delay)
+    }
+}
+
+impl Default for Timer {
+    fn default() -> Self {
+        Timer::new(crossbeam_channel::after)
+    }
+}
+
+impl std::fmt::Debug for Timer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Timer")
+    }
+}
+
+/// Which backoff window the next wait uses (module doc, step 3).
+#[derive(Debug, Default)]
+struct Retry {
+    pass: usize,
+}
+
+impl Retry {
+    /// The wait after a failed pass over the server list.
+    fn after_failed_pass(&mut self, backoff: &Backoff) -> Duration {
+        let d = backoff.delay(self.pass);
+        self.pass += 1;
+        d
+    }
+
+    /// The wait after a session that ended after `lasted`: the windows start
+    /// again only if it was healthy.
+    fn after_session(
+        &mut self,
+        lasted: Duration,
+        healthy: Duration,
+        backoff: &Backoff,
+    ) -> Duration {
+        if lasted >= healthy {
+            self.pass = 0;
+        }
+        self.after_failed_pass(backoff)
+    }
+}
+
+/// How long a session must stay up before the backoff starts again from its
+/// first window.
+pub const HEALTHY_SESSION: Duration = Duration::from_secs(60);
+
 fn random_u64() -> u64 {
     // uuid's v4 generator draws from the OS RNG; no extra crate needed.
     uuid::Uuid::new_v4().as_u64_pair().0
@@ -99,11 +173,19 @@ pub struct ClientConfig {
     pub servers: Vec<String>,
     /// Roles a server certificate may carry (default SCHEDULER | SERVER).
     pub server_roles: Role,
+    /// Check that the server's certificate names the address dialled; a
+    /// mismatch stops the client (a security failure, not retried).
     pub verify_hostname: bool,
     pub profile: Profile,
     pub backoff: Backoff,
+    /// A session that lasted this long resets the backoff ([`HEALTHY_SESSION`]).
+    pub healthy_session: Duration,
+    /// Backoff waits (module doc).
+    pub timer: Timer,
     pub connect_timeout: Duration,
     pub handshake_timeout: Duration,
+    /// How long the rest of a begun frame may take ([`DEFAULT_FRAME_TIMEOUT`]).
+    pub frame_timeout: Duration,
     pub max_message: usize,
 }
 
@@ -125,8 +207,11 @@ impl ClientConfig {
             verify_hostname: false,
             profile: Profile::default(),
             backoff: Backoff::default(),
+            healthy_session: HEALTHY_SESSION,
+            timer: Timer::default(),
             connect_timeout: Duration::from_secs(10),
             handshake_timeout: Duration::from_secs(30),
+            frame_timeout: DEFAULT_FRAME_TIMEOUT,
             max_message: DEFAULT_MAX_MESSAGE,
         }
     }
@@ -134,7 +219,7 @@ impl ClientConfig {
 
 /// The dial list: `explicit` (`host` or `host:port`) if given, else every IP
 /// SAN of the CA certificate, then every DNS SAN, then `localhost`
-/// (spec/ssntp.md §4.1), all on `port` unless `explicit` names one.
+/// (the order of the Go client), all on `port` unless `explicit` names one.
 pub fn server_list(explicit: Option<&str>, ca: &[CertificateDer<'_>], port: u16) -> Vec<String> {
     if let Some(s) = explicit.map(str::trim).filter(|s| !s.is_empty()) {
         return vec![with_port(s, port)];
@@ -302,6 +387,14 @@ impl From<ConnError> for AttemptError {
     }
 }
 
+/// How a session ended.
+enum SessionEnd {
+    /// The client must stop (closed, or nobody listens any more).
+    Stop,
+    /// The connection broke; reconnect after the backoff.
+    Broken(String),
+}
+
 struct IoThread {
     config: ClientConfig,
     tls: Arc<rustls::ClientConfig>,
@@ -321,16 +414,25 @@ impl IoThread {
     }
 
     fn run(self) {
-        let mut pass = 0usize;
+        let mut retry = Retry::default();
         loop {
             if self.closing() {
                 break;
             }
-            match self.connect_pass() {
+            let delay = match self.connect_pass() {
                 Ok((transport, connected)) => {
-                    pass = 0;
-                    if !self.session(transport, connected) {
-                        break;
+                    let began = Instant::now();
+                    match self.session(transport, connected) {
+                        SessionEnd::Stop => break,
+                        SessionEnd::Broken(reason) => {
+                            let delay = retry.after_session(
+                                began.elapsed(),
+                                self.config.healthy_session,
+                                &self.config.backoff,
+                            );
+                            warn!("SSNTP disconnected: {reason}; reconnecting in {delay:?}");
+                            delay
+                        }
                     }
                 }
                 Err(AttemptError {
@@ -349,8 +451,7 @@ impl IoThread {
                     error,
                     fatal: false,
                 }) => {
-                    let delay = self.config.backoff.delay(pass);
-                    pass += 1;
+                    let delay = retry.after_failed_pass(&self.config.backoff);
                     debug!("SSNTP connection failed ({error}); retrying in {delay:?}");
                     if !self.emit(ClientEvent::ConnectFailed {
                         error: error.to_string(),
@@ -358,11 +459,12 @@ impl IoThread {
                     }) {
                         break;
                     }
-                    select! {
-                        recv(self.shutdown) -> _ => break,
-                        default(delay) => {}
-                    }
+                    delay
                 }
+            };
+            select! {
+                recv(self.shutdown) -> _ => break,
+                recv(self.config.timer.after(delay)) -> _ => {}
             }
         }
         self.link.close();
@@ -407,8 +509,22 @@ impl IoThread {
         let conn =
             rustls::ClientConnection::new(Arc::clone(&self.tls), name).map_err(ConnError::Tls)?;
         let mut t = Transport::new(sock, conn.into(), cfg.max_message).map_err(ConnError::Io)?;
+        t.set_frame_timeout(cfg.frame_timeout);
         let closing = || self.closing();
-        t.handshake(deadline, &closing)?;
+        match t.handshake(deadline, &closing) {
+            Ok(()) => {}
+            Err(ConnError::Tls(e)) if tls::hostname_mismatch(&e).is_some() => {
+                let why = tls::hostname_mismatch(&e).map_or_else(String::new, |m| m.to_string());
+                return Err(AttemptError {
+                    error: ConnError::Security(format!(
+                        "{server}: the server's {why}; refusing to talk to it \
+                         (--verify-hostname=false turns the check off)"
+                    )),
+                    fatal: true,
+                });
+            }
+            Err(e) => return Err(e.into()),
+        }
 
         // CONNECT, then nothing until CONNECTED: the Go server reads CONNECT
         // with a throw-away buffered decoder.
@@ -475,10 +591,10 @@ impl IoThread {
         Ok((t, c))
     }
 
-    /// Runs one connection; false if the client must stop.
-    fn session(&self, mut t: Transport, c: ConnectedFrame) -> bool {
+    /// Runs one connection until it ends.
+    fn session(&self, mut t: Transport, c: ConnectedFrame) -> SessionEnd {
         let Ok(Some(out)) = self.link.up() else {
-            return false;
+            return SessionEnd::Stop;
         };
         let mut server_uuid = [0u8; 16];
         server_uuid.copy_from_slice(&c.source[..16]);
@@ -494,7 +610,7 @@ impl IoThread {
             configuration: c.payload,
         }) {
             self.link.down(&out);
-            return false;
+            return SessionEnd::Stop;
         }
         let (profile, uuid, role) = (self.config.profile, self.config.uuid, self.config.role);
         let result = t.run(&out, |t, v| {
@@ -517,19 +633,21 @@ impl IoThread {
             Ok(())
         });
         let unsent = self.link.down(&out);
-        match result {
+        let reason = match result {
             Err(ConnError::Shutdown) => {
                 t.close();
-                false
+                return SessionEnd::Stop;
             }
-            Err(e) => {
-                warn!("SSNTP disconnected: {e}");
-                self.emit(ClientEvent::Disconnected {
-                    reason: e.to_string(),
-                    unsent,
-                })
-            }
-            Ok(()) => true,
+            Err(e) => e.to_string(),
+            Ok(()) => "the session ended".to_string(),
+        };
+        if self.emit(ClientEvent::Disconnected {
+            reason: reason.clone(),
+            unsent,
+        }) {
+            SessionEnd::Broken(reason)
+        } else {
+            SessionEnd::Stop
         }
     }
 }
@@ -661,6 +779,29 @@ mod tests {
                 "pass {pass}: {d:?}"
             );
         }
+    }
+
+    #[test]
+    fn broken_sessions_move_the_backoff_on_healthy_ones_reset_it() {
+        let b = Backoff::default();
+        let healthy = HEALTHY_SESSION;
+        let within =
+            |d: Duration, w: u64| d >= Duration::from_secs(1) && d <= Duration::from_secs(w);
+        let mut r = Retry::default();
+        assert!(within(r.after_failed_pass(&b), 5));
+        assert!(within(r.after_failed_pass(&b), 10));
+        // A session that broke at once is one more failure, not a fresh start.
+        assert!(within(
+            r.after_session(Duration::from_millis(3), healthy, &b),
+            20
+        ));
+        assert_eq!(r.pass, 3);
+        assert!(within(r.after_session(healthy / 2, healthy, &b), 40));
+        assert_eq!(r.pass, 4);
+        // One that stayed up long enough starts the windows again, and still waits.
+        assert!(within(r.after_session(healthy, healthy, &b), 5));
+        assert_eq!(r.pass, 1);
+        assert!(within(r.after_session(Duration::ZERO, healthy, &b), 10));
     }
 
     #[test]

@@ -16,6 +16,14 @@
 //!    is writable, and feeds decrypted bytes to the resumable gob decoder.
 //! 3. When the connection dies the io thread marks the link down first, then
 //!    takes whatever was still queued and reports it with the disconnect.
+//!
+//! A peer that stops in the middle of a gob message would otherwise hold the
+//! session (and up to a message's worth of buffer) for ever: once part of a
+//! message has arrived, the whole of it must follow within the frame timeout
+//! ([`DEFAULT_FRAME_TIMEOUT`], 60 s, counted from when the io thread first
+//! sees the message incomplete), or the connection ends with
+//! [`ConnError::Timeout`]. An idle connection, with no message
+//! begun, is not timed out: schedulers may be silent for long.
 
 use std::fmt;
 use std::io::{self, Read, Write};
@@ -40,6 +48,9 @@ const TLS_BUFFER_LIMIT: usize = 256 * 1024;
 const READ_CHUNK: usize = 64 * 1024;
 /// Plaintext encoded ahead before handing it to rustls in one go.
 const WRITE_BATCH: usize = 64 * 1024;
+/// How long a begun gob message may take to arrive in full (module doc).
+/// SSNTP frames are kilobytes; even a 16 MiB one needs only ~280 KB/s.
+pub const DEFAULT_FRAME_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Why a connection ended or could not be used.
 #[derive(Debug)]
@@ -55,6 +66,8 @@ pub enum ConnError {
     Shutdown,
     /// The peer broke the SSNTP protocol.
     Protocol(String),
+    /// The peer cannot be trusted (e.g. its certificate does not name it).
+    Security(String),
     /// Every server of a dial pass failed; the text names the last one.
     Unreachable(String),
 }
@@ -69,6 +82,7 @@ impl fmt::Display for ConnError {
             ConnError::Timeout(what) => write!(f, "timed out waiting for {what}"),
             ConnError::Shutdown => f.write_str("shutting down"),
             ConnError::Protocol(s) => write!(f, "protocol error: {s}"),
+            ConnError::Security(s) => write!(f, "security failure: {s}"),
             ConnError::Unreachable(s) => f.write_str(s),
         }
     }
@@ -296,6 +310,47 @@ impl Outbound {
 // ---------------------------------------------------------------------------
 // Transport: the io thread's side
 
+/// The bound on a message that has begun to arrive ([`DEFAULT_FRAME_TIMEOUT`]).
+#[derive(Debug)]
+struct PartialFrame {
+    timeout: Duration,
+    /// When part of a message was first seen waiting for the rest.
+    since: Option<Instant>,
+}
+
+impl PartialFrame {
+    fn new(timeout: Duration) -> PartialFrame {
+        PartialFrame {
+            timeout,
+            since: None,
+        }
+    }
+
+    /// Called after the whole messages were taken out of the decoder, which
+    /// still holds `buffered` bytes (`completed`: at least one was whole).
+    /// `Some(time left)` while part of a message waits; an error once that
+    /// time is over.
+    fn check(
+        &mut self,
+        buffered: usize,
+        completed: bool,
+        now: Instant,
+    ) -> Result<Option<Duration>, ConnError> {
+        if completed || buffered == 0 {
+            self.since = None;
+        }
+        if buffered == 0 {
+            return Ok(None);
+        }
+        let since = *self.since.get_or_insert(now);
+        let left = (since + self.timeout).saturating_duration_since(now);
+        if left.is_zero() {
+            return Err(ConnError::Timeout("the rest of a frame"));
+        }
+        Ok(Some(left))
+    }
+}
+
 /// A non-blocking TLS connection with the gob codec of one SSNTP stream.
 #[derive(Debug)]
 pub(crate) struct Transport {
@@ -309,6 +364,8 @@ pub(crate) struct Transport {
     /// Decrypted bytes on their way to the decoder.
     rbuf: Vec<u8>,
     eof: bool,
+    /// See [`DEFAULT_FRAME_TIMEOUT`].
+    partial: PartialFrame,
 }
 
 impl Transport {
@@ -329,7 +386,13 @@ impl Transport {
             pending_off: 0,
             rbuf: Vec::new(),
             eof: false,
+            partial: PartialFrame::new(DEFAULT_FRAME_TIMEOUT),
         })
+    }
+
+    /// How long the rest of a begun message may take (module doc).
+    pub fn set_frame_timeout(&mut self, timeout: Duration) {
+        self.partial = PartialFrame::new(timeout);
     }
 
     pub fn tls(&self) -> &rustls::Connection {
@@ -587,16 +650,21 @@ impl Transport {
             if out.is_closed() {
                 return Err(ConnError::Shutdown);
             }
+            let mut completed = false;
             while let Some(v) = self.next_value()? {
+                completed = true;
                 on_value(self, v)?;
             }
+            let partial = self
+                .partial
+                .check(self.dec.buffered(), completed, Instant::now())?;
             out.shared.parked.store(true, Ordering::SeqCst);
             // Decide to block only after the last flush, and re-check the
             // queue after arming: a frame queued before a sender could see
             // `parked` must not wait for the next socket event.
             self.flush()?;
             let ready = self.pending_off == self.pending.len() && !out.rx.is_empty();
-            let timeout = if ready { Some(Duration::ZERO) } else { None };
+            let timeout = if ready { Some(Duration::ZERO) } else { partial };
             self.wait(Some(&out.waker), timeout)?;
             out.shared.parked.store(false, Ordering::SeqCst);
         }
@@ -629,6 +697,31 @@ mod tests {
         link.close();
         assert!(matches!(link.send(f), Err(SendError::Closed(_))));
         assert!(link.up().expect("pair").is_none());
+    }
+
+    #[test]
+    fn a_begun_frame_must_be_completed_within_the_timeout() {
+        let t0 = Instant::now();
+        let s = Duration::from_secs;
+        let mut p = PartialFrame::new(s(60));
+        // Idle: no bound at all, however long.
+        assert!(matches!(p.check(0, false, t0), Ok(None)));
+        assert!(matches!(p.check(0, false, t0 + s(3600)), Ok(None)));
+        // Part of a message arrives: the clock starts.
+        assert_eq!(p.check(10, false, t0 + s(100)).ok(), Some(Some(s(60))));
+        // More bytes of the same message do not restart it...
+        assert_eq!(p.check(500, false, t0 + s(130)).ok(), Some(Some(s(30))));
+        // ...a message completed does (the next one has begun).
+        assert_eq!(p.check(20, true, t0 + s(150)).ok(), Some(Some(s(60))));
+        assert!(matches!(
+            p.check(20, false, t0 + s(210)),
+            Err(ConnError::Timeout("the rest of a frame"))
+        ));
+        // Everything taken: idle again.
+        let mut p = PartialFrame::new(s(60));
+        assert!(p.check(20, false, t0).is_ok());
+        assert!(matches!(p.check(0, true, t0 + s(59)), Ok(None)));
+        assert_eq!(p.check(5, false, t0 + s(1000)).ok(), Some(Some(s(60))));
     }
 
     #[test]

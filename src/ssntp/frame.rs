@@ -1,4 +1,5 @@
-//! The structs that travel on an SSNTP stream (spec/ssntp.md §3.1) and the
+//! The structs that travel on an SSNTP stream (Go's ssntp.Frame,
+//! ConnectFrame and ConnectedFrame, matched by field name) and the
 //! typed names of their Type/Operand bytes.
 //!
 //! Three shapes exist: [`ConnectFrame`] (client → server, once),

@@ -1,5 +1,4 @@
-//! The subset of Go's `encoding/gob` stream format that SSNTP uses
-//! (spec/ssntp.md §3.2–3.3).
+//! The subset of Go's `encoding/gob` stream format that SSNTP uses.
 //!
 //! A gob stream is a sequence of messages `uint length | int typeId | body`.
 //! A negative type id introduces a *type definition* (a `wireType` value) that

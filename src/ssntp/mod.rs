@@ -1,7 +1,7 @@
 //! SSNTP, the Simple and Secure Node Transfer Protocol of ciao, usable on its own.
 //!
-//! Frames are Go `encoding/gob` values over mutually authenticated TLS
-//! (spec/ssntp.md). Layers, bottom up:
+//! Frames are Go `encoding/gob` values over mutually authenticated TLS.
+//! Layers, bottom up:
 //! - [`gob`]: the subset of Go's gob stream format SSNTP needs;
 //! - [`frame`]: the three frame structs and their typed operations;
 //! - [`profile`]: operand numbering per protocol generation;

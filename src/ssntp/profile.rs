@@ -2,8 +2,8 @@
 //! generation. This is the only place that knows operand numbers.
 //!
 //! * `2016` — ciao e7061307 (2016-04), the launcher the user's documents
-//!   describe (spec/history.md §4, confirmed on the wire by spec/wire-2016.md).
-//! * `2018` — ciao master 194264ad (spec/ssntp.md §2).
+//!   describe (its operand table, as seen on the wire of that launcher).
+//! * `2018` — ciao master 194264ad.
 //!
 //! The frame *type* byte and the STATUS operands are the same in both.
 

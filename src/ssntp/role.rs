@@ -1,5 +1,6 @@
 //! SSNTP roles: a bit mask carried in CONNECT/CONNECTED frames and proven by
-//! private-use OIDs in the certificates' Extended Key Usage (spec/ssntp.md §2.6).
+//! private-use OIDs in the certificates' Extended Key Usage
+//! (1.3.6.1.4.1.343.8.N, one per role bit).
 
 use std::fmt;
 use std::str::FromStr;

@@ -2,7 +2,7 @@
 //!
 //! Threads: `ssntp-accept` polls the listener and a waker; each accepted
 //! connection gets its own `ssntp-conn-<n>` thread that runs the handshake
-//! (spec/ssntp.md §4.2) and then the shared connection loop of
+//! (as ciao's Go server does it) and then the shared connection loop of
 //! `conn::Transport`. Sessions are kept by client UUID; a client that
 //! reconnects with the same UUID replaces its old session, as in Go.
 //!

@@ -1,6 +1,6 @@
 //! rustls configurations for SSNTP and the ciao certificate verifier.
 //!
-//! Why a custom verifier (spec/ssntp.md §5.4): ciao certificates do not fit
+//! Why a custom verifier: ciao certificates do not fit
 //! the stock webpki verifiers of rustls.
 //! - The classic scheduler presents its self-signed CA certificate
 //!   (`CA:TRUE`) as its server certificate; webpki refuses a CA as end entity
@@ -12,8 +12,13 @@
 //!   `RequiredEkuNotFound`. We pass webpki an EKU validator that requires an
 //!   accepted SSNTP role OID instead, compared on raw DER because
 //!   rustls-webpki 0.103 mis-decodes the arc 343.
-//! - Launcher certificates have no SANs, so the host name is only checked on
-//!   request ([`PeerPolicy::verify_hostname`]).
+//! - Launcher certificates have no SANs, and schedulers made by older tools
+//!   may have none either, so the scheduler's name is checked only when the
+//!   policy asks ([`PeerPolicy::verify_hostname`]: the launcher's 2018
+//!   profile does by default, as ciao master's launcher does; 2016 launchers
+//!   did not). The name is the host part of the address dialled: an IP
+//!   literal must be an IP SAN, anything else a DNS SAN, as in Go's
+//!   `crypto/tls`. A mismatch is a [`HostnameMismatch`] naming both sides.
 //!
 //! Roles are read with x509-cert, which decodes OIDs correctly and can parse
 //! certificates webpki will not treat as end entities (our own, the pinned CA).
@@ -42,7 +47,8 @@ pub use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime}
 
 use super::role::Role;
 
-/// TLS 1.3 first; TLS 1.2 is required for Go 1.8/1.9 peers (spec §5.1).
+/// TLS 1.3 first; TLS 1.2 is required for Go 1.8/1.9 peers (ciao was built
+/// with those, and they speak TLS 1.0–1.2 only).
 const PROTOCOL_VERSIONS: &[&SupportedProtocolVersion] =
     &[&rustls::version::TLS13, &rustls::version::TLS12];
 
@@ -81,6 +87,10 @@ pub enum TlsError {
     UnsupportedKey { what: String, detail: String },
     /// The private key does not belong to the first certificate.
     KeyMismatch { what: String },
+    /// Our own certificate's validity period is over.
+    Expired { what: String, not_after: String },
+    /// Our own certificate's validity period has not begun.
+    NotYetValid { what: String, not_before: String },
     /// No CA certificate was given to a configuration.
     NoCa,
     /// rustls refused the configuration.
@@ -124,6 +134,15 @@ impl fmt::Display for TlsError {
                 f,
                 "{what}: the private key does not belong to the first certificate"
             ),
+            TlsError::Expired { what, not_after } => write!(
+                f,
+                "{what} expired on {not_after}: peers refuse it; issue a new certificate"
+            ),
+            TlsError::NotYetValid { what, not_before } => write!(
+                f,
+                "{what} is not valid before {not_before}: peers refuse it (is this \
+                 machine's clock right?)"
+            ),
             TlsError::NoCa => write!(f, "no CA certificate configured"),
             TlsError::Config(e) => write!(f, "TLS configuration rejected: {e}"),
         }
@@ -162,6 +181,59 @@ fn peer_cert_error(msg: String) -> rustls::Error {
     rustls::Error::InvalidCertificate(CertificateError::Other(OtherError(Arc::new(
         PeerCertError(msg),
     ))))
+}
+
+/// The peer's certificate does not name the host that was dialled. Inside a
+/// [`rustls::Error`] (find it with [`hostname_mismatch`]): the client treats
+/// it as a security failure and does not retry. Debug prints the message,
+/// as rustls formats the error it sits in with `{:?}`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct HostnameMismatch {
+    /// The name checked: the host part of the address dialled.
+    pub name: String,
+    /// The certificate's IP and DNS subject alternative names.
+    pub ips: Vec<IpAddr>,
+    pub dns: Vec<String>,
+}
+
+impl fmt::Display for HostnameMismatch {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "certificate is not valid for name {:?} (the address dialled): ",
+            self.name
+        )?;
+        if self.ips.is_empty() && self.dns.is_empty() {
+            return f.write_str("it has no subject alternative names");
+        }
+        f.write_str("its subject alternative names are ")?;
+        let names: Vec<String> = self
+            .dns
+            .iter()
+            .map(|d| format!("DNS:{d}"))
+            .chain(self.ips.iter().map(|ip| format!("IP:{ip}")))
+            .collect();
+        f.write_str(&names.join(", "))
+    }
+}
+
+impl fmt::Debug for HostnameMismatch {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(self, f)
+    }
+}
+
+impl std::error::Error for HostnameMismatch {}
+
+/// The [`HostnameMismatch`] inside a TLS error, if that is what it is.
+pub fn hostname_mismatch(e: &rustls::Error) -> Option<&HostnameMismatch> {
+    match e {
+        rustls::Error::InvalidCertificate(CertificateError::Other(OtherError(inner))) => {
+            let inner: &(dyn std::error::Error + 'static) = &**inner;
+            inner.downcast_ref::<HostnameMismatch>()
+        }
+        _ => None,
+    }
 }
 
 // ---------------------------------------------------------------------------
@@ -366,6 +438,36 @@ pub fn cert_sans(cert: &CertificateDer<'_>) -> Result<(Vec<IpAddr>, Vec<String>)
     Ok((ips, dns))
 }
 
+/// Whether our own certificate (`id.chain[0]`) is within its validity period
+/// at `now`. Peers check it too, but all we would hear from them is an
+/// anonymous TLS alert; `what` names the file in the error.
+pub fn check_own_validity(
+    id: &Identity,
+    what: &str,
+    now: std::time::SystemTime,
+) -> Result<(), TlsError> {
+    let Some(own) = id.chain.first() else {
+        return Err(TlsError::NoCertificate {
+            what: what.to_string(),
+        });
+    };
+    let parsed = parse_cert(own).map_err(|e| rename(e, what))?;
+    let validity = parsed.tbs_certificate().validity();
+    if now < validity.not_before.to_system_time() {
+        return Err(TlsError::NotYetValid {
+            what: what.to_string(),
+            not_before: validity.not_before.to_date_time().to_string(),
+        });
+    }
+    if now > validity.not_after.to_system_time() {
+        return Err(TlsError::Expired {
+            what: what.to_string(),
+            not_after: validity.not_after.to_date_time().to_string(),
+        });
+    }
+    Ok(())
+}
+
 /// The role proven by the peer's end-entity certificate (`chain[0]`);
 /// `Role::UNKNOWN` if there is none or it cannot be parsed.
 pub fn peer_role(chain: &[CertificateDer<'_>]) -> Role {
@@ -492,8 +594,21 @@ impl CiaoVerifier {
         }
         if let Some(name) = server_name {
             let ee = webpki::EndEntityCert::try_from(end_entity).map_err(map_webpki_error)?;
-            ee.verify_is_valid_for_subject_name(name)
-                .map_err(map_webpki_error)?;
+            match ee.verify_is_valid_for_subject_name(name) {
+                Ok(()) => {}
+                Err(webpki::Error::CertNotValidForName(_)) => {
+                    let (ips, dns) = cert_sans(end_entity).unwrap_or_default();
+                    let name = match name {
+                        ServerName::DnsName(d) => d.as_ref().to_string(),
+                        ServerName::IpAddress(ip) => IpAddr::from(*ip).to_string(),
+                        other => format!("{other:?}"),
+                    };
+                    return Err(rustls::Error::InvalidCertificate(CertificateError::Other(
+                        OtherError(Arc::new(HostnameMismatch { name, ips, dns })),
+                    )));
+                }
+                Err(e) => return Err(map_webpki_error(e)),
+            }
         }
         Ok(())
     }
@@ -708,7 +823,7 @@ fn client_config_with_versions(
         .with_custom_certificate_verifier(verifier)
         .with_client_auth_cert(id.chain.clone(), id.key.clone_key())
         .map_err(TlsError::Config)?;
-    // Go 1.8 peers do not offer extended master secret (spec §5.1).
+    // Go 1.8 peers do not offer extended master secret.
     config.require_ems = false;
     Ok(Arc::new(config))
 }
@@ -1384,6 +1499,88 @@ mod tests {
             "{:?}",
             o.client
         );
+    }
+
+    #[test]
+    fn hostname_mismatch_names_the_name_and_the_sans() {
+        let (auth, ca_issued) = ca(Role::SCHEDULER);
+        let ca_certs = vec![ca_issued.der.clone()];
+        let strict = PeerPolicy {
+            accepted_roles: Role::SCHEDULER.union(Role::SERVER),
+            verify_hostname: true,
+        };
+        let verifier = CiaoVerifier::new(&ca_certs, &strict).expect("verifier");
+        let now = UnixTime::now();
+        let check = |cert: &CertificateDer<'_>, name: &str| {
+            let name = ServerName::try_from(name.to_string()).expect("server name");
+            verifier.verify_server_cert(cert, &[], &name, &[], now)
+        };
+
+        let mut spec = CertSpec::new(Role::SERVER);
+        spec.dns = vec!["sched.example".to_string()];
+        spec.ips = vec!["127.0.0.1".parse().expect("ip literal")];
+        let named = certgen::issue(&auth, &spec).expect("issue");
+        assert!(check(&named.der, "sched.example").is_ok());
+        assert!(check(&named.der, "127.0.0.1").is_ok());
+        // An IP literal is matched against IP SANs only, a name against DNS SANs.
+        let e = check(&named.der, "127.0.0.2").expect_err("other IP");
+        let m = hostname_mismatch(&e).expect("a HostnameMismatch");
+        assert_eq!(m.name, "127.0.0.2");
+        assert_eq!(
+            m.to_string(),
+            "certificate is not valid for name \"127.0.0.2\" (the address dialled): its \
+             subject alternative names are DNS:sched.example, IP:127.0.0.1"
+        );
+        let e = check(&named.der, "localhost").expect_err("other name");
+        assert_eq!(
+            hostname_mismatch(&e).map(|m| m.name.as_str()),
+            Some("localhost")
+        );
+
+        // The classic scheduler (the pinned CA) without SANs.
+        let e = check(&ca_issued.der, "localhost").expect_err("no SANs");
+        let m = hostname_mismatch(&e).expect("a HostnameMismatch");
+        assert!(m.ips.is_empty() && m.dns.is_empty());
+        assert!(
+            e.to_string().contains(
+                "\"localhost\" (the address dialled): it has no subject alternative names"
+            ),
+            "{e}"
+        );
+
+        // Other failures are not name mismatches.
+        let (other_auth, _) = ca(Role::SCHEDULER);
+        let foreign = certgen::issue(&other_auth, &spec).expect("issue");
+        let e = check(&foreign.der, "sched.example").expect_err("foreign CA");
+        assert!(hostname_mismatch(&e).is_none(), "{e}");
+    }
+
+    #[test]
+    fn own_certificate_validity() {
+        let (auth, _) = ca(Role::SCHEDULER);
+        let day = Duration::from_secs(86400);
+        let now = SystemTime::now();
+        let good = ident(&leaf(&auth, Role::AGENT));
+        assert!(check_own_validity(&good, "cert-CNAgent.pem", now).is_ok());
+
+        let mut spec = CertSpec::new(Role::AGENT);
+        spec.not_before = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+        spec.not_after = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000) + day;
+        let expired = ident(&certgen::issue(&auth, &spec).expect("issue"));
+        let e = check_own_validity(&expired, "certs/cert-CNAgent.pem", now).expect_err("expired");
+        assert!(matches!(e, TlsError::Expired { .. }), "{e:?}");
+        assert!(
+            e.to_string()
+                .starts_with("certs/cert-CNAgent.pem expired on 2023-11-15T22:13:20Z"),
+            "{e}"
+        );
+
+        spec.not_before = now + day;
+        spec.not_after = now + 2 * day;
+        let future = ident(&certgen::issue(&auth, &spec).expect("issue"));
+        let e = check_own_validity(&future, "c.pem", now).expect_err("not yet valid");
+        assert!(matches!(e, TlsError::NotYetValid { .. }), "{e:?}");
+        assert!(e.to_string().contains("c.pem is not valid before"), "{e}");
     }
 
     // --- loading identities and CA files -----------------------------------
