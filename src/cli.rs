@@ -25,6 +25,7 @@ use clap::{ArgAction, CommandFactory, FromArgMatches, Parser, ValueEnum};
 use log::LevelFilter;
 
 use crate::ssntp::Profile;
+use crate::virt::qemu::ChildUser;
 
 /// Rewrites Go-style single-dash long flags known to `cmd`.
 pub fn normalize_args(
@@ -219,6 +220,10 @@ pub struct LauncherCli {
     /// The qemu-img program (image inspection and overlays).
     #[arg(long, value_name = "PROGRAM", default_value = "qemu-img", help_heading = NODE)]
     pub qemu_img: PathBuf,
+
+    /// Run QEMU, qemu-img and xorriso as this user (a name, or the uid of an existing user) and its primary group; QEMU drops to it once it has opened its files and devices. Wins over the cluster configuration's launcher.child_user (2018). An unknown user is a command-line error. Default: the launcher's own user, root.
+    #[arg(long, value_name = "USER", help_heading = NODE)]
+    pub child_user: Option<String>,
 
     /// EFI firmware for fw_type efi: a combined OVMF.fd, or an OVMF_CODE file whose OVMF_VARS sibling is copied per VM (default: searched in /usr/share/OVMF, /usr/share/qemu, /usr/share/edk2/ovmf).
     #[arg(long, value_name = "FILE", help_heading = NODE)]
@@ -451,6 +456,8 @@ pub struct Config {
     pub qemu: PathBuf,
     pub qemu_img: PathBuf,
     pub ovmf: Option<PathBuf>,
+    /// `--child-user`, looked up; `None`: not given (or "").
+    pub child_user: Option<ChildUser>,
     pub usage_interval: Duration,
     pub log: LogConfig,
 }
@@ -612,6 +619,13 @@ impl LauncherCli {
             ));
         }
         let usage_interval = Duration::from_secs_f64(self.usage_interval);
+        // Go's default was "": an empty value means "not given".
+        let child_user = match self.child_user.as_deref().map(str::trim) {
+            None | Some("") => None,
+            Some(name) => {
+                Some(ChildUser::lookup(name).map_err(|r| invalid("--child-user", name, r))?)
+            }
+        };
         let instance_stack_size = Some(self.instance_stack_kib)
             .filter(|k| *k >= MIN_INSTANCE_STACK_KIB)
             .and_then(|k| k.checked_mul(1024))
@@ -661,6 +675,7 @@ impl LauncherCli {
             qemu: self.qemu,
             qemu_img: self.qemu_img,
             ovmf: self.ovmf,
+            child_user,
             log,
             data_dir: self.data_dir,
         })
@@ -1304,6 +1319,25 @@ mod tests {
             parse_err(&["-cacert=/a", "-cert=/b", "-max-vm=-1"]),
             CliError::Clap(_)
         ));
+    }
+
+    #[test]
+    fn child_user_is_looked_up() {
+        assert_eq!(with_certs(&[]).child_user, None);
+        assert_eq!(with_certs(&["-child-user="]).child_user, None);
+        let root = with_certs(&["-child-user=root"]).child_user.expect("root");
+        assert_eq!((root.name.as_str(), root.uid, root.gid), ("root", 0, 0));
+        assert_eq!(with_certs(&["--child-user", "0"]).child_user, Some(root));
+        let bad = "no-such-user-ciao-x";
+        assert_eq!(
+            invalid_flag(&["-child-user", bad]),
+            ("--child-user", bad.into())
+        );
+        let mut v = CERTS.to_vec();
+        v.extend(["--child-user", bad]);
+        let e = parse_err(&v);
+        assert_eq!(e.exit_code(), 2);
+        assert!(e.to_string().contains("no user"), "{e}");
     }
 
     #[test]
