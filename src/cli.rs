@@ -759,6 +759,41 @@ A QEMU that exits by itself is a crash, handled as the protocol profile says.
 After a restart the launcher reconnects to every virtual machine's QMP socket.
 AttachVolume (2018) hot-plugs \fIvolumes/<volume_uuid>\fR with blockdev\-add and
 device_add and records it, so later boots attach it too.
+.SH "CHILD USER"
+With \fB\-\-child\-user\fR \fIUSER\fR, or (2018) the cluster configuration's
+\fBlauncher.child_user\fR from CONNECTED when the flag is not given, the programs of a
+virtual machine run as \fIUSER\fR with its primary group as their only group.
+Without either they run as the launcher (root), exactly as before; containers are not
+affected.
+.PP
+QEMU opens its disks, firmware, console log, QMP socket and devices as root, then drops to
+the user itself: \fB\-run\-with user=\fR\fIUID:GID\fR where QEMU has it (9.1 and later),
+\fB\-runas\fR \fIUID:GID\fR before.
+It also runs with \fB\-sandbox on,obsolete=deny,resourcecontrol=deny\fR, or
+\fB\-sandbox on\fR, where the build takes it (\fBspawn=deny\fR and
+\fBelevateprivileges=deny\fR would kill QEMU at \-daemonize or at the privilege drop).
+What the QEMU build offers is asked once, at the first such START (\fB\-version\fR with
+the options), and logged; a build without a usable \-sandbox is logged as a warning.
+qemu\-img and xorriso (or genisoimage) run as the user from their start.
+.PP
+The instance directory and its \fIstate\fR stay root's, so the user cannot replace what
+the launcher reads or opens as root.
+What the user writes is made its own: \fIimage.qcow2\fR, \fIseed.iso\fR (and its staging
+tree, mode 0700/0600: user data may hold secrets), \fIconsole.log\fR, \fIOVMF_VARS.fd\fR,
+\fIqmp.sock\fR, and the instance's volumes \fIvolumes/<volume_uuid>\fR (a hot-plugged one
+is given to the user its QEMU runs as).
+Nothing else changes hands: backing images in \fIimages/\fR are shared and must be readable
+by the user (mode 0644 is), and the data directory searchable by it (0755 is); a symbolic
+link is never followed to give away its target.
+.PP
+An unknown \fB\-\-child\-user\fR is a command-line error: the launcher exits with status 2
+before it does anything.
+An unknown \fBlauncher.child_user\fR in CONNECTED is logged once as an error, and from then
+on every virtual machine START is refused (image_failure; a RESTART, launch_failure) with a
+log line naming the user, rather than run as root; the user is looked up again at each
+START, so creating it, or restarting the launcher with \fB\-\-child\-user\fR, ends the
+refusals.
+Virtual machines already running keep the user they started with.
 .SH SIGNALS
 .TP
 .BR SIGTERM ", " SIGINT ", " SIGHUP
@@ -777,7 +812,7 @@ Normal exit: stopped by a signal, \fB\-\-hard\-reset\fR done, or \fB\-\-help\fR/
 Another launcher holds the data directory's lock.
 .TP
 .B 2
-Command-line error.
+Command-line error (also an unknown \fB\-\-child\-user\fR).
 .TP
 .B 3
 The certificates are unusable, or this node's certificate proves neither the agent nor the

@@ -9,6 +9,17 @@
 //! `console.log` (the serial console), `OVMF_VARS.fd` (EFI variables, when
 //! the firmware comes as code + variables).
 //!
+//! With a child user ([`ChildUsers`]: `--child-user`, else the 2018 cluster
+//! configuration's `launcher.child_user`) QEMU opens its files and devices
+//! as root and then drops to that user and its primary group itself
+//! (`-run-with user=UID:GID` from QEMU 9.1, `-runas UID:GID` before), with
+//! `-sandbox` where the build takes it ([`probe_confinement`], once);
+//! `qemu-img` and the ISO tool run as the user from exec ([`as_child`]).
+//! The instance directory and its state stay root's; the files the user
+//! writes (overlay, config drive, console log, EFI variables, QMP socket)
+//! and the instance's volumes are made its own ([`create_for`], [`give`]);
+//! shared backing images are not. Without a child user nothing changes.
+//!
 //! Each running VM has a monitor thread (`monitor-<uuid8>`) holding the QMP
 //! connection (whose reader is a second thread, `qmp-<uuid8>`). `Running` is
 //! reported after the QMP handshake — for a VM just launched, made by the
