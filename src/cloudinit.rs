@@ -14,7 +14,7 @@ use std::process::{Command, Stdio};
 use serde_json::Value;
 
 use crate::virt::VirtError;
-use crate::virt::qemu::{ChildUser, as_child, create_for, give};
+use crate::virt::qemu::{ChildUser, as_child, create_for};
 
 /// The ISO tools tried in order: xorriso in its mkisofs mode, then genisoimage.
 const ISO_TOOLS: [(&str, &[&str]); 2] = [("xorriso", &["-as", "mkisofs"]), ("genisoimage", &[])];
@@ -95,8 +95,10 @@ fn build(
             (ud, 0o600),
             (md, 0o600),
         ] {
-            fs::set_permissions(&p, fs::Permissions::from_mode(mode)).map_err(|e| io_err(&p, e))?;
-            give(&p, u)?;
+            // Just made by root in root's instance directory: no link to follow.
+            fs::set_permissions(&p, fs::Permissions::from_mode(mode))
+                .and_then(|()| std::os::unix::fs::lchown(&p, Some(u.uid), Some(u.gid)))
+                .map_err(|e| io_err(&p, e))?;
         }
         create_for(iso, u)?;
     }
@@ -164,6 +166,33 @@ mod tests {
         let filled: Value = serde_json::from_str(&meta_data("{\"hostname\": \"h\"}", ID)).unwrap();
         assert_eq!(filled["uuid"], ID);
         assert_eq!(filled["hostname"], "h");
+    }
+
+    /// The ISO tool as a child user writes the seed.iso made for it, in an
+    /// instance directory that stays root's (needs root and xorriso).
+    #[test]
+    fn config_drive_as_child_user() {
+        use std::os::unix::fs::MetadataExt;
+        let have_tool = ISO_TOOLS
+            .iter()
+            .any(|(t, _)| Command::new(t).arg("-version").output().is_ok());
+        if !nix::unistd::getuid().is_root() || !have_tool {
+            return;
+        }
+        let nobody = ChildUser {
+            name: "nobody".into(),
+            uid: 65534,
+            gid: 65534,
+        };
+        let dir = std::env::temp_dir().join(format!("ciao-seed-{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        let iso = make_config_drive(&dir, ID, "#cloud-config\n", "", Some(&nobody)).unwrap();
+        let m = fs::metadata(&iso).unwrap();
+        assert_eq!((m.uid(), m.gid()), (65534, 65534));
+        assert!(m.len() > 0);
+        assert_eq!(fs::metadata(&dir).unwrap().uid(), 0);
+        assert!(!dir.join("clr-cloud-init").exists());
+        fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -718,16 +718,18 @@ pub fn as_child(cmd: &mut Command, user: Option<&ChildUser>) {
 }
 
 /// Makes `path` (a regular file or the QMP socket of an instance, or one of
-/// its volumes) owned by `user`. A symbolic link is left alone (`lchown`
-/// would change the link, not what it points to); a missing file is fine.
+/// its volumes) owned by `user`. Anything else (a symbolic link: `lchown`
+/// would change the link, not what it points to; a directory) is left
+/// alone; a missing file is fine.
 pub fn give(path: &Path, user: &ChildUser) -> Result<(), VirtError> {
-    use std::os::unix::fs::MetadataExt;
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
     let meta = match fs::symlink_metadata(path) {
         Ok(m) => m,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
         Err(e) => return Err(VirtError(format!("{}: {e}", path.display()))),
     };
-    if meta.file_type().is_symlink() || (meta.uid(), meta.gid()) == (user.uid, user.gid) {
+    let kind = meta.file_type();
+    if !(kind.is_file() || kind.is_socket()) || (meta.uid(), meta.gid()) == (user.uid, user.gid) {
         return Ok(());
     }
     std::os::unix::fs::lchown(path, Some(user.uid), Some(user.gid)).map_err(|e| {
@@ -2055,6 +2057,9 @@ mod tests {
         give(&outside, &u).unwrap();
         assert_eq!(fs::metadata(&outside).unwrap().uid(), 65534);
         give(&tmp.join("missing"), &u).unwrap();
+        // Directories are not given away.
+        give(&tmp, &u).unwrap();
+        assert_eq!(fs::metadata(&tmp).unwrap().uid(), 0);
         fs::remove_dir_all(&tmp).unwrap();
     }
 
