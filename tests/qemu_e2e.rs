@@ -578,9 +578,22 @@ fn vm_as_child_user_2016() {
     env.wait_list_within(BOOT, "exited", |l| state_of(l, &id) == Some("exited"));
     wait_console(&env, &id, "GUEST-POWERDOWN", 1);
     wait_dead(pid);
+    // RESTART: the same disk, written by the child at the first boot.
+    env.lc_ok(&["restart", &id]);
+    let c = wait_console(&env, &id, "GUEST-RUNCMD-DONE", 2);
+    assert!(
+        c.lines()
+            .filter(|l| l.starts_with("GUEST-PERSIST"))
+            .nth(1)
+            .is_some_and(|l| l.contains("marker")),
+        "{c}"
+    );
+    env.wait_list("running again", |l| state_of(l, &id) == Some("running"));
+    let pid = assert_runs_as(&env, &id, user);
     // DELETE: every file goes, the child's too.
     env.lc_ok(&["delete", &id]);
     env.wait_list("deleted", |l| state_of(l, &id).is_none());
+    wait_dead(pid);
     assert!(!instance_dir(&env, &id).exists());
     assert_eq!(env.instance_dirs(), 0);
 }
@@ -733,4 +746,54 @@ fn unknown_child_user_flag_is_a_usage_error() {
         err.contains("--child-user") && err.contains("no-such-user-ciao-x"),
         "{err}"
     );
+}
+
+/// EFI (the VM's own EFI variables) and a hot-plugged volume, which QEMU
+/// opens after it dropped to the child user: the volume is given to it.
+#[test]
+fn efi_and_hotplug_as_child_user_2018() {
+    let user = test_child_user();
+    let (uid, gid) = ids_of(user);
+    let (env, _serve, _addr, _launcher) = setup("2018", &["--child-user", user]);
+    let watcher = "#!/bin/sh\n( o=; while :; do n=$(ls /sys/block | grep '^vd' | tr '\\n' ' '); [ \"$n\" != \"$o\" ] && echo \"GUEST-DISKS $n\" > /dev/console; o=$n; sleep 0.5; done ) > /dev/null 2>&1 &\n";
+    let id = start_vm(&env, true, 128, watcher);
+    wait_console(&env, &id, "GUEST-DISKS", 1);
+    env.wait_list("active", |l| state_of(l, &id) == Some("active"));
+    let pid = assert_runs_as(&env, &id, user);
+    assert_eq!(
+        owner(&instance_dir(&env, &id).join("OVMF_VARS.fd")),
+        (uid, gid)
+    );
+
+    let volumes = env.dir.join("data/volumes");
+    std::fs::create_dir_all(&volumes).expect("volumes dir");
+    let vol = "0f0f0f0f-0000-4000-8000-000000000002";
+    let ok = Command::new("qemu-img")
+        .args(["create", "-q", "-f", "raw"])
+        .arg(volumes.join(vol))
+        .arg("8M")
+        .status()
+        .expect("qemu-img");
+    assert!(ok.success());
+    // Another volume, not this instance's, stays root's.
+    let other = volumes.join("0f0f0f0f-0000-4000-8000-0000000000aa");
+    std::fs::write(&other, [0u8; 4096]).expect("other volume");
+    env.lc_ok(&["attach", &id, vol]);
+    wait_log(&env, &format!("volume {vol} attached"));
+    let c = wait_console(&env, &id, "GUEST-DISKS", 2);
+    let last = c
+        .lines()
+        .rfind(|l| l.starts_with("GUEST-DISKS"))
+        .unwrap_or_default()
+        .to_string();
+    assert!(
+        last.contains("vdc"),
+        "a third disk after the hot-plug: {last}"
+    );
+    assert_eq!(owner(&volumes.join(vol)), (uid, gid));
+    assert_eq!(owner(&other), (0, 0));
+    env.lc_ok(&["delete", &id]);
+    env.wait_list("deleted", |l| state_of(l, &id).is_none());
+    wait_dead(pid);
+    assert_eq!(env.instance_dirs(), 0);
 }
