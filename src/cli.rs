@@ -785,6 +785,10 @@ is given to the user its QEMU runs as).
 Nothing else changes hands: backing images in \fIimages/\fR are shared and must be readable
 by the user (mode 0644 is), and the data directory searchable by it (0755 is); a symbolic
 link is never followed to give away its target.
+As QEMU opens the disks as root before it drops, each boot first checks (with qemu\-img,
+as the user) that the user has not rewritten a disk's header to make root open another
+file: an overlay must name its own backing image and nothing else, a volume no backing or
+data file; otherwise the boot is refused (launch_failure) with the file named.
 .PP
 An unknown \fB\-\-child\-user\fR is a command-line error: the launcher exits with status 2
 before it does anything.

@@ -61,6 +61,14 @@ pub fn make_config_drive(
 ) -> Result<PathBuf, VirtError> {
     let staging = dir.join("clr-cloud-init");
     let iso = dir.join("seed.iso");
+    if child.is_some()
+        && let Err(e) = fs::remove_dir_all(&staging)
+        && e.kind() != io::ErrorKind::NotFound
+    {
+        // A tree left by an interrupted build was the child's: never write
+        // through it (it may hold links by now).
+        return Err(VirtError(format!("{}: {e}", staging.display())));
+    }
     let result = build(&staging, &iso, instance, user_data, payload_meta, child);
     if let Err(e) = fs::remove_dir_all(&staging)
         && e.kind() != io::ErrorKind::NotFound
@@ -95,7 +103,7 @@ fn build(
             (ud, 0o600),
             (md, 0o600),
         ] {
-            // Just made by root in root's instance directory: no link to follow.
+            // Just made by root, in a tree made afresh: no link to follow.
             fs::set_permissions(&p, fs::Permissions::from_mode(mode))
                 .and_then(|()| std::os::unix::fs::lchown(&p, Some(u.uid), Some(u.gid)))
                 .map_err(|e| io_err(&p, e))?;

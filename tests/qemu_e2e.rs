@@ -590,10 +590,35 @@ fn vm_as_child_user_2016() {
     );
     env.wait_list("running again", |l| state_of(l, &id) == Some("running"));
     let pid = assert_runs_as(&env, &id, user);
+
+    // A child that rewrote its overlay's header to have root QEMU open
+    // another file at the next boot: that boot is refused.
+    env.lc_ok(&["stop", &id]);
+    env.wait_list_within(BOOT, "exited again", |l| state_of(l, &id) == Some("exited"));
+    wait_dead(pid);
+    let overlay = instance_dir(&env, &id).join("image.qcow2");
+    let ok = Command::new("qemu-img")
+        .args([
+            "rebase",
+            "-u",
+            "-f",
+            "qcow2",
+            "-F",
+            "raw",
+            "-b",
+            "/etc/shadow",
+        ])
+        .arg(&overlay)
+        .status()
+        .expect("qemu-img rebase");
+    assert!(ok.success());
+    env.lc_ok(&["restart", &id]);
+    wait_log(&env, "names /etc/shadow as its backing file: refused");
+    wait_log(&env, "launch_failure");
+    assert!(env.vm_pids().is_empty());
     // DELETE: every file goes, the child's too.
     env.lc_ok(&["delete", &id]);
     env.wait_list("deleted", |l| state_of(l, &id).is_none());
-    wait_dead(pid);
     assert!(!instance_dir(&env, &id).exists());
     assert_eq!(env.instance_dirs(), 0);
 }

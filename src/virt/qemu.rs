@@ -330,6 +330,31 @@ fn finish_overlay(child: std::process::Child) -> Result<(), VirtError> {
 pub struct ImageInfo {
     pub format: String,
     pub virtual_size: u64,
+    /// The backing file its header names (full path), if any.
+    pub backing: Option<String>,
+    /// An external data file its header names (qcow2), if any.
+    pub data_file: Option<String>,
+}
+
+impl ImageInfo {
+    /// A disk that a child user can write, QEMU opens as root at each boot
+    /// (before it drops): its header must not make root QEMU open other
+    /// files than `backing` (the overlay's own backing image; `None` for a
+    /// volume) on its behalf.
+    fn check_header(&self, path: &Path, backing: Option<&Path>) -> Result<(), VirtError> {
+        let want = backing.map(|b| b.to_string_lossy().into_owned());
+        if self.backing != want || self.data_file.is_some() {
+            return Err(VirtError(format!(
+                "{} names {} as its backing file{}: refused for a VM of a child user (QEMU opens its disks as root)",
+                path.display(),
+                self.backing.as_deref().unwrap_or("nothing"),
+                self.data_file
+                    .as_deref()
+                    .map_or(String::new(), |d| format!(" and {d} as its data file")),
+            )));
+        }
+        Ok(())
+    }
 }
 
 /// `qemu-img info` of `path` (with `-U`: the image may be in use), run as
@@ -366,9 +391,12 @@ pub fn image_info(
             path.display()
         )));
     }
+    let text = |v: Option<&Value>| v.and_then(Value::as_str).map(str::to_string);
     Ok(ImageInfo {
         format: format.into(),
         virtual_size: size,
+        backing: text(v.get("full-backing-filename").or(v.get("backing-filename"))),
+        data_file: text(v.pointer("/format-specific/data/data-file")),
     })
 }
 
@@ -425,6 +453,9 @@ impl Qemu {
             .ok_or_else(|| VirtError("neither an image nor a bootable volume".into()))?;
         let path = self.volume_path(id);
         let info = image_info(&self.f.qemu_img, &path, self.child.as_ref())?;
+        if self.child.is_some() {
+            info.check_header(&path, None)?;
+        }
         Ok((path, info.format))
     }
 
@@ -449,6 +480,12 @@ impl Qemu {
         for v in self.cfg.volumes.iter().filter(|v| !v.bootable) {
             let path = self.volume_path(&v.uuid);
             let info = image_info(&self.f.qemu_img, &path, self.child.as_ref())
+                .and_then(|i| {
+                    if self.child.is_some() {
+                        i.check_header(&path, None)?;
+                    }
+                    Ok(i)
+                })
                 .map_err(|e| VirtError(format!("volume {}: {e}", v.uuid)))?;
             extra.push((v.uuid.clone(), path, info.format));
         }
@@ -527,6 +564,7 @@ impl Qemu {
                 }
                 create_for(&self.dir.join("console.log"), &u)?;
                 self.give_volumes()?;
+                self.check_overlay(&u)?;
                 let c = self.f.confinement();
                 Some(Confine {
                     uid: u.uid,
@@ -600,6 +638,19 @@ impl Qemu {
             }
         }
         Err(VirtError("no usable console port".into()))
+    }
+
+    /// The overlay (the child's to write) still names its own backing
+    /// image, and nothing else, in its header.
+    fn check_overlay(&self, u: &ChildUser) -> Result<(), VirtError> {
+        if self.cfg.image_uuid.is_empty() {
+            return Ok(());
+        }
+        let backing = self.images_dir().join(&self.cfg.image_uuid);
+        let backing = fs::canonicalize(&backing)
+            .map_err(|e| VirtError(format!("{}: {e}", backing.display())))?;
+        let overlay = self.overlay();
+        image_info(&self.f.qemu_img, &overlay, Some(u))?.check_header(&overlay, Some(&backing))
     }
 
     fn release_port(&mut self) {
@@ -2060,6 +2111,58 @@ mod tests {
         // Directories are not given away.
         give(&tmp, &u).unwrap();
         assert_eq!(fs::metadata(&tmp).unwrap().uid(), 0);
+        fs::remove_dir_all(&tmp).unwrap();
+    }
+
+    /// What a child-writable disk's header may name (needs qemu-img).
+    #[test]
+    fn disk_headers_of_child_vms() {
+        let tmp = std::env::temp_dir().join(format!("ciao-hdr-{}", std::process::id()));
+        fs::create_dir_all(&tmp).unwrap();
+        let img = |args: &[&str]| {
+            Command::new("qemu-img")
+                .args(["create", "-q"])
+                .args(args)
+                .current_dir(&tmp)
+                .status()
+                .is_ok_and(|s| s.success())
+        };
+        if !img(&["-f", "raw", "base.raw", "1M"]) {
+            fs::remove_dir_all(&tmp).unwrap();
+            return;
+        }
+        let base = fs::canonicalize(tmp.join("base.raw")).unwrap();
+        let qemu_img = Path::new("qemu-img");
+        let b = base.to_string_lossy().into_owned();
+        assert!(img(&[
+            "-f", "qcow2", "-F", "raw", "-b", &b, "ov.qcow2", "1M"
+        ]));
+        let ov = tmp.join("ov.qcow2");
+        let info = image_info(qemu_img, &ov, None).unwrap();
+        assert_eq!(info.backing.as_deref(), Some(b.as_str()));
+        info.check_header(&ov, Some(&base)).unwrap();
+        // Pointed elsewhere, or a volume with a backing file: refused.
+        let e = info
+            .check_header(&ov, Some(&tmp.join("other")))
+            .unwrap_err();
+        assert!(e.0.contains("backing file") && e.0.contains(&b), "{e}");
+        assert!(info.check_header(&ov, None).is_err());
+        let raw = image_info(qemu_img, &base, None).unwrap();
+        assert_eq!((raw.backing, raw.data_file), (None, None));
+        // An external data file.
+        let d = tmp.join("data.raw").to_string_lossy().into_owned();
+        assert!(img(&[
+            "-f",
+            "qcow2",
+            "-o",
+            &format!("data_file={d}"),
+            "df.qcow2",
+            "1M"
+        ]));
+        let df = image_info(qemu_img, &tmp.join("df.qcow2"), None).unwrap();
+        assert_eq!(df.data_file.as_deref(), Some(d.as_str()));
+        let e = df.check_header(&tmp.join("df.qcow2"), None).unwrap_err();
+        assert!(e.0.contains("data file"), "{e}");
         fs::remove_dir_all(&tmp).unwrap();
     }
 
