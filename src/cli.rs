@@ -25,6 +25,7 @@ use clap::{ArgAction, CommandFactory, FromArgMatches, Parser, ValueEnum};
 use log::LevelFilter;
 
 use crate::ssntp::Profile;
+use crate::virt::qemu::ChildUser;
 
 /// Rewrites Go-style single-dash long flags known to `cmd`.
 pub fn normalize_args(
@@ -219,6 +220,10 @@ pub struct LauncherCli {
     /// The qemu-img program (image inspection and overlays).
     #[arg(long, value_name = "PROGRAM", default_value = "qemu-img", help_heading = NODE)]
     pub qemu_img: PathBuf,
+
+    /// Run QEMU, qemu-img and xorriso as this user (a name, or the uid of an existing user) and its primary group; QEMU drops to it once it has opened its files and devices. Wins over the cluster configuration's launcher.child_user (2018). An unknown user is a command-line error. Default: the launcher's own user, root.
+    #[arg(long, value_name = "USER", help_heading = NODE)]
+    pub child_user: Option<String>,
 
     /// EFI firmware for fw_type efi: a combined OVMF.fd, or an OVMF_CODE file whose OVMF_VARS sibling is copied per VM (default: searched in /usr/share/OVMF, /usr/share/qemu, /usr/share/edk2/ovmf).
     #[arg(long, value_name = "FILE", help_heading = NODE)]
@@ -452,6 +457,8 @@ pub struct Config {
     pub qemu: PathBuf,
     pub qemu_img: PathBuf,
     pub ovmf: Option<PathBuf>,
+    /// `--child-user`, looked up; `None`: not given (or "").
+    pub child_user: Option<ChildUser>,
     pub usage_interval: Duration,
     pub log: LogConfig,
 }
@@ -613,6 +620,13 @@ impl LauncherCli {
             ));
         }
         let usage_interval = Duration::from_secs_f64(self.usage_interval);
+        // Go's default was "": an empty value means "not given".
+        let child_user = match self.child_user.as_deref().map(str::trim) {
+            None | Some("") => None,
+            Some(name) => {
+                Some(ChildUser::lookup(name).map_err(|r| invalid("--child-user", name, r))?)
+            }
+        };
         let instance_stack_size = Some(self.instance_stack_kib)
             .filter(|k| *k >= MIN_INSTANCE_STACK_KIB)
             .and_then(|k| k.checked_mul(1024))
@@ -664,6 +678,7 @@ impl LauncherCli {
             qemu: self.qemu,
             qemu_img: self.qemu_img,
             ovmf: self.ovmf,
+            child_user,
             log,
             data_dir: self.data_dir,
         })
@@ -793,6 +808,45 @@ A connection on which no frame is under way is not timed out.
 Identical log lines (the same severity, thread and text) are written at most 5 times a
 minute; the rest are counted, and a line "last message repeated N times in 60s (thread):
 text" comes with the first line logged after that minute (or when the launcher exits).
+.SH "CHILD USER"
+With \fB\-\-child\-user\fR \fIUSER\fR, or (2018) the cluster configuration's
+\fBlauncher.child_user\fR from CONNECTED when the flag is not given, the programs of a
+virtual machine run as \fIUSER\fR with its primary group as their only group.
+Without either they run as the launcher (root), exactly as before; containers are not
+affected.
+.PP
+QEMU opens its disks, firmware, console log, QMP socket and devices as root, then drops to
+the user itself: \fB\-run\-with user=\fR\fIUID:GID\fR where QEMU has it (9.1 and later),
+\fB\-runas\fR \fIUID:GID\fR before.
+It also runs with \fB\-sandbox on,obsolete=deny,resourcecontrol=deny\fR, or
+\fB\-sandbox on\fR, where the build takes it (\fBspawn=deny\fR and
+\fBelevateprivileges=deny\fR would kill QEMU at \-daemonize or at the privilege drop).
+What the QEMU build offers is asked once, at the first such START (\fB\-version\fR with
+the options), and logged; a build without a usable \-sandbox is logged as a warning.
+qemu\-img and xorriso (or genisoimage) run as the user from their start.
+.PP
+The instance directory and its \fIstate\fR stay root's, so the user cannot replace what
+the launcher reads or opens as root.
+What the user writes is made its own: \fIimage.qcow2\fR, \fIseed.iso\fR (and its staging
+tree, mode 0700/0600: user data may hold secrets), \fIconsole.log\fR, \fIOVMF_VARS.fd\fR,
+\fIqmp.sock\fR, and the instance's volumes \fIvolumes/<volume_uuid>\fR (a hot-plugged one
+is given to the user its QEMU runs as).
+Nothing else changes hands: backing images in \fIimages/\fR are shared and must be readable
+by the user (mode 0644 is), and the data directory searchable by it (0755 is); a symbolic
+link is never followed to give away its target.
+As QEMU opens the disks as root before it drops, each boot first checks (with qemu\-img,
+as the user) that the user has not rewritten a disk's header to make root open another
+file: an overlay must name its own backing image and nothing else, a volume no backing or
+data file; otherwise the boot is refused (launch_failure) with the file named.
+.PP
+An unknown \fB\-\-child\-user\fR is a command-line error: the launcher exits with status 2
+before it does anything.
+An unknown \fBlauncher.child_user\fR in CONNECTED is logged once as an error, and from then
+on every virtual machine START is refused (image_failure; a RESTART, launch_failure) with a
+log line naming the user, rather than run as root; the user is looked up again at each
+START, so creating it, or restarting the launcher with \fB\-\-child\-user\fR, ends the
+refusals.
+Virtual machines already running keep the user they started with.
 .SH SIGNALS
 .TP
 .BR SIGTERM ", " SIGINT ", " SIGHUP
@@ -811,7 +865,7 @@ Normal exit: stopped by a signal, \fB\-\-hard\-reset\fR done, or \fB\-\-help\fR/
 Another launcher holds the data directory's lock.
 .TP
 .B 2
-Command-line error.
+Command-line error (also an unknown \fB\-\-child\-user\fR).
 .TP
 .B 3
 The certificates are unusable, this node's certificate has expired (or is not valid yet),
@@ -1392,6 +1446,25 @@ mod tests {
             parse_err(&["-cacert=/a", "-cert=/b", "-max-vm=-1"]),
             CliError::Clap(_)
         ));
+    }
+
+    #[test]
+    fn child_user_is_looked_up() {
+        assert_eq!(with_certs(&[]).child_user, None);
+        assert_eq!(with_certs(&["-child-user="]).child_user, None);
+        let root = with_certs(&["-child-user=root"]).child_user.expect("root");
+        assert_eq!((root.name.as_str(), root.uid, root.gid), ("root", 0, 0));
+        assert_eq!(with_certs(&["--child-user", "0"]).child_user, Some(root));
+        let bad = "no-such-user-ciao-x";
+        assert_eq!(
+            invalid_flag(&["-child-user", bad]),
+            ("--child-user", bad.into())
+        );
+        let mut v = CERTS.to_vec();
+        v.extend(["--child-user", bad]);
+        let e = parse_err(&v);
+        assert_eq!(e.exit_code(), 2);
+        assert!(e.to_string().contains("no user"), "{e}");
     }
 
     #[test]

@@ -2,7 +2,9 @@
 //! `config-2` (OpenStack's ConfigDrive data source) holding
 //! `openstack/latest/user_data` (the START payload's cloud-init document) and
 //! `openstack/latest/meta_data.json`, built with `xorriso -as mkisofs`
-//! (`genisoimage` when xorriso is absent), as ciao does.
+//! (`genisoimage` when xorriso is absent), as ciao does. With a child user
+//! the tool runs as that user ([`as_child`]): the staging tree and
+//! `seed.iso` are made the child's, the instance directory stays root's.
 
 use std::fs;
 use std::io;
@@ -12,6 +14,7 @@ use std::process::{Command, Stdio};
 use serde_json::Value;
 
 use crate::virt::VirtError;
+use crate::virt::qemu::{ChildUser, as_child, create_for};
 
 /// The ISO tools tried in order: xorriso in its mkisofs mode, then genisoimage.
 const ISO_TOOLS: [(&str, &[&str]); 2] = [("xorriso", &["-as", "mkisofs"]), ("genisoimage", &[])];
@@ -46,17 +49,27 @@ pub fn meta_data(payload_meta: &str, instance: &str) -> String {
     format!("{{\n  \"uuid\": \"{instance}\",\n  \"hostname\": \"{instance}\"\n}}\n")
 }
 
-/// Writes `<dir>/seed.iso` for `instance`; the staging tree
-/// `<dir>/clr-cloud-init` is removed afterwards, whatever happened.
+/// Writes `<dir>/seed.iso` for `instance`, with the ISO tool run as
+/// `child` when given; the staging tree `<dir>/clr-cloud-init` is removed
+/// afterwards, whatever happened.
 pub fn make_config_drive(
     dir: &Path,
     instance: &str,
     user_data: &str,
     payload_meta: &str,
+    child: Option<&ChildUser>,
 ) -> Result<PathBuf, VirtError> {
     let staging = dir.join("clr-cloud-init");
     let iso = dir.join("seed.iso");
-    let result = build(&staging, &iso, instance, user_data, payload_meta);
+    if child.is_some()
+        && let Err(e) = fs::remove_dir_all(&staging)
+        && e.kind() != io::ErrorKind::NotFound
+    {
+        // A tree left by an interrupted build was the child's: never write
+        // through it (it may hold links by now).
+        return Err(VirtError(format!("{}: {e}", staging.display())));
+    }
+    let result = build(&staging, &iso, instance, user_data, payload_meta, child);
     if let Err(e) = fs::remove_dir_all(&staging)
         && e.kind() != io::ErrorKind::NotFound
     {
@@ -71,6 +84,7 @@ fn build(
     instance: &str,
     user_data: &str,
     payload_meta: &str,
+    child: Option<&ChildUser>,
 ) -> Result<(), VirtError> {
     let latest = staging.join("openstack/latest");
     let io_err = |p: &Path, e: io::Error| VirtError(format!("{}: {e}", p.display()));
@@ -79,10 +93,29 @@ fn build(
     fs::write(&ud, user_data).map_err(|e| io_err(&ud, e))?;
     let md = latest.join("meta_data.json");
     fs::write(&md, meta_data(payload_meta, instance)).map_err(|e| io_err(&md, e))?;
+    if let Some(u) = child {
+        // The user data may hold secrets: only its owner, the child, reads it.
+        use std::os::unix::fs::PermissionsExt;
+        for (p, mode) in [
+            (staging.to_path_buf(), 0o700),
+            (staging.join("openstack"), 0o700),
+            (latest.clone(), 0o700),
+            (ud, 0o600),
+            (md, 0o600),
+        ] {
+            // Just made by root, in a tree made afresh: no link to follow.
+            fs::set_permissions(&p, fs::Permissions::from_mode(mode))
+                .and_then(|()| std::os::unix::fs::lchown(&p, Some(u.uid), Some(u.gid)))
+                .map_err(|e| io_err(&p, e))?;
+        }
+        create_for(iso, u)?;
+    }
 
     let mut missing = Vec::new();
     for (tool, pre) in ISO_TOOLS {
-        let out = Command::new(tool)
+        let mut cmd = Command::new(tool);
+        as_child(&mut cmd, child);
+        let out = cmd
             .args(pre)
             .args(["-quiet", "-R", "-J", "-V", "config-2", "-o"])
             .arg(iso)
@@ -141,6 +174,33 @@ mod tests {
         let filled: Value = serde_json::from_str(&meta_data("{\"hostname\": \"h\"}", ID)).unwrap();
         assert_eq!(filled["uuid"], ID);
         assert_eq!(filled["hostname"], "h");
+    }
+
+    /// The ISO tool as a child user writes the seed.iso made for it, in an
+    /// instance directory that stays root's (needs root and xorriso).
+    #[test]
+    fn config_drive_as_child_user() {
+        use std::os::unix::fs::MetadataExt;
+        let have_tool = ISO_TOOLS
+            .iter()
+            .any(|(t, _)| Command::new(t).arg("-version").output().is_ok());
+        if !nix::unistd::getuid().is_root() || !have_tool {
+            return;
+        }
+        let nobody = ChildUser {
+            name: "nobody".into(),
+            uid: 65534,
+            gid: 65534,
+        };
+        let dir = std::env::temp_dir().join(format!("ciao-seed-{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        let iso = make_config_drive(&dir, ID, "#cloud-config\n", "", Some(&nobody)).unwrap();
+        let m = fs::metadata(&iso).unwrap();
+        assert_eq!((m.uid(), m.gid()), (65534, 65534));
+        assert!(m.len() > 0);
+        assert_eq!(fs::metadata(&dir).unwrap().uid(), 0);
+        assert!(!dir.join("clr-cloud-init").exists());
+        fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -295,7 +295,20 @@ fn qemu_factory(cfg: &Config) -> qemu::QemuFactory {
         },
         stop_timeout: cfg.stop_timeout,
         images: qemu::ImageCache::default(),
+        child_users: child_users(cfg),
+        confinement: Arc::default(),
     }
+}
+
+/// `--child-user`, which the 2018 cluster configuration's
+/// `launcher.child_user` reaches too (the flag wins).
+fn child_users(cfg: &Config) -> Arc<qemu::ChildUsers> {
+    if let Some(u) = &cfg.child_user {
+        info!("virtual machines run as {u} (--child-user)");
+    }
+    let c = Arc::new(qemu::ChildUsers::new(cfg.child_user.clone()));
+    c.receive_cluster_configuration();
+    c
 }
 
 /// `-hard-reset`: ends every instance (VMs quit through QMP, containers

@@ -69,6 +69,7 @@ impl Server {
                     match commands::parse_configure(&configuration) {
                         Ok(c) => {
                             info!("cluster configuration: {c:?}");
+                            crate::virt::qemu::cluster_child_user(&c.child_user);
                             self.cluster = Some(c);
                         }
                         Err(e) => warn!("cluster configuration ignored: {e}"),

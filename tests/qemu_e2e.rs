@@ -452,3 +452,373 @@ fn vm_that_died_while_the_launcher_was_down_is_a_crash_2018() {
     env.wait_list("gone", |l| state_of(l, &id).is_none());
     assert!(!instance_dir(&env, &id).exists());
 }
+
+/// The throw-away system user the child-user tests run VMs as: made when
+/// missing (`nobody` where it cannot be made).
+fn test_child_user() -> &'static str {
+    static USER: OnceLock<&'static str> = OnceLock::new();
+    USER.get_or_init(|| {
+        const NAME: &str = "ciao-test-child";
+        let known = |n: &str| nix::unistd::User::from_name(n).ok().flatten().is_some();
+        if !known(NAME) {
+            let made = Command::new("useradd")
+                .args([
+                    "--system",
+                    "--no-create-home",
+                    "--shell",
+                    "/usr/sbin/nologin",
+                ])
+                .arg(NAME)
+                .status();
+            eprintln!("useradd {NAME}: {made:?}");
+        }
+        if known(NAME) { NAME } else { "nobody" }
+    })
+}
+
+/// (uid, gid) of `name`.
+fn ids_of(name: &str) -> (u32, u32) {
+    let u = nix::unistd::User::from_name(name)
+        .ok()
+        .flatten()
+        .unwrap_or_else(|| panic!("no user {name}"));
+    (u.uid.as_raw(), u.gid.as_raw())
+}
+
+/// The values of a `/proc/<pid>/status` line (`Uid:` real, effective,
+/// saved, file system).
+fn status_line(pid: i32, key: &str) -> Vec<String> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
+    s.lines()
+        .find(|l| l.starts_with(key))
+        .unwrap_or_else(|| panic!("no {key} in the status of {pid}"))
+        .split_whitespace()
+        .skip(1)
+        .map(str::to_string)
+        .collect()
+}
+
+fn owner(p: &Path) -> (u32, u32) {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::symlink_metadata(p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+    (m.uid(), m.gid())
+}
+
+/// Checks that the VM's QEMU runs as `user` (real and effective ids, its
+/// primary group only), confined, with its files the child's and nothing
+/// else changed hands.
+fn assert_runs_as(env: &Env, id: &str, user: &str) -> i32 {
+    let (uid, gid) = ids_of(user);
+    let pid = qemu_pid(env, id);
+    assert_eq!(status_line(pid, "Uid:"), vec![uid.to_string(); 4]);
+    assert_eq!(status_line(pid, "Gid:"), vec![gid.to_string(); 4]);
+    assert_eq!(status_line(pid, "Groups:"), vec![gid.to_string()]);
+    println!(
+        "QEMU pid {pid} of {id}: Uid {:?}, Gid {:?}, Seccomp {:?}",
+        status_line(pid, "Uid:"),
+        status_line(pid, "Gid:"),
+        status_line(pid, "Seccomp:")
+    );
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).expect("cmdline");
+    let args: Vec<String> = cmdline
+        .split(|b| *b == 0)
+        .map(|a| String::from_utf8_lossy(a).into_owned())
+        .collect();
+    let ids = format!("{uid}:{gid}");
+    assert!(
+        args.windows(2).any(|w| (w[0] == "-runas" && w[1] == ids)
+            || (w[0] == "-run-with" && w[1] == format!("user={ids}"))),
+        "{args:?}"
+    );
+    // Debian's QEMU has seccomp: the filter is on.
+    if args.iter().any(|a| a == "-sandbox") {
+        assert_eq!(status_line(pid, "Seccomp:"), ["2"]);
+    }
+    let dir = instance_dir(env, id);
+    for f in ["image.qcow2", "seed.iso", "console.log", "qmp.sock"] {
+        assert_eq!(owner(&dir.join(f)), (uid, gid), "{f}");
+    }
+    // The instance directory and its state stay root's, as does the
+    // backing image that other VMs share.
+    assert_eq!(owner(&dir), (0, 0));
+    assert_eq!(owner(&dir.join("state")), (0, 0));
+    assert_eq!(owner(&env.dir.join("data/images").join(IMAGE)), (0, 0));
+    pid
+}
+
+#[test]
+fn vm_as_child_user_2016() {
+    let user = test_child_user();
+    let flag = format!("-child-user={user}");
+    let (env, _serve, _addr, _launcher) = setup("2016", &[&flag]);
+    let id = start_vm(
+        &env,
+        false,
+        64,
+        "#cloud-config\nruncmd:\n  - echo as-child > /root/marker\n",
+    );
+    wait_console(
+        &env,
+        &id,
+        &format!("GUEST-BOOTED uuid={id} hostname={id}"),
+        1,
+    );
+    wait_console(&env, &id, "GUEST-RUNCMD-DONE rc=0", 1);
+    env.wait_list("running", |l| state_of(l, &id) == Some("running"));
+    let pid = assert_runs_as(&env, &id, user);
+    let log = env.log();
+    assert!(
+        log.contains(&format!("virtual machines run as {user}")),
+        "{log}"
+    );
+    assert!(log.contains("VMs of a child user drop privileges"), "{log}");
+
+    // STOP: the guest powers off; QEMU (not root) is gone.
+    env.lc_ok(&["stop", &id]);
+    env.wait_list_within(BOOT, "exited", |l| state_of(l, &id) == Some("exited"));
+    wait_console(&env, &id, "GUEST-POWERDOWN", 1);
+    wait_dead(pid);
+    // RESTART: the same disk, written by the child at the first boot.
+    env.lc_ok(&["restart", &id]);
+    let c = wait_console(&env, &id, "GUEST-RUNCMD-DONE", 2);
+    assert!(
+        c.lines()
+            .filter(|l| l.starts_with("GUEST-PERSIST"))
+            .nth(1)
+            .is_some_and(|l| l.contains("marker")),
+        "{c}"
+    );
+    env.wait_list("running again", |l| state_of(l, &id) == Some("running"));
+    let pid = assert_runs_as(&env, &id, user);
+
+    // A child that rewrote its overlay's header to have root QEMU open
+    // another file at the next boot: that boot is refused.
+    env.lc_ok(&["stop", &id]);
+    env.wait_list_within(BOOT, "exited again", |l| state_of(l, &id) == Some("exited"));
+    wait_dead(pid);
+    let overlay = instance_dir(&env, &id).join("image.qcow2");
+    let ok = Command::new("qemu-img")
+        .args([
+            "rebase",
+            "-u",
+            "-f",
+            "qcow2",
+            "-F",
+            "raw",
+            "-b",
+            "/etc/shadow",
+        ])
+        .arg(&overlay)
+        .status()
+        .expect("qemu-img rebase");
+    assert!(ok.success());
+    env.lc_ok(&["restart", &id]);
+    wait_log(&env, "names /etc/shadow as its backing file: refused");
+    wait_log(&env, "launch_failure");
+    assert!(env.vm_pids().is_empty());
+    // DELETE: every file goes, the child's too.
+    env.lc_ok(&["delete", &id]);
+    env.wait_list("deleted", |l| state_of(l, &id).is_none());
+    assert!(!instance_dir(&env, &id).exists());
+    assert_eq!(env.instance_dirs(), 0);
+}
+
+/// `ciao-lc serve` with a cluster configuration (CONNECTED), killed on drop.
+struct Serve(std::process::Child);
+
+impl Drop for Serve {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn serve_configured(env: &Env, profile: &str, child_user: &str) -> (Serve, std::net::SocketAddr) {
+    let conf = env.dir.join("configuration.yaml");
+    std::fs::write(
+        &conf,
+        format!("configure:\n  launcher:\n    disk_limit: false\n    mem_limit: false\n    child_user: {child_user}\n"),
+    )
+    .expect("configuration");
+    let mut child = Command::new(LC)
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--protocol",
+            profile,
+            "--certs",
+        ])
+        .arg(env.certs())
+        .arg("--configuration")
+        .arg(&conf)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("serve");
+    let lines = lines_of(child.stdout.take().expect("stdout"));
+    let serve = Serve(child);
+    let first = lines.recv_timeout(WAIT).expect("serve prints its address");
+    let addr = first
+        .split_whitespace()
+        .skip_while(|w| *w != "on")
+        .nth(1)
+        .and_then(|a| a.parse().ok())
+        .unwrap_or_else(|| panic!("no address in {first:?}"));
+    std::thread::spawn(move || for _ in lines.iter() {});
+    (serve, addr)
+}
+
+fn configured_setup(child_user: &str, extra: &[&str]) -> (Env, Serve, Proc) {
+    let env = Env::new();
+    let images = env.dir.join("data/images");
+    std::fs::create_dir_all(&images).expect("images dir");
+    std::fs::copy(guest_image(), images.join(IMAGE)).expect("install the guest image");
+    let (serve, addr) = serve_configured(&env, "2018", child_user);
+    let launcher = launcher(&env, addr, "2018", extra);
+    env.wait_connected();
+    (env, serve, launcher)
+}
+
+/// The 2018 CONNECTED frame's `launcher.child_user`, without the flag.
+#[test]
+fn vm_as_the_cluster_configurations_child_user_2018() {
+    let user = test_child_user();
+    let (env, _serve, _launcher) = configured_setup(user, &[]);
+    wait_log(
+        &env,
+        &format!("cluster configuration: virtual machines run as {user}"),
+    );
+    let id = start_vm(&env, false, 48, "#cloud-config\n");
+    wait_console(&env, &id, "GUEST-BOOTED", 1);
+    env.wait_list("active", |l| state_of(l, &id) == Some("active"));
+    let pid = assert_runs_as(&env, &id, user);
+    env.lc_ok(&["delete", &id]);
+    env.wait_list("deleted", |l| state_of(l, &id).is_none());
+    wait_dead(pid);
+    assert_eq!(env.instance_dirs(), 0);
+}
+
+/// An unknown child user in CONNECTED: one error line, VM STARTs refused
+/// (nothing runs as root instead); `--child-user` overrides it.
+#[test]
+fn unknown_child_user_of_the_cluster_refuses_vms_2018() {
+    let unknown = "no-such-user-ciao-x";
+    let (env, _serve, _launcher) = configured_setup(unknown, &[]);
+    wait_log(&env, "cluster configuration: launcher.child_user: no user");
+    for _ in 0..2 {
+        let out = env.lc_ok(&["start", "--image", IMAGE, "--legacy", "--mem-mb", "48"]);
+        let id = out.split_whitespace().nth(1).expect("id").to_string();
+        env.wait_list("refused", |l| state_of(l, &id).is_none());
+    }
+    let deadline = Instant::now() + WAIT;
+    while env.log().matches("image_failure").count() < 2 {
+        assert!(Instant::now() < deadline, "two refusals:\n{}", env.log());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let log = env.log();
+    assert_eq!(
+        log.matches("refused: the cluster configuration's launcher.child_user")
+            .count(),
+        2,
+        "{log}"
+    );
+    assert_eq!(
+        log.matches("cluster configuration: launcher.child_user")
+            .count(),
+        1,
+        "{log}"
+    );
+    assert_eq!(log.matches("image_failure").count(), 2, "{log}");
+    // The refused instances' directories go right after the refusal.
+    let deadline = Instant::now() + WAIT;
+    while env.instance_dirs() > 0 {
+        assert!(Instant::now() < deadline, "files left by refused STARTs");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(env.vm_pids().is_empty());
+
+    // The flag wins over the configuration.
+    let user = test_child_user();
+    let flag = format!("--child-user={user}");
+    let (env, _serve, _launcher) = configured_setup(unknown, &[&flag]);
+    wait_log(&env, "overridden by --child-user");
+    let id = start_vm(&env, false, 48, "#cloud-config\n");
+    env.wait_list("active", |l| state_of(l, &id) == Some("active"));
+    let pid = assert_runs_as(&env, &id, user);
+    env.lc_ok(&["delete", &id]);
+    env.wait_list("deleted", |l| state_of(l, &id).is_none());
+    wait_dead(pid);
+}
+
+/// An unknown `--child-user` is a command-line error: exit status 2.
+#[test]
+fn unknown_child_user_flag_is_a_usage_error() {
+    let env = Env::new();
+    let out = Command::new(LAUNCHER)
+        .arg("-cacert")
+        .arg(env.certs().join("CAcert.pem"))
+        .arg("-cert")
+        .arg(env.certs().join("cert-CNAgent.pem"))
+        .arg("--data-dir")
+        .arg(env.dir.join("data"))
+        .args(["-child-user", "no-such-user-ciao-x"])
+        .output()
+        .expect("launcher");
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("--child-user") && err.contains("no-such-user-ciao-x"),
+        "{err}"
+    );
+}
+
+/// EFI (the VM's own EFI variables) and a hot-plugged volume, which QEMU
+/// opens after it dropped to the child user: the volume is given to it.
+#[test]
+fn efi_and_hotplug_as_child_user_2018() {
+    let user = test_child_user();
+    let (uid, gid) = ids_of(user);
+    let (env, _serve, _addr, _launcher) = setup("2018", &["--child-user", user]);
+    let watcher = "#!/bin/sh\n( o=; while :; do n=$(ls /sys/block | grep '^vd' | tr '\\n' ' '); [ \"$n\" != \"$o\" ] && echo \"GUEST-DISKS $n\" > /dev/console; o=$n; sleep 0.5; done ) > /dev/null 2>&1 &\n";
+    let id = start_vm(&env, true, 128, watcher);
+    wait_console(&env, &id, "GUEST-DISKS", 1);
+    env.wait_list("active", |l| state_of(l, &id) == Some("active"));
+    let pid = assert_runs_as(&env, &id, user);
+    assert_eq!(
+        owner(&instance_dir(&env, &id).join("OVMF_VARS.fd")),
+        (uid, gid)
+    );
+
+    let volumes = env.dir.join("data/volumes");
+    std::fs::create_dir_all(&volumes).expect("volumes dir");
+    let vol = "0f0f0f0f-0000-4000-8000-000000000002";
+    let ok = Command::new("qemu-img")
+        .args(["create", "-q", "-f", "raw"])
+        .arg(volumes.join(vol))
+        .arg("8M")
+        .status()
+        .expect("qemu-img");
+    assert!(ok.success());
+    // Another volume, not this instance's, stays root's.
+    let other = volumes.join("0f0f0f0f-0000-4000-8000-0000000000aa");
+    std::fs::write(&other, [0u8; 4096]).expect("other volume");
+    env.lc_ok(&["attach", &id, vol]);
+    wait_log(&env, &format!("volume {vol} attached"));
+    let c = wait_console(&env, &id, "GUEST-DISKS", 2);
+    let last = c
+        .lines()
+        .rfind(|l| l.starts_with("GUEST-DISKS"))
+        .unwrap_or_default()
+        .to_string();
+    assert!(
+        last.contains("vdc"),
+        "a third disk after the hot-plug: {last}"
+    );
+    assert_eq!(owner(&volumes.join(vol)), (uid, gid));
+    assert_eq!(owner(&other), (0, 0));
+    env.lc_ok(&["delete", &id]);
+    env.wait_list("deleted", |l| state_of(l, &id).is_none());
+    wait_dead(pid);
+    assert_eq!(env.instance_dirs(), 0);
+}

@@ -9,6 +9,17 @@
 //! `console.log` (the serial console), `OVMF_VARS.fd` (EFI variables, when
 //! the firmware comes as code + variables).
 //!
+//! With a child user ([`ChildUsers`]: `--child-user`, else the 2018 cluster
+//! configuration's `launcher.child_user`) QEMU opens its files and devices
+//! as root and then drops to that user and its primary group itself
+//! (`-run-with user=UID:GID` from QEMU 9.1, `-runas UID:GID` before), with
+//! `-sandbox` where the build takes it ([`probe_confinement`], once);
+//! `qemu-img` and the ISO tool run as the user from exec ([`as_child`]).
+//! The instance directory and its state stay root's; the files the user
+//! writes (overlay, config drive, console log, EFI variables, QMP socket)
+//! and the instance's volumes are made its own ([`create_for`], [`give`]);
+//! shared backing images are not. Without a child user nothing changes.
+//!
 //! Each running VM has a monitor thread (`monitor-<uuid8>`) holding the QMP
 //! connection (whose reader is a second thread, `qmp-<uuid8>`). `Running` is
 //! reported after the QMP handshake — for a VM just launched, made by the
@@ -210,6 +221,34 @@ pub struct QemuFactory {
     pub stop_timeout: Duration,
     /// What `qemu-img info` said of each backing image, shared by all VMs.
     pub images: ImageCache,
+    /// Whom VMs run as (shared by all VMs).
+    pub child_users: Arc<ChildUsers>,
+    /// What QEMU offers to confine VMs of a child user, once learnt.
+    pub confinement: Arc<Mutex<Option<Confinement>>>,
+}
+
+impl QemuFactory {
+    /// How to confine a VM of a child user with this QEMU (probed once).
+    fn confinement(&self) -> Confinement {
+        let mut known = self
+            .confinement
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(c) = &*known {
+            return c.clone();
+        }
+        match probe_confinement(&self.qemu) {
+            Some(c) => {
+                *known = Some(c.clone());
+                c
+            }
+            // QEMU cannot be run: the launch fails anyway, and says why.
+            None => Confinement {
+                drop: DropFlag::Runas,
+                sandbox: None,
+            },
+        }
+    }
 }
 
 /// `qemu-img info` results by path, valid while the file's identity, size
@@ -233,12 +272,13 @@ impl ImageCache {
     }
 
     /// The info of `path` (whose metadata is `meta`), from the cache or
-    /// from `qemu-img info`.
+    /// from `qemu-img info` (run as `user`).
     pub fn info(
         &self,
         qemu_img: &Path,
         path: &Path,
         meta: &fs::Metadata,
+        user: Option<&ChildUser>,
     ) -> Result<ImageInfo, VirtError> {
         let key = Self::key(meta);
         if let Ok(m) = self.0.lock()
@@ -247,7 +287,7 @@ impl ImageCache {
         {
             return Ok(info.clone());
         }
-        let info = image_info(qemu_img, path)?;
+        let info = image_info(qemu_img, path, user)?;
         if let Ok(mut m) = self.0.lock() {
             m.insert(path.to_path_buf(), (key, info.clone()));
         }
@@ -261,6 +301,7 @@ impl VirtualizerFactory for QemuFactory {
             f: Arc::new(self.clone()),
             cfg: cfg.clone(),
             dir: PathBuf::new(),
+            child: None,
             backing: None,
             pid: Arc::new(AtomicI32::new(0)),
             sampler: None,
@@ -289,11 +330,43 @@ fn finish_overlay(child: std::process::Child) -> Result<(), VirtError> {
 pub struct ImageInfo {
     pub format: String,
     pub virtual_size: u64,
+    /// The backing file its header names (full path), if any.
+    pub backing: Option<String>,
+    /// An external data file its header names (qcow2), if any.
+    pub data_file: Option<String>,
 }
 
-/// `qemu-img info` of `path` (with `-U`: the image may be in use).
-pub fn image_info(qemu_img: &Path, path: &Path) -> Result<ImageInfo, VirtError> {
-    let out = Command::new(qemu_img)
+impl ImageInfo {
+    /// A disk that a child user can write, QEMU opens as root at each boot
+    /// (before it drops): its header must not make root QEMU open other
+    /// files than `backing` (the overlay's own backing image; `None` for a
+    /// volume) on its behalf.
+    fn check_header(&self, path: &Path, backing: Option<&Path>) -> Result<(), VirtError> {
+        let want = backing.map(|b| b.to_string_lossy().into_owned());
+        if self.backing != want || self.data_file.is_some() {
+            return Err(VirtError(format!(
+                "{} names {} as its backing file{}: refused for a VM of a child user (QEMU opens its disks as root)",
+                path.display(),
+                self.backing.as_deref().unwrap_or("nothing"),
+                self.data_file
+                    .as_deref()
+                    .map_or(String::new(), |d| format!(" and {d} as its data file")),
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// `qemu-img info` of `path` (with `-U`: the image may be in use), run as
+/// `user` when given.
+pub fn image_info(
+    qemu_img: &Path,
+    path: &Path,
+    user: Option<&ChildUser>,
+) -> Result<ImageInfo, VirtError> {
+    let mut cmd = Command::new(qemu_img);
+    as_child(&mut cmd, user);
+    let out = cmd
         .args(["info", "-U", "--output=json"])
         .arg(path)
         .stdin(Stdio::null())
@@ -318,9 +391,12 @@ pub fn image_info(qemu_img: &Path, path: &Path) -> Result<ImageInfo, VirtError> 
             path.display()
         )));
     }
+    let text = |v: Option<&Value>| v.and_then(Value::as_str).map(str::to_string);
     Ok(ImageInfo {
         format: format.into(),
         virtual_size: size,
+        backing: text(v.get("full-backing-filename").or(v.get("backing-filename"))),
+        data_file: text(v.pointer("/format-specific/data/data-file")),
     })
 }
 
@@ -330,6 +406,9 @@ pub struct Qemu {
     f: Arc<QemuFactory>,
     cfg: InstanceConfig,
     dir: PathBuf,
+    /// Whom this VM's programs run as, decided at its START (and again at
+    /// each boot); `None`: the launcher's own user.
+    child: Option<ChildUser>,
     /// The backing image (or boot volume) checked by `ensure_backing_image`.
     backing: Option<(PathBuf, ImageInfo)>,
     /// QEMU's pid, set by the monitor once it is connected; 0 = unknown.
@@ -373,30 +452,57 @@ impl Qemu {
             .boot_volume()
             .ok_or_else(|| VirtError("neither an image nor a bootable volume".into()))?;
         let path = self.volume_path(id);
-        let info = image_info(&self.f.qemu_img, &path)?;
+        let info = image_info(&self.f.qemu_img, &path, self.child.as_ref())?;
+        if self.child.is_some() {
+            info.check_header(&path, None)?;
+        }
         Ok((path, info.format))
     }
 
-    fn args(&self, ovmf: Option<&Ovmf>) -> Result<Vec<OsString>, VirtError> {
+    /// The instance's volumes (its own: the scheduler gave them to it),
+    /// made the child user's.
+    fn give_volumes(&self) -> Result<(), VirtError> {
+        if let Some(u) = &self.child {
+            for v in &self.cfg.volumes {
+                give(&self.volume_path(&v.uuid), u)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn args(
+        &self,
+        ovmf: Option<&Ovmf>,
+        confine: Option<&Confine>,
+    ) -> Result<Vec<OsString>, VirtError> {
         let (root, root_fmt) = self.root_disk()?;
         let mut extra = Vec::new();
         for v in self.cfg.volumes.iter().filter(|v| !v.bootable) {
             let path = self.volume_path(&v.uuid);
-            let info = image_info(&self.f.qemu_img, &path)
+            let info = image_info(&self.f.qemu_img, &path, self.child.as_ref())
+                .and_then(|i| {
+                    if self.child.is_some() {
+                        i.check_header(&path, None)?;
+                    }
+                    Ok(i)
+                })
                 .map_err(|e| VirtError(format!("volume {}: {e}", v.uuid)))?;
             extra.push((v.uuid.clone(), path, info.format));
         }
-        Ok(command_line(&LaunchSpec {
-            name: &self.cfg.instance_uuid,
-            dir: &self.dir,
-            accel: self.f.accel,
-            vcpus: self.cfg.vcpus,
-            mem_mb: self.cfg.mem_mb,
-            root: (&root, &root_fmt),
-            volumes: &extra,
-            ovmf,
-            ui: self.port.map(|p| (self.f.ui, p)),
-        }))
+        Ok(confined_command_line(
+            &LaunchSpec {
+                name: &self.cfg.instance_uuid,
+                dir: &self.dir,
+                accel: self.f.accel,
+                vcpus: self.cfg.vcpus,
+                mem_mb: self.cfg.mem_mb,
+                root: (&root, &root_fmt),
+                volumes: &extra,
+                ovmf,
+                ui: self.port.map(|p| (self.f.ui, p)),
+            },
+            confine,
+        ))
     }
 
     /// Starts `qemu-img create` of the instance's overlay on its backing
@@ -415,8 +521,14 @@ impl Qemu {
             .map_err(|e| VirtError(format!("{}: {e}", backing.display())))?;
         // The README: disk_mb, or the image's own size when larger.
         let size = (self.cfg.disk_mb << 20).max(info.virtual_size);
-        Command::new(&self.f.qemu_img)
-            .args(["create", "-q", "-f", "qcow2", "-F", &info.format, "-b"])
+        let mut cmd = Command::new(&self.f.qemu_img);
+        if let Some(u) = &self.child {
+            // The instance directory stays root's: the child writes only
+            // the files made for it.
+            create_for(&self.overlay(), u)?;
+        }
+        as_child(&mut cmd, self.child.as_ref());
+        cmd.args(["create", "-q", "-f", "qcow2", "-F", &info.format, "-b"])
             .arg(&backing)
             .arg(self.overlay())
             .arg(size.to_string())
@@ -430,6 +542,8 @@ impl Qemu {
 
     /// Runs QEMU; returns once it has daemonized (set up and running).
     fn launch(&mut self) -> Result<(), VirtError> {
+        // Again at each boot: a RESTART boots under the setting of its time.
+        self.child = self.f.child_users.current()?;
         let ovmf = match self.cfg.firmware {
             Firmware::Legacy => None,
             Firmware::Efi => Some(find_ovmf(self.f.ovmf.as_deref())?),
@@ -440,6 +554,26 @@ impl Qemu {
                 fs::copy(vars, &copy).map_err(|e| VirtError(format!("{}: {e}", copy.display())))?;
             }
         }
+        // QEMU opens its files as root and then drops to the child user;
+        // they are the child's all the same, as its writes are.
+        let confine = match self.child.clone() {
+            None => None,
+            Some(u) => {
+                for f in ["image.qcow2", "seed.iso", "OVMF_VARS.fd"] {
+                    give(&self.dir.join(f), &u)?;
+                }
+                create_for(&self.dir.join("console.log"), &u)?;
+                self.give_volumes()?;
+                self.check_overlay(&u)?;
+                let c = self.f.confinement();
+                Some(Confine {
+                    uid: u.uid,
+                    gid: u.gid,
+                    drop: c.drop,
+                    sandbox: c.sandbox,
+                })
+            }
+        };
         // A socket or pid file left by an earlier run would confuse the
         // monitor.
         for stale in [self.socket(), self.dir.join("qemu.pid")] {
@@ -462,7 +596,7 @@ impl Qemu {
                     );
                 }
             }
-            let args = self.args(ovmf.as_ref())?;
+            let args = self.args(ovmf.as_ref(), confine.as_ref())?;
             debug!(
                 "{}: {} {}",
                 self.cfg.instance_uuid,
@@ -483,6 +617,9 @@ impl Qemu {
                 .output()
                 .map_err(|e| VirtError(format!("{}: {e}", self.f.qemu.display())))?;
             if out.status.success() {
+                if let Some(u) = &self.child {
+                    give(&self.socket(), u)?;
+                }
                 if let Some(p) = self.port {
                     info!("{}: console on 127.0.0.1:{p}", self.cfg.instance_uuid);
                 }
@@ -501,6 +638,19 @@ impl Qemu {
             }
         }
         Err(VirtError("no usable console port".into()))
+    }
+
+    /// The overlay (the child's to write) still names its own backing
+    /// image, and nothing else, in its header.
+    fn check_overlay(&self, u: &ChildUser) -> Result<(), VirtError> {
+        if self.cfg.image_uuid.is_empty() {
+            return Ok(());
+        }
+        let backing = self.images_dir().join(&self.cfg.image_uuid);
+        let backing = fs::canonicalize(&backing)
+            .map_err(|e| VirtError(format!("{}: {e}", backing.display())))?;
+        let overlay = self.overlay();
+        image_info(&self.f.qemu_img, &overlay, Some(u))?.check_header(&overlay, Some(&backing))
     }
 
     fn release_port(&mut self) {
@@ -538,6 +688,338 @@ pub fn own_session(cmd: &mut Command) {
     unsafe {
         cmd.pre_exec(|| nix::unistd::setsid().map(|_| ()).map_err(io::Error::from));
     }
+}
+
+/// The user, and its primary group, that a VM's programs run as
+/// (`--child-user`, or `launcher.child_user` of the 2018 cluster
+/// configuration): QEMU drops to it itself, the helper programs
+/// (`qemu-img`, `xorriso`/`genisoimage`) through [`as_child`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChildUser {
+    pub name: String,
+    pub uid: u32,
+    /// The user's primary group, the only group the children keep.
+    pub gid: u32,
+}
+
+impl ChildUser {
+    /// Looks `name` up in the user database (the numeric uid of an existing
+    /// user is accepted too); the error says why not.
+    pub fn lookup(name: &str) -> Result<ChildUser, String> {
+        use nix::unistd::{Uid, User};
+        let err = |e: nix::Error| format!("cannot look up user {name:?}: {e}");
+        let found = match User::from_name(name).map_err(err)? {
+            Some(u) => Some(u),
+            None => match name.parse::<u32>() {
+                Ok(n) => User::from_uid(Uid::from_raw(n)).map_err(err)?,
+                Err(_) => None,
+            },
+        };
+        let u = found.ok_or_else(|| format!("no user {name:?} on this node"))?;
+        Ok(ChildUser {
+            name: u.name,
+            uid: u.uid.as_raw(),
+            gid: u.gid.as_raw(),
+        })
+    }
+
+    /// The user of a running process, from `/proc/<pid>/status` (real uid
+    /// and gid): whom a hot-plugged volume must be readable by.
+    fn of_process(proc: &Path, pid: i32) -> Option<ChildUser> {
+        let status = fs::read_to_string(proc.join(pid.to_string()).join("status")).ok()?;
+        let first = |key: &str| -> Option<u32> {
+            let line = status.lines().find(|l| l.starts_with(key))?;
+            line[key.len()..].split_whitespace().next()?.parse().ok()
+        };
+        let (uid, gid) = (first("Uid:")?, first("Gid:")?);
+        Some(ChildUser {
+            name: format!("uid {uid}"),
+            uid,
+            gid,
+        })
+    }
+}
+
+impl std::fmt::Display for ChildUser {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} (uid {}, gid {})", self.name, self.uid, self.gid)
+    }
+}
+
+/// Makes `cmd` run as `user` with its primary group as its only group
+/// (setgroups, setgid, setuid between fork and exec); nothing for `None`.
+/// Other `pre_exec` steps ([`own_session`]) run in the order they were added.
+pub fn as_child(cmd: &mut Command, user: Option<&ChildUser>) {
+    use nix::unistd::{Gid, Uid, setgid, setgroups, setuid};
+    use std::os::unix::process::CommandExt;
+    let Some(u) = user else { return };
+    let (uid, gid) = (Uid::from_raw(u.uid), Gid::from_raw(u.gid));
+    // SAFETY: between fork and exec the closure only makes the setgroups(2),
+    // setgid(2) and setuid(2) system calls on values copied in beforehand
+    // (the group list is an array on the stack): async-signal-safe, no
+    // allocation, no lock.
+    unsafe {
+        cmd.pre_exec(move || {
+            setgroups(&[gid])?;
+            setgid(gid)?;
+            setuid(uid)?;
+            Ok(())
+        });
+    }
+}
+
+/// Makes `path` (a regular file or the QMP socket of an instance, or one of
+/// its volumes) owned by `user`. Anything else (a symbolic link: `lchown`
+/// would change the link, not what it points to; a directory) is left
+/// alone; a missing file is fine.
+pub fn give(path: &Path, user: &ChildUser) -> Result<(), VirtError> {
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    let meta = match fs::symlink_metadata(path) {
+        Ok(m) => m,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(VirtError(format!("{}: {e}", path.display()))),
+    };
+    let kind = meta.file_type();
+    if !(kind.is_file() || kind.is_socket()) || (meta.uid(), meta.gid()) == (user.uid, user.gid) {
+        return Ok(());
+    }
+    std::os::unix::fs::lchown(path, Some(user.uid), Some(user.gid)).map_err(|e| {
+        VirtError(format!(
+            "cannot give {} to the child user {user}: {e}",
+            path.display()
+        ))
+    })
+}
+
+/// Creates `path` (mode 0600, never through a symbolic link) if missing,
+/// owned by `user`: a file a child program writes in the instance
+/// directory, which stays root's.
+pub fn create_for(path: &Path, user: &ChildUser) -> Result<(), VirtError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let file = fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .custom_flags(nix::fcntl::OFlag::O_NOFOLLOW.bits())
+        .open(path)
+        .map_err(|e| VirtError(format!("{}: {e}", path.display())))?;
+    std::os::unix::fs::fchown(&file, Some(user.uid), Some(user.gid)).map_err(|e| {
+        VirtError(format!(
+            "cannot give {} to the child user {user}: {e}",
+            path.display()
+        ))
+    })
+}
+
+/// The child user of `launcher.child_user` in the cluster configuration.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+enum ClusterChild {
+    /// None configured (or ""): the children run as the launcher.
+    #[default]
+    Unset,
+    User(ChildUser),
+    /// Named but not on this node: VM STARTs are refused until it is.
+    Unknown(String),
+}
+
+/// Whom a VM's programs run as: `--child-user` when given, else the
+/// cluster configuration's `launcher.child_user`, else the launcher's own
+/// user (root) as before there was a child user.
+#[derive(Debug, Default)]
+pub struct ChildUsers {
+    flag: Option<ChildUser>,
+    cluster: Mutex<ClusterChild>,
+}
+
+/// The [`ChildUsers`] that [`cluster_child_user`] reaches: the running
+/// launcher's QEMU virtualizer, if it has one.
+static CLUSTER_SINK: Mutex<std::sync::Weak<ChildUsers>> = Mutex::new(std::sync::Weak::new());
+
+/// Hands the cluster configuration's `launcher.child_user` (from CONNECTED)
+/// to the running launcher's QEMU virtualizer; nothing without one
+/// (simulation, tests of the daemon's threads).
+pub fn cluster_child_user(name: &str) {
+    let sink = CLUSTER_SINK
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .upgrade();
+    if let Some(c) = sink {
+        c.configure(name);
+    }
+}
+
+impl ChildUsers {
+    /// `flag`: the resolved `--child-user`, which wins over the cluster
+    /// configuration.
+    pub fn new(flag: Option<ChildUser>) -> ChildUsers {
+        ChildUsers {
+            flag,
+            cluster: Mutex::new(ClusterChild::Unset),
+        }
+    }
+
+    /// Makes this the setting that [`cluster_child_user`] configures.
+    pub fn receive_cluster_configuration(self: &Arc<Self>) {
+        *CLUSTER_SINK
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::downgrade(self);
+    }
+
+    /// Takes the cluster configuration's `launcher.child_user` and logs
+    /// what it means: one error line when the user does not exist here
+    /// (and `--child-user` does not override it).
+    pub fn configure(&self, name: &str) {
+        let name = name.trim();
+        let new = if name.is_empty() {
+            ClusterChild::Unset
+        } else {
+            match ChildUser::lookup(name) {
+                Ok(u) => ClusterChild::User(u),
+                Err(e) => {
+                    if self.flag.is_none() {
+                        log::error!(
+                            "cluster configuration: launcher.child_user: {e}; virtual machine STARTs are refused until the user exists (or the launcher runs with --child-user)"
+                        );
+                    }
+                    ClusterChild::Unknown(name.to_string())
+                }
+            }
+        };
+        match (&self.flag, &new) {
+            (Some(f), ClusterChild::User(_) | ClusterChild::Unknown(_)) if f.name != name => {
+                info!(
+                    "cluster configuration: launcher.child_user {name:?} overridden by --child-user {f}"
+                )
+            }
+            (None, ClusterChild::User(u)) => {
+                info!("cluster configuration: virtual machines run as {u}")
+            }
+            _ => {}
+        }
+        *self
+            .cluster
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = new;
+    }
+
+    /// Whom a VM's programs run as now (`None`: the launcher's user). A
+    /// cluster child user that is not on this node is looked up again at
+    /// each call, and is an error until it exists.
+    pub fn current(&self) -> Result<Option<ChildUser>, VirtError> {
+        if let Some(f) = &self.flag {
+            return Ok(Some(f.clone()));
+        }
+        let mut c = self
+            .cluster
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        match &*c {
+            ClusterChild::Unset => Ok(None),
+            ClusterChild::User(u) => Ok(Some(u.clone())),
+            ClusterChild::Unknown(name) => match ChildUser::lookup(name) {
+                Ok(u) => {
+                    info!("the child user {u} now exists: virtual machines run as it");
+                    *c = ClusterChild::User(u.clone());
+                    Ok(Some(u))
+                }
+                Err(e) => Err(VirtError(format!(
+                    "refused: the cluster configuration's launcher.child_user: {e} (create the user, or run the launcher with --child-user)"
+                ))),
+            },
+        }
+    }
+}
+
+/// How QEMU drops its privileges.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DropFlag {
+    /// `-run-with user=UID:GID` (QEMU 9.1 and later).
+    RunWith,
+    /// `-runas UID:GID` (older QEMU; deprecated from 9.1).
+    Runas,
+}
+
+/// What the QEMU build offers to confine a VM run as a child user, learnt
+/// once per launcher ([`probe_confinement`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Confinement {
+    pub drop: DropFlag,
+    /// The `-sandbox` argument; `None` when the build has no usable one.
+    pub sandbox: Option<String>,
+}
+
+/// The `-sandbox` settings tried, strictest first. Neither `spawn=deny`
+/// nor `elevateprivileges=deny` can be used: QEMU installs its filter
+/// before `-daemonize` forks and calls setsid(2) and before `-runas` /
+/// `-run-with user=` calls setgid(2)/setuid(2), so either kills QEMU at
+/// start (with `-daemonize`, `spawn=deny` has been fatal since QEMU 7.0).
+pub const SANDBOX_TRIED: [&str; 2] = ["on,obsolete=deny,resourcecontrol=deny", "on"];
+
+/// Whether `qemu` accepts `args`, asked with `-version` (QEMU checks these
+/// options as it parses them, before printing its version): `Err` carries
+/// QEMU's message; `Ok(None)` when QEMU cannot be run at all.
+fn qemu_accepts(qemu: &Path, args: &[&str]) -> Option<Result<(), String>> {
+    let out = Command::new(qemu)
+        .args(args)
+        .arg("-version")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .output()
+        .ok()?;
+    Some(if out.status.success() {
+        Ok(())
+    } else {
+        Err(last_lines(&out.stderr, 1))
+    })
+}
+
+/// Learns how `qemu` can drop privileges and which `-sandbox` it takes,
+/// logging the outcome (a missing sandbox as a warning); `None` when
+/// `qemu` cannot be run (nothing learnt: ask again later).
+pub fn probe_confinement(qemu: &Path) -> Option<Confinement> {
+    let drop = match qemu_accepts(qemu, &["-run-with", "user=0:0"])? {
+        Ok(()) => DropFlag::RunWith,
+        Err(_) => DropFlag::Runas,
+    };
+    let mut why = String::new();
+    let mut sandbox = None;
+    for s in SANDBOX_TRIED {
+        match qemu_accepts(qemu, &["-sandbox", s])? {
+            Ok(()) => {
+                sandbox = Some(s.to_string());
+                break;
+            }
+            Err(e) if why.is_empty() => why = e,
+            Err(_) => {}
+        }
+    }
+    let flag = match drop {
+        DropFlag::RunWith => "-run-with user=",
+        DropFlag::Runas => "-runas",
+    };
+    match &sandbox {
+        Some(s) => info!(
+            "{}: VMs of a child user drop privileges with {flag} and run with -sandbox {s}",
+            qemu.display()
+        ),
+        None => warn!(
+            "{}: no usable -sandbox ({why}): VMs of a child user drop privileges with {flag} but run without QEMU's system-call filter",
+            qemu.display()
+        ),
+    }
+    Some(Confinement { drop, sandbox })
+}
+
+/// A VM run as a child user: the QEMU options that drop to it and filter
+/// system calls.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Confine {
+    pub uid: u32,
+    pub gid: u32,
+    pub drop: DropFlag,
+    pub sandbox: Option<String>,
 }
 
 /// Console ports in use by this launcher.
@@ -589,6 +1071,13 @@ pub struct LaunchSpec<'a> {
 /// first and bootable, the volumes, the config drive; no network device
 /// while tenant networking is not implemented).
 pub fn command_line(s: &LaunchSpec<'_>) -> Vec<OsString> {
+    confined_command_line(s, None)
+}
+
+/// [`command_line`], with the options that make QEMU drop to a child user
+/// once it has opened its files and devices (and filter its system calls)
+/// when `confine` is given; exactly [`command_line`] without.
+pub fn confined_command_line(s: &LaunchSpec<'_>, confine: Option<&Confine>) -> Vec<OsString> {
     let mut a: Vec<OsString> = Vec::new();
     let mut push = |parts: &[&str]| a.extend(parts.iter().map(OsString::from));
     let dir = |f: &str| s.dir.join(f).to_string_lossy().into_owned();
@@ -684,6 +1173,16 @@ pub fn command_line(s: &LaunchSpec<'_>) -> Vec<OsString> {
             "none",
         ]),
     }
+    if let Some(c) = confine {
+        if let Some(sandbox) = &c.sandbox {
+            push(&["-sandbox", sandbox]);
+        }
+        let ids = format!("{}:{}", c.uid, c.gid);
+        match c.drop {
+            DropFlag::RunWith => push(&["-run-with", &format!("user={ids}")]),
+            DropFlag::Runas => push(&["-runas", &ids]),
+        }
+    }
     push(&[
         "-qmp",
         &format!("unix:{},server=on,wait=off", dir("qmp.sock")),
@@ -706,6 +1205,10 @@ impl Virtualizer for Qemu {
     }
 
     fn ensure_backing_image(&mut self) -> Result<(), VirtError> {
+        // The first step of a START: whom this VM runs as is decided here
+        // (a child user that does not exist refuses the START).
+        self.child = self.f.child_users.current()?;
+        self.give_volumes()?;
         let path = if !self.cfg.image_uuid.is_empty() {
             self.images_dir().join(&self.cfg.image_uuid)
         } else if let Some(v) = self.boot_volume() {
@@ -729,10 +1232,11 @@ impl Virtualizer for Qemu {
             )));
         }
         // A boot volume is written by its VM: always look again.
+        let child = self.child.as_ref();
         let info = if self.cfg.image_uuid.is_empty() {
-            image_info(&self.f.qemu_img, &path)?
+            image_info(&self.f.qemu_img, &path, child)?
         } else {
-            self.f.images.info(&self.f.qemu_img, &path, &meta)?
+            self.f.images.info(&self.f.qemu_img, &path, &meta, child)?
         };
         self.backing = Some((path, info));
         Ok(())
@@ -758,6 +1262,7 @@ impl Virtualizer for Qemu {
             &self.cfg.instance_uuid,
             &self.cfg.user_data,
             &self.cfg.meta_data,
+            self.child.as_ref(),
         );
         // Always reaped, even when the config drive failed.
         let made = overlay.map_or(Ok(()), finish_overlay);
@@ -819,6 +1324,7 @@ impl Virtualizer for Qemu {
             .map_err(|e| VirtError(format!("monitor thread: {e}")))?;
         Ok(Box::new(QemuMonitor {
             name,
+            pid: Arc::clone(&self.pid),
             qemu_img: self.f.qemu_img.clone(),
             volumes: self.f.data_dir.join("volumes"),
             cmds: Some(cmd_tx),
@@ -857,7 +1363,12 @@ impl Virtualizer for Qemu {
         if !path.is_file() {
             return Err(VirtError(format!("volume {} not found", path.display())));
         }
-        image_info(&self.f.qemu_img, &path).map(|_| ())
+        // The next boot attaches it as the child user of its time.
+        let child = self.f.child_users.current()?;
+        if let Some(u) = &child {
+            give(&path, u)?;
+        }
+        image_info(&self.f.qemu_img, &path, child.as_ref()).map(|_| ())
     }
 
     fn connected(&mut self) {
@@ -890,6 +1401,9 @@ enum MonCmd {
 #[derive(Debug)]
 pub struct QemuMonitor {
     name: String,
+    /// QEMU's pid once known (0 before): a hot-plugged volume must be
+    /// usable by the user QEMU runs as.
+    pid: Arc<AtomicI32>,
     qemu_img: PathBuf,
     volumes: PathBuf,
     /// Dropped to detach the monitor.
@@ -917,8 +1431,22 @@ impl Monitor for QemuMonitor {
 
     fn attach_volume(&mut self, volume: &str) -> Result<(), VirtError> {
         let path = self.volumes.join(volume);
+        // QEMU opens a hot-plugged volume as the user it runs as, which is
+        // not necessarily today's setting (it may have started before a
+        // launcher restart): ask the process.
+        let pid = self.pid.load(Ordering::Relaxed);
+        let user = (pid > 0)
+            .then(|| ChildUser::of_process(Path::new("/proc"), pid))
+            .flatten()
+            .filter(|u| u.uid != 0);
+        if let Some(u) = &user {
+            if !path.is_file() {
+                return Err(VirtError(format!("volume {} not found", path.display())));
+            }
+            give(&path, u)?;
+        }
         // Also tells a missing or unusable volume file, with qemu-img's reason.
-        let info = image_info(&self.qemu_img, &path)?;
+        let info = image_info(&self.qemu_img, &path, user.as_ref())?;
         let (reply, answer) = crossbeam_channel::bounded(1);
         self.send(MonCmd::Attach {
             id: volume.to_string(),
@@ -1390,6 +1918,252 @@ mod tests {
             s.iter()
                 .any(|a| a.contains("port=5901") && a.contains("logfile=/d/i/console.log"))
         );
+    }
+
+    fn spec<'a>(dir: &'a Path, root: &'a Path) -> LaunchSpec<'a> {
+        LaunchSpec {
+            name: "n",
+            dir,
+            accel: Accel::Tcg,
+            vcpus: 1,
+            mem_mb: 64,
+            root: (root, "qcow2"),
+            volumes: &[],
+            ovmf: None,
+            ui: None,
+        }
+    }
+
+    fn strings(args: &[OsString]) -> Vec<String> {
+        args.iter()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect()
+    }
+
+    #[test]
+    fn command_line_with_and_without_child_user() {
+        let (dir, root) = (Path::new("/d/i"), Path::new("/d/i/image.qcow2"));
+        let plain = command_line(&spec(dir, root));
+        // No child user: the command line of before.
+        assert_eq!(confined_command_line(&spec(dir, root), None), plain);
+        let p = strings(&plain);
+        assert!(
+            !p.iter()
+                .any(|a| a == "-runas" || a == "-run-with" || a == "-sandbox")
+        );
+
+        let mut c = Confine {
+            uid: 999,
+            gid: 998,
+            drop: DropFlag::Runas,
+            sandbox: Some(SANDBOX_TRIED[0].to_string()),
+        };
+        let s = strings(&confined_command_line(&spec(dir, root), Some(&c)));
+        let flag = |s: &[String], x: &str| s.iter().position(|a| a == x).unwrap();
+        assert_eq!(s[flag(&s, "-runas") + 1], "999:998");
+        assert_eq!(
+            s[flag(&s, "-sandbox") + 1],
+            "on,obsolete=deny,resourcecontrol=deny"
+        );
+        // Everything else as without a child user.
+        assert_eq!(s.len(), p.len() + 4);
+        assert_eq!(s.last().unwrap(), "-daemonize");
+
+        c.drop = DropFlag::RunWith;
+        c.sandbox = None;
+        let s = strings(&confined_command_line(&spec(dir, root), Some(&c)));
+        assert_eq!(s[flag(&s, "-run-with") + 1], "user=999:998");
+        assert!(!s.iter().any(|a| a == "-runas" || a == "-sandbox"));
+        assert_eq!(s.len(), p.len() + 2);
+    }
+
+    /// A fake QEMU that knows `-runas` but not `-run-with`, and `-sandbox`
+    /// without the `obsolete` setting.
+    #[test]
+    fn confinement_probe() {
+        let tmp = std::env::temp_dir().join(format!("ciao-probe-{}", std::process::id()));
+        fs::create_dir_all(&tmp).unwrap();
+        let fake = tmp.join("qemu");
+        fs::write(
+            &fake,
+            "#!/bin/sh\ncase \"$*\" in\n  *run-with*) echo \"-run-with: invalid option\" >&2; exit 1 ;;\n  *obsolete*) echo \"Invalid parameter 'obsolete'\" >&2; exit 1 ;;\nesac\nexit 0\n",
+        )
+        .unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        fs::set_permissions(&fake, fs::Permissions::from_mode(0o755)).unwrap();
+        assert_eq!(
+            probe_confinement(&fake),
+            Some(Confinement {
+                drop: DropFlag::Runas,
+                sandbox: Some("on".into())
+            })
+        );
+        assert_eq!(probe_confinement(&tmp.join("none")), None);
+        fs::remove_dir_all(&tmp).unwrap();
+        // The real one, where installed: Debian's QEMU 7.2 has -runas and
+        // the strict sandbox (9.1 and later: -run-with).
+        if let Some(c) = probe_confinement(Path::new("qemu-system-x86_64")) {
+            assert_eq!(c.sandbox.as_deref(), Some(SANDBOX_TRIED[0]), "{c:?}");
+        }
+    }
+
+    #[test]
+    fn child_user_settings() {
+        let root = ChildUser::lookup("root").unwrap();
+        assert_eq!((root.uid, root.gid), (0, 0));
+        assert_eq!(ChildUser::lookup("0").unwrap(), root);
+        let e = ChildUser::lookup("no-such-user-ciao-x").unwrap_err();
+        assert!(e.contains("no user"), "{e}");
+        assert_eq!(
+            ChildUser::of_process(Path::new("/proc"), std::process::id() as i32).map(|u| u.uid),
+            Some(nix::unistd::getuid().as_raw())
+        );
+
+        // Nothing configured: the launcher's own user.
+        let none = ChildUsers::new(None);
+        assert_eq!(none.current(), Ok(None));
+        // The cluster configuration's user…
+        none.configure("root");
+        assert_eq!(none.current(), Ok(Some(root.clone())));
+        none.configure("");
+        assert_eq!(none.current(), Ok(None));
+        // …refuses VMs while it does not exist.
+        none.configure("no-such-user-ciao-x");
+        let e = none.current().unwrap_err();
+        assert!(
+            e.0.contains("launcher.child_user") && e.0.contains("no-such-user-ciao-x"),
+            "{e}"
+        );
+        // The flag wins over the configuration, also over an unknown user.
+        let flag = ChildUsers::new(Some(root.clone()));
+        flag.configure("no-such-user-ciao-x");
+        assert_eq!(flag.current(), Ok(Some(root)));
+    }
+
+    /// The helpers' privilege drop (needs root to drop).
+    #[test]
+    fn child_runs_as_user_and_primary_group_only() {
+        if !nix::unistd::getuid().is_root() {
+            return;
+        }
+        let nobody = ChildUser {
+            name: "nobody".into(),
+            uid: 65534,
+            gid: 65534,
+        };
+        let mut cmd = Command::new("cat");
+        cmd.arg("/proc/self/status");
+        own_session(&mut cmd);
+        as_child(&mut cmd, Some(&nobody));
+        let out = cmd.output().unwrap();
+        assert!(out.status.success(), "{out:?}");
+        let status = String::from_utf8_lossy(&out.stdout).into_owned();
+        let line = |k: &str| {
+            status
+                .lines()
+                .find(|l| l.starts_with(k))
+                .unwrap()
+                .split_whitespace()
+                .skip(1)
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(line("Uid:"), ["65534"; 4]);
+        assert_eq!(line("Gid:"), ["65534"; 4]);
+        assert_eq!(line("Groups:"), ["65534"]);
+        // Without a child user: the launcher's own.
+        let mut cmd = Command::new("id");
+        cmd.arg("-u");
+        as_child(&mut cmd, None);
+        assert_eq!(
+            String::from_utf8_lossy(&cmd.output().unwrap().stdout).trim(),
+            "0"
+        );
+    }
+
+    /// Files given to the child: never through a symbolic link.
+    #[test]
+    fn files_for_the_child() {
+        use std::os::unix::fs::MetadataExt;
+        if !nix::unistd::getuid().is_root() {
+            return;
+        }
+        let u = ChildUser {
+            name: "nobody".into(),
+            uid: 65534,
+            gid: 65534,
+        };
+        let tmp = std::env::temp_dir().join(format!("ciao-give-{}", std::process::id()));
+        fs::create_dir_all(&tmp).unwrap();
+        let made = tmp.join("console.log");
+        create_for(&made, &u).unwrap();
+        let m = fs::metadata(&made).unwrap();
+        assert_eq!((m.uid(), m.gid(), m.mode() & 0o777), (65534, 65534, 0o600));
+        let outside = tmp.join("outside");
+        fs::write(&outside, "x").unwrap();
+        let link = tmp.join("link");
+        std::os::unix::fs::symlink(&outside, &link).unwrap();
+        assert!(create_for(&link, &u).is_err());
+        give(&link, &u).unwrap();
+        assert_eq!(fs::metadata(&outside).unwrap().uid(), 0);
+        give(&outside, &u).unwrap();
+        assert_eq!(fs::metadata(&outside).unwrap().uid(), 65534);
+        give(&tmp.join("missing"), &u).unwrap();
+        // Directories are not given away.
+        give(&tmp, &u).unwrap();
+        assert_eq!(fs::metadata(&tmp).unwrap().uid(), 0);
+        fs::remove_dir_all(&tmp).unwrap();
+    }
+
+    /// What a child-writable disk's header may name (needs qemu-img).
+    #[test]
+    fn disk_headers_of_child_vms() {
+        let tmp = std::env::temp_dir().join(format!("ciao-hdr-{}", std::process::id()));
+        fs::create_dir_all(&tmp).unwrap();
+        let img = |args: &[&str]| {
+            Command::new("qemu-img")
+                .args(["create", "-q"])
+                .args(args)
+                .current_dir(&tmp)
+                .status()
+                .is_ok_and(|s| s.success())
+        };
+        if !img(&["-f", "raw", "base.raw", "1M"]) {
+            fs::remove_dir_all(&tmp).unwrap();
+            return;
+        }
+        let base = fs::canonicalize(tmp.join("base.raw")).unwrap();
+        let qemu_img = Path::new("qemu-img");
+        let b = base.to_string_lossy().into_owned();
+        assert!(img(&[
+            "-f", "qcow2", "-F", "raw", "-b", &b, "ov.qcow2", "1M"
+        ]));
+        let ov = tmp.join("ov.qcow2");
+        let info = image_info(qemu_img, &ov, None).unwrap();
+        assert_eq!(info.backing.as_deref(), Some(b.as_str()));
+        info.check_header(&ov, Some(&base)).unwrap();
+        // Pointed elsewhere, or a volume with a backing file: refused.
+        let e = info
+            .check_header(&ov, Some(&tmp.join("other")))
+            .unwrap_err();
+        assert!(e.0.contains("backing file") && e.0.contains(&b), "{e}");
+        assert!(info.check_header(&ov, None).is_err());
+        let raw = image_info(qemu_img, &base, None).unwrap();
+        assert_eq!((raw.backing, raw.data_file), (None, None));
+        // An external data file.
+        let d = tmp.join("data.raw").to_string_lossy().into_owned();
+        assert!(img(&[
+            "-f",
+            "qcow2",
+            "-o",
+            &format!("data_file={d}"),
+            "df.qcow2",
+            "1M"
+        ]));
+        let df = image_info(qemu_img, &tmp.join("df.qcow2"), None).unwrap();
+        assert_eq!(df.data_file.as_deref(), Some(d.as_str()));
+        let e = df.check_header(&tmp.join("df.qcow2"), None).unwrap_err();
+        assert!(e.0.contains("data file"), "{e}");
+        fs::remove_dir_all(&tmp).unwrap();
     }
 
     #[test]
