@@ -69,7 +69,8 @@ pub enum OverseerReq {
     /// (Re)connected to the scheduler: send STATUS and STATS now, and what
     /// was held back until the first connection.
     Connected,
-    /// Snapshot for tests and the operator: (id, state) of every instance.
+    /// Snapshot for tests and the operator: (id, state) of every instance
+    /// thread, also of one not yet in STATS.
     List {
         reply: Sender<Vec<(String, InstanceState)>>,
     },
@@ -402,7 +403,9 @@ impl Overseer {
                 let mut v: Vec<_> = self
                     .instances
                     .iter()
-                    .filter_map(|(id, r)| Some((id.clone(), r.state?)))
+                    // Every instance, also one whose START is still under
+                    // way (not yet in STATS): pending.
+                    .map(|(id, r)| (id.clone(), r.state.unwrap_or(InstanceState::Pending)))
                     .collect();
                 v.sort_by(|a, b| a.0.cmp(&b.0));
                 let _ = reply.send(v);
