@@ -745,6 +745,49 @@ START carries a \fBrequirements\fR map and \fBstorage\fR volumes; the node's con
 comes from the scheduler's CONNECTED frame, and flags given on the command line override it.
 .PP
 Both profiles read both shapes of START.
+.SH "COMMANDS, PERSISTENCE AND RECOVERY"
+Every command the launcher accepts gets exactly one answer: it is carried out (an event, a
+STATUS, the new state in STATS) or refused with an error frame that names the reason.
+Commands for one instance are carried out one after the other, up to 16 queued; more are
+refused with \fBinstance_busy\fR.
+A command that arrives while its instance is being deleted is handled after the deletion:
+a START then starts a new instance, anything else gets \fBno_instance\fR.
+Commands still queued when the launcher stops are refused with \fBinstance_busy\fR.
+.PP
+A START is refused with \fBinvalid_data\fR before anything is made when it asks for
+\fBvcpus: 0\fR or \fBmem_mb: 0\fR, or for more vCPUs, memory or disk than the node has (its
+online CPUs, total memory, total disk); a size that is not given is left to QEMU's or
+Docker's default.
+An error frame about an instance id that is not a UUID carries the id as received (its
+first 256 characters), so that the scheduler can match it to its request.
+.PP
+Nothing is reported before it is on disk.
+A new instance appears in STATS only once its state file is written; STOP and RESTART
+write the instance's new state before they act (and the old one back if the action
+fails); DELETE removes the state file (and syncs its directory) before InstanceDeleted is
+sent.
+A change that cannot be written is refused with \fBstate_failure\fR and nothing changes
+(a START is refused with \fBimage_failure\fR, the reason ciao's scheduler knows).
+.PP
+State files are sealed: a header line and an end line carrying the length and an FNV\-1a
+checksum of the YAML between them.
+A state file that is truncated or damaged is not read with defaults: it is reported at each
+start, left where it is for inspection, and its id stays taken (a START of it gets
+\fBinstance_exists\fR) until the directory is removed by hand.
+State files without the seal (from earlier launchers) are read as before and sealed when
+next written.
+.PP
+At start the launcher finishes what a crash interrupted: an instance directory without a
+state file (a START killed before its state was written) is removed, and so are temporary
+state files; a container that carries this node's labels but has no instance directory is
+removed (and once more 30 seconds later, for a create the engine finished only after the
+restart).
+An instance whose container no longer exists at all (a DELETE killed after removing it,
+or a container removed behind the launcher's back) is removed and reported deleted.
+The launcher only ever removes containers labelled with the instance
+(\fBorg.ciao.instance\fR) and, where the label is present, this node
+(\fBorg.ciao.node\fR): a container that merely has an instance's name is left alone, and a
+START that finds one fails with \fBimage_failure\fR.
 .SH "VIRTUAL MACHINES"
 A START without \fBvm_type: docker\fR runs \fBqemu\-system\-x86_64\fR (\fB\-\-qemu\fR) in a session
 of its own from the start (and \fB\-daemonize\fR), so virtual machines outlive the launcher
@@ -891,7 +934,7 @@ Backing images of instances (raw or qcow2, detected).
 Local volumes (the storage ids of the 2018 profile).
 .TP
 .I instances/<uuid>/state
-An instance's configuration (YAML, replaced atomically).
+An instance's configuration (sealed YAML, replaced atomically).
 .TP
 .I instances/<uuid>/image.qcow2
 A virtual machine's root disk: a qcow2 overlay on its backing image, sized
