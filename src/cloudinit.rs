@@ -67,7 +67,7 @@ pub fn make_config_drive(
     {
         // A tree left by an interrupted build was the child's: never write
         // through it (it may hold links by now).
-        return Err(VirtError(format!("{}: {e}", staging.display())));
+        return Err(VirtError::other(format!("{}: {e}", staging.display())));
     }
     let result = build(&staging, &iso, instance, user_data, payload_meta, child);
     if let Err(e) = fs::remove_dir_all(&staging)
@@ -87,7 +87,7 @@ fn build(
     child: Option<&ChildUser>,
 ) -> Result<(), VirtError> {
     let latest = staging.join("openstack/latest");
-    let io_err = |p: &Path, e: io::Error| VirtError(format!("{}: {e}", p.display()));
+    let io_err = |p: &Path, e: io::Error| VirtError::other(format!("{}: {e}", p.display()));
     fs::create_dir_all(&latest).map_err(|e| io_err(&latest, e))?;
     let ud = latest.join("user_data");
     fs::write(&ud, user_data).map_err(|e| io_err(&ud, e))?;
@@ -127,17 +127,17 @@ fn build(
         match out {
             Ok(o) if o.status.success() => return Ok(()),
             Ok(o) => {
-                return Err(VirtError(format!(
+                return Err(VirtError::other(format!(
                     "config drive: {tool} failed ({}): {}",
                     o.status,
                     last_lines(&o.stderr, 3)
                 )));
             }
             Err(e) if e.kind() == io::ErrorKind::NotFound => missing.push(tool),
-            Err(e) => return Err(VirtError(format!("config drive: {tool}: {e}"))),
+            Err(e) => return Err(VirtError::other(format!("config drive: {tool}: {e}"))),
         }
     }
-    Err(VirtError(format!(
+    Err(VirtError::other(format!(
         "config drive: none of {} is installed (package xorriso)",
         missing.join(", ")
     )))

@@ -281,7 +281,7 @@ fn qemu_factory(cfg: &Config) -> qemu::QemuFactory {
         cli::QemuAccel::Tcg => qemu::AccelChoice::Tcg,
     };
     let (accel, why) = qemu::choose_accel(choice, Path::new("/sys"), Path::new("/dev/kvm"));
-    info!("virtual machines run with {accel:?}: {why}");
+    info!("virtual machines run with {}: {why}", accel.name());
     qemu::QemuFactory {
         data_dir: cfg.data_dir.clone(),
         qemu: cfg.qemu.clone(),

@@ -480,12 +480,12 @@ impl Instance {
         }
         self.vm.init(&self.cfg, &self.dir);
         if let Err(e) = self.vm.ensure_backing_image() {
-            return self.start_failed(Reason::ImageFailure, &e, false);
+            return self.start_failed(e.reason(Reason::ImageFailure), &e, false);
         }
         let t0 = Instant::now();
         let (made, saved) = self.create_image_and_save();
         if let Err(e) = made {
-            return self.start_failed(Reason::ImageFailure, &e, true);
+            return self.start_failed(e.reason(Reason::ImageFailure), &e, true);
         }
         // StartFailure has no `state_failure` in ciao's scheduler: a state
         // that cannot be written is reported as the instance's image.
@@ -493,7 +493,7 @@ impl Instance {
             return self.start_failed(Reason::ImageFailure, &e, true);
         }
         if let Err(e) = self.vm.start() {
-            return self.start_failed(Reason::LaunchFailure, &e, true);
+            return self.start_failed(e.reason(Reason::LaunchFailure), &e, true);
         }
         debug!("{}: started {:?} after its START", self.id, t0.elapsed());
         info!(
@@ -658,7 +658,7 @@ impl Instance {
             if let Err(e) = self.save(true) {
                 error!("{}: state left saying running: {e}", self.id);
             }
-            return self.fail(ErrorKind::Restart, Reason::LaunchFailure, &e);
+            return self.fail(ErrorKind::Restart, e.reason(Reason::LaunchFailure), &e);
         }
         info!("{} restarted", self.id);
         self.watch(false);

@@ -68,7 +68,7 @@ impl Server {
                 if self.cluster.is_none() && !configuration.is_empty() {
                     match commands::parse_configure(&configuration) {
                         Ok(c) => {
-                            info!("cluster configuration: {c:?}");
+                            info!("cluster configuration: {c}");
                             crate::virt::qemu::cluster_child_user(&c.child_user);
                             self.cluster = Some(c);
                         }

@@ -211,7 +211,7 @@ fn wait_log(env: &Env, what: &str) {
 }
 
 #[test]
-fn invalid_reference_and_missing_engine_are_image_failures() {
+fn invalid_reference_is_an_image_failure_and_a_missing_engine_a_launch_failure() {
     let (_engine, env, _serve, addr, first) = setup("2016");
     let out = env.lc_ok(&["start", "--docker-image", "UPPER:case!!"]);
     let bad = out.split_whitespace().nth(1).expect("id").to_string();
@@ -231,6 +231,14 @@ fn invalid_reference_and_missing_engine_are_image_failures() {
     let out = env.lc_ok(&["start", "--docker-image", IMAGE]);
     let id = out.split_whitespace().nth(1).expect("id").to_string();
     wait_log(&env, "/nonexistent/docker.sock");
+    // The engine, not the image, is at fault; the cause is logged once.
+    wait_log(&env, "launch_failure");
+    let log = env.log();
+    let told = log
+        .lines()
+        .filter(|l| l.contains(&id) && l.contains("/nonexistent/docker.sock"))
+        .count();
+    assert_eq!(told, 1, "{log}");
     env.wait_list("nothing listed", |l| state_of(l, &id).is_none());
     assert_eq!(env.instance_dirs(), 0);
 }

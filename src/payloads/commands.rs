@@ -55,6 +55,37 @@ pub struct ClusterConfig {
     pub child_user: String,
 }
 
+impl std::fmt::Display for ClusterConfig {
+    /// One log line: what the launcher uses of the configuration.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let list = |v: &[String]| {
+            if v.is_empty() {
+                "-".to_string()
+            } else {
+                v.join(",")
+            }
+        };
+        write!(
+            f,
+            "compute_net {}, mgmt_net {}, disk_limit {}, mem_limit {}, ceph_id {}, child_user {}",
+            list(&self.compute_net),
+            list(&self.mgmt_net),
+            self.disk_limit,
+            self.mem_limit,
+            if self.ceph_id.is_empty() {
+                "-"
+            } else {
+                &self.ceph_id
+            },
+            if self.child_user.is_empty() {
+                "-"
+            } else {
+                &self.child_user
+            },
+        )
+    }
+}
+
 fn decoded<T>(r: DecodeResult<T>, what: &str) -> Result<T, PayloadError> {
     r.map_err(|e| PayloadError::invalid_payload(format!("{what} payload: {e}")))
 }

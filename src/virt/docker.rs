@@ -120,7 +120,11 @@ pub struct Docker {
 }
 
 fn verr(what: &str, e: DockerError) -> VirtError {
-    VirtError(format!("{what}: {e}"))
+    let message = format!("{what}: {e}");
+    match e {
+        DockerError::Connect(_) => VirtError::unreachable(message),
+        _ => VirtError::other(message),
+    }
 }
 
 impl Docker {
@@ -220,7 +224,7 @@ impl Virtualizer for Docker {
 
     fn ensure_backing_image(&mut self) -> Result<(), VirtError> {
         if self.cfg.docker_image.is_empty() {
-            return Err(VirtError("no docker_image in the START payload".into()));
+            return Err(VirtError::image("no docker_image in the START payload"));
         }
         let api = self.api()?;
         let image = self.cfg.docker_image.clone();
@@ -228,8 +232,10 @@ impl Virtualizer for Docker {
             Ok(Some(_)) => Ok(()),
             Ok(None) => {
                 info!("{}: pulling {image}", self.name());
-                api.image_pull(&image)
-                    .map_err(|e| verr(&format!("pull {image}"), e))
+                api.image_pull(&image).map_err(|e| match e {
+                    DockerError::Connect(_) => verr(&format!("pull {image}"), e),
+                    _ => VirtError::image(format!("pull {image}: {e}")),
+                })
             }
             Err(e) => Err(verr(&format!("image {image}"), e)),
         }
@@ -240,7 +246,7 @@ impl Virtualizer for Docker {
         let spec = self.spec();
         match api.container_create(self.name(), &spec) {
             Ok(_) => Ok(()),
-            Err(DockerError::Api { status: 409, .. }) => Err(VirtError(format!(
+            Err(DockerError::Api { status: 409, .. }) => Err(VirtError::not_ours(format!(
                 "a container named {} exists already; this START did not make it and leaves it alone",
                 self.name()
             ))),
@@ -306,7 +312,7 @@ impl Virtualizer for Docker {
             .name(format!("monitor-{}", &name[..name.len().min(8)]))
             .stack_size(256 * 1024)
             .spawn(move || watch(api, &socket, &name, &events, &stop_rx, &slot))
-            .map_err(|e| VirtError(format!("monitor thread: {e}")))?;
+            .map_err(|e| VirtError::other(format!("monitor thread: {e}")))?;
         Ok(Box::new(DockerMonitor {
             name: self.name().to_string(),
             api: self.api.clone(),

@@ -21,16 +21,82 @@ use std::path::Path;
 
 use crossbeam_channel::Sender;
 
+use crate::payloads::Reason;
 use crate::payloads::config::InstanceConfig;
 
-/// Why a virtualizer operation failed; the text is sent to the scheduler's log
-/// and the launcher's, so it should name the cause.
+/// What kind of failure a [`VirtError`] is: it decides the reason the
+/// scheduler is given ([`VirtError::reason`]), the only place that mapping
+/// is made.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VirtErrorKind {
+    /// The engine (dockerd) or a program (qemu, qemu-img) cannot be reached
+    /// or run.
+    Unreachable,
+    /// An image, backing file, volume or config drive is missing or unusable.
+    Image,
+    /// The instance was made but could not be launched.
+    Launch,
+    /// The running instance's monitor (QMP, the engine's wait) failed.
+    Monitor,
+    /// A resource has the instance's name but is not ours: left alone.
+    NotOurs,
+    /// Anything else; the caller's phase decides the reason.
+    Other,
+}
+
+/// Why a virtualizer operation failed: its kind, and a text that names the
+/// cause (it goes to the launcher's log, once, by whoever gives up).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct VirtError(pub String);
+pub struct VirtError {
+    pub kind: VirtErrorKind,
+    message: String,
+}
+
+impl VirtError {
+    pub fn new(kind: VirtErrorKind, message: impl Into<String>) -> VirtError {
+        VirtError {
+            kind,
+            message: message.into(),
+        }
+    }
+    pub fn other(message: impl Into<String>) -> VirtError {
+        VirtError::new(VirtErrorKind::Other, message)
+    }
+    pub fn unreachable(message: impl Into<String>) -> VirtError {
+        VirtError::new(VirtErrorKind::Unreachable, message)
+    }
+    pub fn image(message: impl Into<String>) -> VirtError {
+        VirtError::new(VirtErrorKind::Image, message)
+    }
+    pub fn launch(message: impl Into<String>) -> VirtError {
+        VirtError::new(VirtErrorKind::Launch, message)
+    }
+    pub fn monitor(message: impl Into<String>) -> VirtError {
+        VirtError::new(VirtErrorKind::Monitor, message)
+    }
+    pub fn not_ours(message: impl Into<String>) -> VirtError {
+        VirtError::new(VirtErrorKind::NotOurs, message)
+    }
+
+    /// The reason for the scheduler: by kind, or `phase` (what the step
+    /// that failed stands for, e.g. `image_failure` while making the disk)
+    /// for [`VirtErrorKind::Other`]. An engine that cannot be reached is a
+    /// launch failure wherever it happens (the image is not at fault); a
+    /// foreign resource with our name is an image failure (ciao's reason
+    /// for "could not create the container").
+    pub fn reason(&self, phase: Reason) -> Reason {
+        match self.kind {
+            VirtErrorKind::Unreachable | VirtErrorKind::Launch => Reason::LaunchFailure,
+            VirtErrorKind::Image | VirtErrorKind::NotOurs => Reason::ImageFailure,
+            VirtErrorKind::Monitor => Reason::InstanceFailure,
+            VirtErrorKind::Other => phase,
+        }
+    }
+}
 
 impl fmt::Display for VirtError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
+        f.write_str(&self.message)
     }
 }
 
@@ -70,7 +136,7 @@ pub trait Monitor: Send + fmt::Debug {
     }
     /// Hot-plugs the local volume `id` into the running instance.
     fn attach_volume(&mut self, id: &str) -> Result<(), VirtError> {
-        Err(VirtError(format!(
+        Err(VirtError::other(format!(
             "volume {id}: this virtualizer cannot hot-plug volumes"
         )))
     }
@@ -163,25 +229,51 @@ pub struct Unavailable(pub &'static str);
 impl Virtualizer for Unavailable {
     fn init(&mut self, _cfg: &InstanceConfig, _dir: &Path) {}
     fn ensure_backing_image(&mut self) -> Result<(), VirtError> {
-        Err(VirtError(self.0.into()))
+        Err(VirtError::unreachable(self.0))
     }
     fn create_image(&mut self) -> Result<(), VirtError> {
-        Err(VirtError(self.0.into()))
+        Err(VirtError::unreachable(self.0))
     }
     fn delete_image(&mut self) -> Result<(), VirtError> {
         Ok(())
     }
     fn start(&mut self) -> Result<(), VirtError> {
-        Err(VirtError(self.0.into()))
+        Err(VirtError::unreachable(self.0))
     }
     fn monitor(
         &mut self,
         _events: Sender<MonitorEvent>,
         _boot: bool,
     ) -> Result<Box<dyn Monitor>, VirtError> {
-        Err(VirtError(self.0.into()))
+        Err(VirtError::unreachable(self.0))
     }
     fn stats(&mut self) -> Usage {
         Usage::default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_reason_comes_from_the_kind_or_the_phase() {
+        let phase = Reason::ImageFailure;
+        assert_eq!(
+            VirtError::unreachable("x").reason(phase),
+            Reason::LaunchFailure
+        );
+        assert_eq!(VirtError::launch("x").reason(phase), Reason::LaunchFailure);
+        assert_eq!(
+            VirtError::image("x").reason(Reason::LaunchFailure),
+            Reason::ImageFailure
+        );
+        assert_eq!(VirtError::not_ours("x").reason(phase), Reason::ImageFailure);
+        assert_eq!(
+            VirtError::monitor("x").reason(phase),
+            Reason::InstanceFailure
+        );
+        assert_eq!(VirtError::other("x").reason(phase), phase);
+        assert_eq!(VirtError::other("a cause").to_string(), "a cause");
     }
 }

@@ -83,6 +83,16 @@ pub enum Accel {
     Tcg,
 }
 
+impl Accel {
+    /// For log lines.
+    pub fn name(self) -> &'static str {
+        match self {
+            Accel::Kvm => "KVM",
+            Accel::Tcg => "TCG",
+        }
+    }
+}
+
 /// Picks the accelerator: KVM only when `/dev/kvm` is usable *and* backed
 /// by a hardware module (`kvm_intel`/`kvm_amd`); nested "PVM" KVM
 /// (`kvm_pvm`) accepts `-enable-kvm` but cannot run real guests. Returns
@@ -170,7 +180,7 @@ const OVMF_COMBINED: [&str; 3] = [
 pub fn find_ovmf(configured: Option<&Path>) -> Result<Ovmf, VirtError> {
     if let Some(p) = configured {
         if !p.is_file() {
-            return Err(VirtError(format!(
+            return Err(VirtError::other(format!(
                 "EFI firmware {} not found (--ovmf); install package ovmf or use fw_type: legacy",
                 p.display()
             )));
@@ -200,7 +210,7 @@ pub fn find_ovmf(configured: Option<&Path>) -> Result<Ovmf, VirtError> {
             return Ok(Ovmf::Combined(c.into()));
         }
     }
-    Err(VirtError(format!(
+    Err(VirtError::other(format!(
         "no EFI firmware (OVMF) found in {} or {}; install package ovmf or use fw_type: legacy",
         OVMF_SPLIT.map(|(c, _)| c).join(", "),
         OVMF_COMBINED.join(", ")
@@ -314,11 +324,11 @@ impl VirtualizerFactory for QemuFactory {
 fn finish_overlay(child: std::process::Child) -> Result<(), VirtError> {
     let out = child
         .wait_with_output()
-        .map_err(|e| VirtError(format!("qemu-img create: {e}")))?;
+        .map_err(|e| VirtError::other(format!("qemu-img create: {e}")))?;
     if out.status.success() {
         Ok(())
     } else {
-        Err(VirtError(format!(
+        Err(VirtError::other(format!(
             "qemu-img create: {}",
             last_lines(&out.stderr, 2)
         )))
@@ -344,7 +354,7 @@ impl ImageInfo {
     fn check_header(&self, path: &Path, backing: Option<&Path>) -> Result<(), VirtError> {
         let want = backing.map(|b| b.to_string_lossy().into_owned());
         if self.backing != want || self.data_file.is_some() {
-            return Err(VirtError(format!(
+            return Err(VirtError::other(format!(
                 "{} names {} as its backing file{}: refused for a VM of a child user (QEMU opens its disks as root)",
                 path.display(),
                 self.backing.as_deref().unwrap_or("nothing"),
@@ -373,20 +383,20 @@ pub fn image_info(
         .stderr(Stdio::piped())
         .stdout(Stdio::piped())
         .output()
-        .map_err(|e| VirtError(format!("{}: {e}", qemu_img.display())))?;
+        .map_err(|e| VirtError::other(format!("{}: {e}", qemu_img.display())))?;
     if !out.status.success() {
-        return Err(VirtError(format!(
+        return Err(VirtError::other(format!(
             "{} is not a usable image: {}",
             path.display(),
             last_lines(&out.stderr, 2)
         )));
     }
     let v: Value = serde_json::from_slice(&out.stdout)
-        .map_err(|e| VirtError(format!("qemu-img info {}: {e}", path.display())))?;
+        .map_err(|e| VirtError::other(format!("qemu-img info {}: {e}", path.display())))?;
     let format = v.get("format").and_then(Value::as_str).unwrap_or_default();
     let size = v.get("virtual-size").and_then(Value::as_u64).unwrap_or(0);
     if format.is_empty() || size == 0 {
-        return Err(VirtError(format!(
+        return Err(VirtError::other(format!(
             "{}: qemu-img reports no format or an empty image",
             path.display()
         )));
@@ -450,7 +460,7 @@ impl Qemu {
         }
         let id = self
             .boot_volume()
-            .ok_or_else(|| VirtError("neither an image nor a bootable volume".into()))?;
+            .ok_or_else(|| VirtError::other("neither an image nor a bootable volume"))?;
         let path = self.volume_path(id);
         let info = image_info(&self.f.qemu_img, &path, self.child.as_ref())?;
         if self.child.is_some() {
@@ -486,7 +496,7 @@ impl Qemu {
                     }
                     Ok(i)
                 })
-                .map_err(|e| VirtError(format!("volume {}: {e}", v.uuid)))?;
+                .map_err(|e| VirtError::other(format!("volume {}: {e}", v.uuid)))?;
             extra.push((v.uuid.clone(), path, info.format));
         }
         Ok(confined_command_line(
@@ -515,10 +525,10 @@ impl Qemu {
             self.ensure_backing_image()?;
         }
         let Some((backing, info)) = &self.backing else {
-            return Err(VirtError("no backing image".into()));
+            return Err(VirtError::other("no backing image"));
         };
         let backing = fs::canonicalize(backing)
-            .map_err(|e| VirtError(format!("{}: {e}", backing.display())))?;
+            .map_err(|e| VirtError::other(format!("{}: {e}", backing.display())))?;
         // The README: disk_mb, or the image's own size when larger.
         let size = (self.cfg.disk_mb << 20).max(info.virtual_size);
         let mut cmd = Command::new(&self.f.qemu_img);
@@ -537,7 +547,7 @@ impl Qemu {
             .stderr(Stdio::piped())
             .spawn()
             .map(Some)
-            .map_err(|e| VirtError(format!("{}: {e}", self.f.qemu_img.display())))
+            .map_err(|e| VirtError::other(format!("{}: {e}", self.f.qemu_img.display())))
     }
 
     /// Runs QEMU; returns once it has daemonized (set up and running).
@@ -551,7 +561,8 @@ impl Qemu {
         if let Some(Ovmf::Split { vars, .. }) = &ovmf {
             let copy = self.dir.join("OVMF_VARS.fd");
             if !copy.exists() {
-                fs::copy(vars, &copy).map_err(|e| VirtError(format!("{}: {e}", copy.display())))?;
+                fs::copy(vars, &copy)
+                    .map_err(|e| VirtError::other(format!("{}: {e}", copy.display())))?;
             }
         }
         // QEMU opens its files as root and then drops to the child user;
@@ -579,7 +590,7 @@ impl Qemu {
         for stale in [self.socket(), self.dir.join("qemu.pid")] {
             match fs::remove_file(&stale) {
                 Err(e) if e.kind() != io::ErrorKind::NotFound => {
-                    return Err(VirtError(format!("{}: {e}", stale.display())));
+                    return Err(VirtError::other(format!("{}: {e}", stale.display())));
                 }
                 _ => {}
             }
@@ -615,7 +626,7 @@ impl Qemu {
                 .stdout(Stdio::null())
                 .stderr(Stdio::piped())
                 .output()
-                .map_err(|e| VirtError(format!("{}: {e}", self.f.qemu.display())))?;
+                .map_err(|e| VirtError::unreachable(format!("{}: {e}", self.f.qemu.display())))?;
             if out.status.success() {
                 if let Some(u) = &self.child {
                     give(&self.socket(), u)?;
@@ -630,14 +641,14 @@ impl Qemu {
             // Somebody else took the port: try another one.
             let port_clash = msg.contains("socket") || msg.contains("spice");
             if !(port_clash && attempt < tries) {
-                return Err(VirtError(format!(
+                return Err(VirtError::other(format!(
                     "{} exited ({}): {msg}",
                     self.f.qemu.display(),
                     out.status
                 )));
             }
         }
-        Err(VirtError("no usable console port".into()))
+        Err(VirtError::other("no usable console port"))
     }
 
     /// The overlay (the child's to write) still names its own backing
@@ -648,7 +659,7 @@ impl Qemu {
         }
         let backing = self.images_dir().join(&self.cfg.image_uuid);
         let backing = fs::canonicalize(&backing)
-            .map_err(|e| VirtError(format!("{}: {e}", backing.display())))?;
+            .map_err(|e| VirtError::other(format!("{}: {e}", backing.display())))?;
         let overlay = self.overlay();
         image_info(&self.f.qemu_img, &overlay, Some(u))?.check_header(&overlay, Some(&backing))
     }
@@ -777,14 +788,14 @@ pub fn give(path: &Path, user: &ChildUser) -> Result<(), VirtError> {
     let meta = match fs::symlink_metadata(path) {
         Ok(m) => m,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
-        Err(e) => return Err(VirtError(format!("{}: {e}", path.display()))),
+        Err(e) => return Err(VirtError::other(format!("{}: {e}", path.display()))),
     };
     let kind = meta.file_type();
     if !(kind.is_file() || kind.is_socket()) || (meta.uid(), meta.gid()) == (user.uid, user.gid) {
         return Ok(());
     }
     std::os::unix::fs::lchown(path, Some(user.uid), Some(user.gid)).map_err(|e| {
-        VirtError(format!(
+        VirtError::other(format!(
             "cannot give {} to the child user {user}: {e}",
             path.display()
         ))
@@ -803,9 +814,9 @@ pub fn create_for(path: &Path, user: &ChildUser) -> Result<(), VirtError> {
         .mode(0o600)
         .custom_flags(nix::fcntl::OFlag::O_NOFOLLOW.bits())
         .open(path)
-        .map_err(|e| VirtError(format!("{}: {e}", path.display())))?;
+        .map_err(|e| VirtError::other(format!("{}: {e}", path.display())))?;
     std::os::unix::fs::fchown(&file, Some(user.uid), Some(user.gid)).map_err(|e| {
-        VirtError(format!(
+        VirtError::other(format!(
             "cannot give {} to the child user {user}: {e}",
             path.display()
         ))
@@ -923,7 +934,7 @@ impl ChildUsers {
                     *c = ClusterChild::User(u.clone());
                     Ok(Some(u))
                 }
-                Err(e) => Err(VirtError(format!(
+                Err(e) => Err(VirtError::other(format!(
                     "refused: the cluster configuration's launcher.child_user: {e} (create the user, or run the launcher with --child-user)"
                 ))),
             },
@@ -1042,7 +1053,7 @@ fn check_socket_path(p: &Path) -> Result<(), VirtError> {
     use std::os::unix::ffi::OsStrExt;
     let n = p.as_os_str().as_bytes().len();
     if n > 107 {
-        return Err(VirtError(format!(
+        return Err(VirtError::other(format!(
             "QMP socket path {} is {n} bytes, longer than a unix socket allows (107): use a shorter --data-dir",
             p.display()
         )));
@@ -1214,19 +1225,19 @@ impl Virtualizer for Qemu {
         } else if let Some(v) = self.boot_volume() {
             self.volume_path(v)
         } else {
-            return Err(VirtError(
-                "the START payload names neither an image nor a bootable volume".into(),
+            return Err(VirtError::other(
+                "the START payload names neither an image nor a bootable volume",
             ));
         };
         let meta = fs::metadata(&path).map_err(|e| {
-            VirtError(if e.kind() == io::ErrorKind::NotFound {
+            VirtError::other(if e.kind() == io::ErrorKind::NotFound {
                 format!("image {} not found", path.display())
             } else {
                 format!("image {}: {e}", path.display())
             })
         })?;
         if !meta.is_file() {
-            return Err(VirtError(format!(
+            return Err(VirtError::other(format!(
                 "image {} is not a regular file",
                 path.display()
             )));
@@ -1321,7 +1332,7 @@ impl Virtualizer for Qemu {
             .name(format!("monitor-{short}"))
             .stack_size(256 * 1024)
             .spawn(move || w.run(pre, &events, &cmd_rx))
-            .map_err(|e| VirtError(format!("monitor thread: {e}")))?;
+            .map_err(|e| VirtError::other(format!("monitor thread: {e}")))?;
         Ok(Box::new(QemuMonitor {
             name,
             pid: Arc::clone(&self.pid),
@@ -1361,7 +1372,10 @@ impl Virtualizer for Qemu {
     fn check_volume(&mut self, id: &str) -> Result<(), VirtError> {
         let path = self.volume_path(id);
         if !path.is_file() {
-            return Err(VirtError(format!("volume {} not found", path.display())));
+            return Err(VirtError::other(format!(
+                "volume {} not found",
+                path.display()
+            )));
         }
         // The next boot attaches it as the child user of its time.
         let child = self.f.child_users.current()?;
@@ -1416,7 +1430,7 @@ impl QemuMonitor {
         self.cmds
             .as_ref()
             .and_then(|tx| tx.send(c).ok())
-            .ok_or_else(|| VirtError(format!("{}: the monitor has ended", self.name)))
+            .ok_or_else(|| VirtError::other(format!("{}: the monitor has ended", self.name)))
     }
 }
 
@@ -1441,7 +1455,10 @@ impl Monitor for QemuMonitor {
             .filter(|u| u.uid != 0);
         if let Some(u) = &user {
             if !path.is_file() {
-                return Err(VirtError(format!("volume {} not found", path.display())));
+                return Err(VirtError::other(format!(
+                    "volume {} not found",
+                    path.display()
+                )));
             }
             give(&path, u)?;
         }
@@ -1456,7 +1473,7 @@ impl Monitor for QemuMonitor {
         })?;
         answer
             .recv_timeout(QMP_TIMEOUT * 2)
-            .map_err(|_| VirtError("the monitor did not answer the attach".into()))?
+            .map_err(|_| VirtError::other("the monitor did not answer the attach"))?
     }
 }
 
@@ -1741,7 +1758,7 @@ fn attach(
             *shutdown = true;
         }
     };
-    let verr = |what: &str, e: QmpError| VirtError(format!("{what}: {e}"));
+    let verr = |what: &str, e: QmpError| VirtError::other(format!("{what}: {e}"));
     qmp.execute(
         "blockdev-add",
         Some(json!({
@@ -1787,7 +1804,7 @@ pub fn quit_vm(socket: &Path, timeout: Duration) -> Result<bool, VirtError> {
         {
             return Ok(false);
         }
-        Err(e) => return Err(VirtError(e.to_string())),
+        Err(e) => return Err(VirtError::other(e.to_string())),
     };
     let pid = qmp.pid;
     let identity = pid.and_then(|p| process_identity(Path::new("/proc"), p));
@@ -1803,7 +1820,7 @@ pub fn quit_vm(socket: &Path, timeout: Duration) -> Result<bool, VirtError> {
             }
             thread::sleep(Duration::from_millis(5));
         }
-        return Err(VirtError(format!("QEMU (pid {p}) did not quit")));
+        return Err(VirtError::other(format!("QEMU (pid {p}) did not quit")));
     }
     Ok(true)
 }
@@ -2031,7 +2048,8 @@ mod tests {
         none.configure("no-such-user-ciao-x");
         let e = none.current().unwrap_err();
         assert!(
-            e.0.contains("launcher.child_user") && e.0.contains("no-such-user-ciao-x"),
+            e.to_string().contains("launcher.child_user")
+                && e.to_string().contains("no-such-user-ciao-x"),
             "{e}"
         );
         // The flag wins over the configuration, also over an unknown user.
@@ -2145,7 +2163,10 @@ mod tests {
         let e = info
             .check_header(&ov, Some(&tmp.join("other")))
             .unwrap_err();
-        assert!(e.0.contains("backing file") && e.0.contains(&b), "{e}");
+        assert!(
+            e.to_string().contains("backing file") && e.to_string().contains(&b),
+            "{e}"
+        );
         assert!(info.check_header(&ov, None).is_err());
         let raw = image_info(qemu_img, &base, None).unwrap();
         assert_eq!((raw.backing, raw.data_file), (None, None));
@@ -2162,7 +2183,7 @@ mod tests {
         let df = image_info(qemu_img, &tmp.join("df.qcow2"), None).unwrap();
         assert_eq!(df.data_file.as_deref(), Some(d.as_str()));
         let e = df.check_header(&tmp.join("df.qcow2"), None).unwrap_err();
-        assert!(e.0.contains("data file"), "{e}");
+        assert!(e.to_string().contains("data file"), "{e}");
         fs::remove_dir_all(&tmp).unwrap();
     }
 
@@ -2171,7 +2192,10 @@ mod tests {
         let tmp = std::env::temp_dir().join(format!("ciao-ovmf-{}", std::process::id()));
         fs::create_dir_all(&tmp).unwrap();
         let e = find_ovmf(Some(&tmp.join("nope.fd"))).unwrap_err();
-        assert!(e.0.contains("nope.fd") && e.0.contains("legacy"), "{e}");
+        assert!(
+            e.to_string().contains("nope.fd") && e.to_string().contains("legacy"),
+            "{e}"
+        );
         fs::write(tmp.join("OVMF.fd"), "").unwrap();
         assert_eq!(
             find_ovmf(Some(&tmp.join("OVMF.fd"))).unwrap(),

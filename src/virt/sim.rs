@@ -179,8 +179,8 @@ impl Monitor for SimMonitor {
         match t.monitors.get(&self.id) {
             Some(m) => m
                 .send(MonitorEvent::Exited("stopped".into()))
-                .map_err(|_| VirtError("the instance is no longer watched".into())),
-            None => Err(VirtError("no monitor attached".into())),
+                .map_err(|_| VirtError::other("the instance is no longer watched")),
+            None => Err(VirtError::other("no monitor attached")),
         }
     }
 }
@@ -204,7 +204,7 @@ impl Virtualizer for Sim {
             let _ = gate.recv_timeout(std::time::Duration::from_secs(60));
         }
         if self.control.lock().fail_image.remove(&self.id) {
-            return Err(VirtError("simulated image failure".into()));
+            return Err(VirtError::other("simulated image failure"));
         }
         Ok(())
     }
@@ -220,7 +220,7 @@ impl Virtualizer for Sim {
     fn start(&mut self) -> Result<(), VirtError> {
         let mut t = self.control.lock();
         if t.fail_start.remove(&self.id) {
-            return Err(VirtError("simulated launch failure".into()));
+            return Err(VirtError::other("simulated launch failure"));
         }
         t.running.insert(self.id.clone());
         t.stopped.remove(&self.id);
