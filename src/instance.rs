@@ -52,7 +52,7 @@ use std::time::Instant;
 use crossbeam_channel::{Receiver, Sender, select};
 use log::{debug, error, info, warn};
 
-use crate::node::NodeContext;
+use crate::node::{Never, NodeContext};
 use crate::payloads::Reason;
 use crate::payloads::config::{InstanceConfig, VmType, Volume};
 use crate::payloads::outgoing::ErrorKind;
@@ -62,10 +62,6 @@ use crate::virt::{Monitor, MonitorEvent, Usage, VirtError, Virtualizer};
 
 /// Commands queued in an instance's inbox before the overseer answers "busy".
 pub const INBOX: usize = 16;
-
-/// A type with no values: the shutdown channels carry none, they only close.
-#[derive(Debug)]
-pub enum Never {}
 
 /// Commands for one instance (overseer → instance).
 #[derive(Debug)]

@@ -21,7 +21,6 @@
 //! Shutdown is a broadcast by dropping senders; instances keep running.
 
 pub mod cli;
-pub mod cloudinit;
 pub mod daemon;
 pub mod instance;
 pub mod launcher;

@@ -17,6 +17,11 @@ use crate::ssntp::{ErrorCode, Event, Frame, Operation, Profile};
 use crate::state::Store;
 use crate::virt::VirtualizerFactory;
 
+/// A type with no values: the shutdown channels carry none, they only
+/// close (shutdown is a broadcast by dropping the sender).
+#[derive(Debug)]
+pub enum Never {}
+
 /// Where frames for the scheduler go.
 pub trait Outbox: Send + Sync + fmt::Debug {
     /// Sends `op` with `payload`. Failures (not connected, queue full) are

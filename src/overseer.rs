@@ -39,10 +39,8 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{Receiver, Sender, TrySendError, select};
 use log::{error, info, warn};
 
-use crate::instance::{
-    self, Farewell, InstanceCmd, InstanceState, InstanceUpdate, Never, Seed, Wiring,
-};
-use crate::node::NodeContext;
+use crate::instance::{self, Farewell, InstanceCmd, InstanceState, InstanceUpdate, Seed, Wiring};
+use crate::node::{Never, NodeContext};
 use crate::nodestats::{NodeFigures, NodeStatsSource};
 use crate::payloads::Reason;
 use crate::payloads::config::InstanceConfig;

@@ -10,7 +10,8 @@
 use crossbeam_channel::{Receiver, Sender, select};
 use log::{debug, info, warn};
 
-use crate::instance::{InstanceCmd, Never};
+use crate::instance::InstanceCmd;
+use crate::node::Never;
 use crate::node::NodeContext;
 use crate::overseer::OverseerReq;
 use crate::payloads::commands::{self, ClusterConfig};

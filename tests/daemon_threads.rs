@@ -9,7 +9,8 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use ciao_launcher::instance::{InstanceState, Never};
+use ciao_launcher::instance::InstanceState;
+use ciao_launcher::node::Never;
 use ciao_launcher::node::{ChannelOutbox, NodeContext};
 use ciao_launcher::nodestats::{FixedNodeStats, NodeFigures};
 use ciao_launcher::overseer::{Limits, Overseer, OverseerInputs, OverseerReq};

@@ -10,6 +10,7 @@
 //! dropping the handle detaches the monitor *without* stopping the instance
 //! (launcher shutdown leaves instances running).
 
+pub mod cloudinit;
 pub mod docker;
 pub mod docker_api;
 pub mod qemu;

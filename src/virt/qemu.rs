@@ -5,7 +5,7 @@
 //! Files of an instance (`<data-dir>/instances/<uuid>/`): `image.qcow2` (a
 //! qcow2 overlay on `<data-dir>/images/<image_uuid>`; a VM started from a
 //! volume boots `<data-dir>/volumes/<id>` itself), `seed.iso` (the cloud-init
-//! config drive, [`crate::cloudinit`]), `qmp.sock` (QMP), `qemu.pid`,
+//! config drive, [`super::cloudinit`]), `qmp.sock` (QMP), `qemu.pid`,
 //! `console.log` (the serial console), `OVMF_VARS.fd` (EFI variables, when
 //! the firmware comes as code + variables).
 //!
@@ -52,9 +52,9 @@ use crossbeam_channel::{Receiver, Sender, select};
 use log::{debug, info, warn};
 use serde_json::{Value, json};
 
+use super::cloudinit::{last_lines, make_config_drive};
 use super::qmp::{Qmp, QmpError, QmpMsg};
 use super::{Monitor, MonitorEvent, Usage, VirtError, Virtualizer, VirtualizerFactory};
-use crate::cloudinit::{last_lines, make_config_drive};
 use crate::nodestats::{ProcessSampler, process_identity};
 use crate::payloads::config::{Firmware, InstanceConfig};
 
