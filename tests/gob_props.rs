@@ -3,7 +3,7 @@
 //! number are printed on failure). No property-testing crate: a xorshift
 //! generator is enough here and keeps the dependency list short.
 
-use ciao_launcher::ssntp::frame::{FrameTrace, GoTime, Node};
+use ciao_launcher::ssntp::frame::{FrameTrace, GoTime, NODE, Node, TIME};
 use ciao_launcher::ssntp::gob::{Decoder, Encoder, GobEncode, StructWriter, TypeDesc, Value};
 use ciao_launcher::ssntp::{ConnectFrame, ConnectedFrame, Frame, Role};
 
@@ -190,16 +190,6 @@ static ARR4: TypeDesc = TypeDesc::Array {
     name: "Arr4",
     elem: &TypeDesc::Uint,
     len: 4,
-};
-static TIME: TypeDesc = TypeDesc::GobEncoder { name: "Time" };
-static NODE: TypeDesc = TypeDesc::Struct {
-    name: "Node",
-    fields: &[
-        ("UUID", &TypeDesc::Bytes),
-        ("Role", &TypeDesc::Uint),
-        ("TxTimestamp", &TIME),
-        ("RxTimestamp", &TIME),
-    ],
 };
 static NODES: TypeDesc = TypeDesc::Slice {
     name: "[]Node",

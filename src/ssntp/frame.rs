@@ -33,8 +33,11 @@ static UUID_ARRAY: TypeDesc = TypeDesc::Array {
     elem: &TypeDesc::Uint,
     len: 16,
 };
-static TIME: TypeDesc = TypeDesc::GobEncoder { name: "Time" };
-static NODE: TypeDesc = TypeDesc::Struct {
+/// Go's `time.Time` (a GobEncoder). Public for tests that build gob types
+/// of their own around the frame's parts.
+pub static TIME: TypeDesc = TypeDesc::GobEncoder { name: "Time" };
+/// ssntp's `Node` (one hop of a frame trace).
+pub static NODE: TypeDesc = TypeDesc::Struct {
     name: "Node",
     fields: &[
         ("UUID", &TypeDesc::Bytes),
