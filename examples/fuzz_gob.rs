@@ -37,7 +37,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use ciao_launcher::ssntp::frame::{FrameTrace, GoTime, Node};
+use ciao_launcher::ssntp::frame::{FrameTrace, GoTime, TraceHop};
 use ciao_launcher::ssntp::gob::{
     Decoder, Encoder, GobEncode, GobError, Value, write_int, write_uint,
 };
@@ -247,7 +247,7 @@ fn random_frame(r: &mut Rng) -> Frame {
             end: random_time(r),
             path_length: r.below(4) as u8,
             path: (0..r.below(4))
-                .map(|_| Node {
+                .map(|_| TraceHop {
                     uuid: r.bytes_below(17),
                     role: Role::from_bits(1 << r.below(6)),
                     tx: random_time(r),

@@ -41,7 +41,7 @@ fn big_node() -> NodeFigures {
     }
 }
 
-struct Node {
+struct TestNode {
     profile: Profile,
     server: Server,
     out: Receiver<(Operation, Vec<u8>)>,
@@ -59,12 +59,12 @@ fn tmpdir() -> PathBuf {
     d
 }
 
-impl Node {
-    fn start(profile: Profile, limits: Limits) -> Node {
-        Node::start_in(profile, limits, tmpdir(), SimControl::new())
+impl TestNode {
+    fn start(profile: Profile, limits: Limits) -> TestNode {
+        TestNode::start_in(profile, limits, tmpdir(), SimControl::new())
     }
 
-    fn start_in(profile: Profile, limits: Limits, dir: PathBuf, sim: SimControl) -> Node {
+    fn start_in(profile: Profile, limits: Limits, dir: PathBuf, sim: SimControl) -> TestNode {
         let (out_tx, out) = crossbeam_channel::unbounded();
         let store = Store::new(&dir);
         store.ensure_dirs().expect("dirs");
@@ -99,7 +99,7 @@ impl Node {
             })
             .expect("overseer");
         let server = Server::new(ctx, requests.clone());
-        Node {
+        TestNode {
             profile,
             server,
             out,
@@ -210,7 +210,7 @@ impl Node {
     }
 }
 
-impl Drop for Node {
+impl Drop for TestNode {
     fn drop(&mut self) {
         self.shutdown();
         let _ = std::fs::remove_dir_all(&self.dir);
@@ -249,7 +249,7 @@ fn limits(max: usize) -> Limits {
 #[test]
 fn ready_then_full_at_max_vm_and_full_cn_beyond() {
     for profile in Profile::ALL {
-        let mut n = Node::start(profile, limits(2));
+        let mut n = TestNode::start(profile, limits(2));
         n.connected();
         assert_eq!(n.next().0, Operation::Status(Status::Ready));
         assert!(!n.expect(Operation::Command(Command::Stats)).is_empty());
@@ -279,7 +279,7 @@ fn ready_then_full_at_max_vm_and_full_cn_beyond() {
 
 #[test]
 fn stop_restart_delete_2016() {
-    let mut n = Node::start(Profile::P2016, limits(8));
+    let mut n = TestNode::start(Profile::P2016, limits(8));
     let id = uuid_n(7);
     n.start_instance(&id);
     assert!(!n.expect(Operation::Status(Status::Ready)).is_empty());
@@ -322,7 +322,7 @@ fn stop_restart_delete_2016() {
 
 #[test]
 fn delete_with_stop_sends_instance_stopped_2018() {
-    let mut n = Node::start(Profile::P2018, limits(8));
+    let mut n = TestNode::start(Profile::P2018, limits(8));
     let id = uuid_n(8);
     n.start_instance(&id);
     n.wait_state(&id, InstanceState::Running);
@@ -338,7 +338,7 @@ fn delete_with_stop_sends_instance_stopped_2018() {
 #[test]
 fn duplicate_start_and_unknown_delete() {
     for profile in Profile::ALL {
-        let mut n = Node::start(profile, limits(8));
+        let mut n = TestNode::start(profile, limits(8));
         let id = uuid_n(9);
         n.start_instance(&id);
         n.wait_state(&id, InstanceState::Running);
@@ -363,7 +363,7 @@ fn duplicate_start_and_unknown_delete() {
 
 #[test]
 fn crash_2016_is_exited_and_restartable() {
-    let mut n = Node::start(Profile::P2016, limits(8));
+    let mut n = TestNode::start(Profile::P2016, limits(8));
     let id = uuid_n(11);
     n.start_instance(&id);
     n.wait_state(&id, InstanceState::Running);
@@ -375,7 +375,7 @@ fn crash_2016_is_exited_and_restartable() {
 
 #[test]
 fn crash_2018_sends_instance_stopped_and_forgets() {
-    let mut n = Node::start(Profile::P2018, limits(8));
+    let mut n = TestNode::start(Profile::P2018, limits(8));
     let id = uuid_n(12);
     n.start_instance(&id);
     n.wait_state(&id, InstanceState::Running);
@@ -388,7 +388,7 @@ fn crash_2018_sends_instance_stopped_and_forgets() {
 
 #[test]
 fn failed_start_reports_and_leaves_nothing() {
-    let mut n = Node::start(Profile::P2018, limits(8));
+    let mut n = TestNode::start(Profile::P2018, limits(8));
     let (a, b) = (uuid_n(13), uuid_n(14));
     n.sim.fail_image(&a);
     n.start_instance(&a);
@@ -414,7 +414,7 @@ fn failed_start_reports_and_leaves_nothing() {
 
 #[test]
 fn evacuate_maintenance_and_restore_2018() {
-    let mut n = Node::start(Profile::P2018, limits(8));
+    let mut n = TestNode::start(Profile::P2018, limits(8));
     let ids = [uuid_n(20), uuid_n(21)];
     for id in &ids {
         n.start_instance(id);
@@ -440,7 +440,7 @@ fn evacuate_maintenance_and_restore_2018() {
 
 #[test]
 fn flooded_instance_does_not_delay_another_start() {
-    let mut n = Node::start(Profile::P2016, limits(8));
+    let mut n = TestNode::start(Profile::P2016, limits(8));
     let (busy, other) = (uuid_n(30), uuid_n(31));
     n.start_instance(&busy);
     n.wait_state(&busy, InstanceState::Running);
@@ -460,7 +460,7 @@ fn flooded_instance_does_not_delay_another_start() {
 
 #[test]
 fn hostile_payloads_get_error_frames() {
-    let mut n = Node::start(Profile::P2018, limits(8));
+    let mut n = TestNode::start(Profile::P2018, limits(8));
     let mut traversal = request("../../../etc");
     traversal.instance_uuid = "../../../etc".into();
     n.command(Command::Start, start_payload(Profile::P2018, &traversal));
@@ -528,7 +528,7 @@ fn recovery_restores_instances_and_skips_garbage() {
     let sim = SimControl::new();
     let (a, b) = (uuid_n(50), uuid_n(51));
     {
-        let mut n = Node::start_in(Profile::P2016, limits(8), dir.clone(), sim.clone());
+        let mut n = TestNode::start_in(Profile::P2016, limits(8), dir.clone(), sim.clone());
         n.start_instance(&a);
         n.start_instance(&b);
         n.wait_state(&a, InstanceState::Running);
@@ -546,7 +546,7 @@ fn recovery_restores_instances_and_skips_garbage() {
         "config: [",
     )
     .expect("corrupt");
-    let n = Node::start_in(Profile::P2016, limits(8), dir, sim.clone());
+    let n = TestNode::start_in(Profile::P2016, limits(8), dir, sim.clone());
     n.wait_state(&a, InstanceState::Running);
     n.wait_state(&b, InstanceState::Exited);
     assert_eq!(n.list().len(), 2);
@@ -555,7 +555,7 @@ fn recovery_restores_instances_and_skips_garbage() {
 
 #[test]
 fn shutdown_with_1000_instances_joins_within_one_second() {
-    let mut n = Node::start(Profile::P2018, limits(2000));
+    let mut n = TestNode::start(Profile::P2018, limits(2000));
     for i in 0..1000 {
         n.start_instance(&uuid_n(1000 + i));
     }
@@ -572,7 +572,7 @@ fn shutdown_with_1000_instances_joins_within_one_second() {
 
 /// Events and errors for `id` among the frames that arrive until `until`
 /// has been seen `times` times (bounded by WAIT per frame).
-fn outcomes_until(n: &Node, until: Operation, times: usize) -> Vec<(Operation, String)> {
+fn outcomes_until(n: &TestNode, until: Operation, times: usize) -> Vec<(Operation, String)> {
     let mut seen = Vec::new();
     let mut hits = 0;
     while hits < times {
@@ -599,7 +599,7 @@ fn outcomes_until(n: &Node, until: Operation, times: usize) -> Vec<(Operation, S
 #[test]
 fn every_delete_queued_behind_a_delete_gets_an_outcome() {
     for profile in Profile::ALL {
-        let mut n = Node::start(profile, limits(8));
+        let mut n = TestNode::start(profile, limits(8));
         let id = uuid_n(60);
         let gate = n.sim.gate_image(&id);
         n.start_instance(&id);
@@ -630,7 +630,7 @@ fn every_delete_queued_behind_a_delete_gets_an_outcome() {
 /// the instance whose thread was ending). It now starts a new instance.
 #[test]
 fn start_queued_behind_a_delete_starts_a_new_instance() {
-    let mut n = Node::start(Profile::P2016, limits(8));
+    let mut n = TestNode::start(Profile::P2016, limits(8));
     let id = uuid_n(61);
     let gate = n.sim.gate_image(&id);
     n.start_instance(&id);
@@ -656,7 +656,7 @@ fn start_queued_behind_a_delete_starts_a_new_instance() {
 /// Commands still queued when the launcher shuts down are answered.
 #[test]
 fn commands_queued_at_shutdown_are_answered() {
-    let mut n = Node::start(Profile::P2016, limits(8));
+    let mut n = TestNode::start(Profile::P2016, limits(8));
     let id = uuid_n(62);
     let gate = n.sim.gate_image(&id);
     n.start_instance(&id);
@@ -728,7 +728,7 @@ fn nothing_is_confirmed_that_did_not_reach_the_disk() {
     let sim = SimControl::new();
     let (a, b) = (uuid_n(63), uuid_n(64));
     {
-        let mut n = Node::start_in(Profile::P2016, limits(8), dir.clone(), sim.clone());
+        let mut n = TestNode::start_in(Profile::P2016, limits(8), dir.clone(), sim.clone());
         n.start_instance(&a);
         n.start_instance(&b);
         n.wait_state(&a, InstanceState::Running);
@@ -767,7 +767,7 @@ fn nothing_is_confirmed_that_did_not_reach_the_disk() {
         n.dir = tmpdir();
     }
     mount.set_read_only(false);
-    let mut n = Node::start_in(Profile::P2016, limits(8), dir.clone(), sim.clone());
+    let mut n = TestNode::start_in(Profile::P2016, limits(8), dir.clone(), sim.clone());
     n.wait_state(&a, InstanceState::Running);
     n.wait_state(&b, InstanceState::Exited);
     n.command(
@@ -793,7 +793,7 @@ fn recovery_removes_what_an_interrupted_start_left() {
     let kept = uuid_n(66);
     let kept_dir = dir.join("instances").join(&kept);
     std::fs::create_dir_all(&kept_dir).expect("dir");
-    let mut n = Node::start_in(Profile::P2016, limits(8), dir, SimControl::new());
+    let mut n = TestNode::start_in(Profile::P2016, limits(8), dir, SimControl::new());
     assert!(!inst.exists(), "the stateless directory is still there");
     assert!(!kept_dir.exists());
     n.start_instance(&id);
@@ -813,7 +813,7 @@ fn truncated_state_is_not_recovered_with_defaults() {
     let sim = SimControl::new();
     let id = uuid_n(67);
     {
-        let mut n = Node::start_in(Profile::P2016, limits(8), dir.clone(), sim.clone());
+        let mut n = TestNode::start_in(Profile::P2016, limits(8), dir.clone(), sim.clone());
         n.start_instance(&id);
         n.wait_state(&id, InstanceState::Running);
         n.command(Command::Stop, commands::stop_payload(&id, NODE));
@@ -824,7 +824,7 @@ fn truncated_state_is_not_recovered_with_defaults() {
     let path = dir.join("instances").join(&id).join("state");
     let whole = std::fs::read(&path).expect("state");
     std::fs::write(&path, &whole[..whole.len() - 40]).expect("truncate");
-    let mut n = Node::start_in(Profile::P2016, limits(8), dir, sim);
+    let mut n = TestNode::start_in(Profile::P2016, limits(8), dir, sim);
     assert!(n.list().is_empty(), "{:?}", n.list());
     assert_eq!(
         std::fs::read(&path).expect("kept"),
@@ -840,7 +840,7 @@ fn truncated_state_is_not_recovered_with_defaults() {
 /// Sizes of zero, or beyond the node, are refused before any work.
 #[test]
 fn insane_sizes_are_invalid_data() {
-    let mut n = Node::start(Profile::P2018, limits(8));
+    let mut n = TestNode::start(Profile::P2018, limits(8));
     let cases: [(u32, u64); 3] = [(0, 370), (2, 0), (100_000, 370)];
     for (i, (vcpus, mem_mb)) in cases.into_iter().enumerate() {
         let id = uuid_n(70 + i as u32);
@@ -874,7 +874,7 @@ fn insane_sizes_are_invalid_data() {
 /// An error frame for an invalid id carries the id as received.
 #[test]
 fn invalid_ids_come_back_as_received() {
-    let mut n = Node::start(Profile::P2016, limits(8));
+    let mut n = TestNode::start(Profile::P2016, limits(8));
     n.command(Command::Stop, commands::stop_payload("not-a-uuid", NODE));
     let e = n.expect_error(ErrorCode::StopFailure);
     assert_eq!(

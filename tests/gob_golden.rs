@@ -4,7 +4,7 @@
 
 use std::time::{Duration, UNIX_EPOCH};
 
-use ciao_launcher::ssntp::frame::{FrameTrace, GoTime, Node};
+use ciao_launcher::ssntp::frame::{FrameTrace, GoTime, TraceHop};
 use ciao_launcher::ssntp::gob::{Decoder, Encoder, GobEncode, Value};
 use ciao_launcher::ssntp::{ConnectFrame, ConnectedFrame, Frame, Role};
 
@@ -171,7 +171,7 @@ fn traced_start_frame() {
         start: Some(t),
         end: None,
         path_length: 1,
-        path: vec![Node {
+        path: vec![TraceHop {
             uuid: SERVER.to_vec(),
             role: Role::SCHEDULER,
             tx: Some(t),

@@ -3,7 +3,7 @@
 //! number are printed on failure). No property-testing crate: a xorshift
 //! generator is enough here and keeps the dependency list short.
 
-use ciao_launcher::ssntp::frame::{FrameTrace, GoTime, NODE, Node, TIME};
+use ciao_launcher::ssntp::frame::{FrameTrace, GoTime, NODE, TIME, TraceHop};
 use ciao_launcher::ssntp::gob::{Decoder, Encoder, GobEncode, StructWriter, TypeDesc, Value};
 use ciao_launcher::ssntp::{ConnectFrame, ConnectedFrame, Frame, Role};
 
@@ -76,7 +76,7 @@ fn random_frame(r: &mut Rng) -> Frame {
             end: r.time(),
             path_length: r.below(256) as u8,
             path: (0..r.below(4))
-                .map(|_| Node {
+                .map(|_| TraceHop {
                     uuid: r.bytes(17),
                     role: Role::from_bits(r.next() as u32),
                     tx: r.time(),
@@ -182,8 +182,8 @@ struct Everything {
     bs: Vec<u8>,
     arr: [u8; 4],
     t: Option<GoTime>,
-    inner: Option<Node>,
-    list: Vec<Node>,
+    inner: Option<TraceHop>,
+    list: Vec<TraceHop>,
 }
 
 static ARR4: TypeDesc = TypeDesc::Array {
@@ -225,11 +225,11 @@ impl GobEncode for Everything {
     }
 }
 
-fn node_of(v: &Value) -> Node {
+fn node_of(v: &Value) -> TraceHop {
     let Value::Struct(s) = v else {
         panic!("node is not a struct")
     };
-    let mut n = Node::default();
+    let mut n = TraceHop::default();
     for (name, v) in s.iter() {
         match (name, v) {
             ("UUID", Value::Bytes(b)) => n.uuid = b.clone(),
@@ -268,7 +268,7 @@ fn everything_of(v: &Value) -> Everything {
 fn every_kind_round_trips_and_zero_fields_are_omitted() {
     let mut r = Rng(7);
     for case in 0..500 {
-        let node = |r: &mut Rng| Node {
+        let node = |r: &mut Rng| TraceHop {
             uuid: r.bytes(20),
             role: Role::from_bits(r.next() as u32),
             tx: r.time(),

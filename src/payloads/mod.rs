@@ -239,7 +239,7 @@ pub(crate) fn payload_text<'a>(payload: &'a [u8], what: &str) -> Result<&'a str,
 
 /// The first YAML document of a payload as a tree; syntax errors are
 /// `invalid_payload` with the parser's position.
-pub(crate) fn parse_payload(payload: &[u8], what: &str) -> Result<yaml::Node, PayloadError> {
+pub(crate) fn parse_payload(payload: &[u8], what: &str) -> Result<yaml::YamlNode, PayloadError> {
     let text = payload_text(payload, what)?;
     yaml::parse_first_document(text)
         .map_err(|e| PayloadError::invalid_payload(format!("{what} payload: {e}")))

@@ -14,7 +14,7 @@
 use std::net::IpAddr;
 
 use super::config::{Firmware, InstanceConfig, Networking, VmType, Volume};
-use super::yaml::{self, DecodeResult, Emitter, Field, Node};
+use super::yaml::{self, DecodeResult, Emitter, Field, YamlNode};
 use super::{PayloadError, canonical_uuid, payload_text};
 use crate::ssntp::Profile;
 
@@ -242,7 +242,7 @@ fn trimmed(f: &Field<'_>) -> DecodeResult<String> {
     Ok(f.string()?.trim().to_string())
 }
 
-fn decode_start(root: &Node) -> DecodeResult<RawStart> {
+fn decode_start(root: &YamlNode) -> DecodeResult<RawStart> {
     let s = Field::root(root).get("start")?;
     let mut raw = RawStart {
         tenant_uuid: trimmed(&s.get("tenant_uuid")?)?,

@@ -1,7 +1,7 @@
 //! The YAML dialect of the ciao peers (gopkg.in/yaml.v2, YAML 1.1 flavoured),
 //! as far as payloads need it:
 //!
-//! * a tolerant reader: the first document of a stream becomes a [`Node`] tree,
+//! * a tolerant reader: the first document of a stream becomes a [`YamlNode`] tree,
 //!   and [`Field`] pulls typed values out of it with yaml.v2's decoding rules
 //!   (missing or null = zero value, unknown keys ignored, `yes`/`on` are
 //!   booleans, any scalar fits a string, floats truncate into integers,
@@ -22,59 +22,59 @@ use serde::de::{self, DeserializeSeed, EnumAccess, MapAccess, SeqAccess, Variant
 
 /// One YAML value, with yaml.v2's view of plain scalars already resolved.
 #[derive(Debug, Clone, PartialEq)]
-pub(crate) enum Node {
+pub(crate) enum YamlNode {
     Null,
     Bool(bool),
     Int(i128),
     Float(f64),
     Str(String),
-    Seq(Vec<Node>),
+    Seq(Vec<YamlNode>),
     /// Entries in document order; duplicates are kept (lookups take the last).
-    Map(Vec<(Node, Node)>),
+    Map(Vec<(YamlNode, YamlNode)>),
 }
 
-impl Node {
+impl YamlNode {
     fn describe(&self) -> String {
         match self {
-            Node::Null => "null".to_string(),
-            Node::Bool(b) => format!("boolean {b}"),
-            Node::Int(i) => format!("integer {i}"),
-            Node::Float(f) => format!("float {f}"),
-            Node::Str(s) => {
+            YamlNode::Null => "null".to_string(),
+            YamlNode::Bool(b) => format!("boolean {b}"),
+            YamlNode::Int(i) => format!("integer {i}"),
+            YamlNode::Float(f) => format!("float {f}"),
+            YamlNode::Str(s) => {
                 let shown: String = s.chars().take(40).collect();
                 let more = if shown.len() < s.len() { "…" } else { "" };
                 format!("string {shown:?}{more}")
             }
-            Node::Seq(_) => "a sequence".to_string(),
-            Node::Map(_) => "a mapping".to_string(),
+            YamlNode::Seq(_) => "a sequence".to_string(),
+            YamlNode::Map(_) => "a mapping".to_string(),
         }
     }
 
     /// Value of `key` in a mapping: explicit keys first (last duplicate wins,
     /// as yaml.v2 decodes them in order), then `<<` merge sources (the
     /// earliest source wins, again as yaml.v2).
-    fn lookup(&self, key: &str) -> Option<&Node> {
-        let Node::Map(entries) = self else {
+    fn lookup(&self, key: &str) -> Option<&YamlNode> {
+        let YamlNode::Map(entries) = self else {
             return None;
         };
         let explicit = entries
             .iter()
             .rev()
-            .find(|(k, _)| matches!(k, Node::Str(s) if s == key));
+            .find(|(k, _)| matches!(k, YamlNode::Str(s) if s == key));
         if let Some((_, v)) = explicit {
             return Some(v);
         }
         for (k, v) in entries.iter().rev() {
-            if !matches!(k, Node::Str(s) if s == "<<") {
+            if !matches!(k, YamlNode::Str(s) if s == "<<") {
                 continue;
             }
             match v {
-                Node::Map(_) => {
+                YamlNode::Map(_) => {
                     if let Some(found) = v.lookup(key) {
                         return Some(found);
                     }
                 }
-                Node::Seq(sources) => {
+                YamlNode::Seq(sources) => {
                     if let Some(found) = sources.iter().find_map(|m| m.lookup(key)) {
                         return Some(found);
                     }
@@ -88,7 +88,7 @@ impl Node {
 
 /// Parses the first document of `text` (yaml.v2's `Unmarshal` never looks at
 /// later documents). An empty stream is a null document.
-pub(crate) fn parse_first_document(text: &str) -> Result<Node, String> {
+pub(crate) fn parse_first_document(text: &str) -> Result<YamlNode, String> {
     check_flow_depth(text)?;
     // Alias expansion can make a small document huge ("billion laughs");
     // charge every node and string byte against a budget proportional to the
@@ -96,7 +96,7 @@ pub(crate) fn parse_first_document(text: &str) -> Result<Node, String> {
     let budget = Cell::new(text.len().saturating_mul(4).saturating_add(4096));
     let mut stream = serde_yaml::Deserializer::from_str(text);
     let Some(first) = stream.next() else {
-        return Ok(Node::Null);
+        return Ok(YamlNode::Null);
     };
     NodeSeed { budget: &budget }
         .deserialize(first)
@@ -135,8 +135,8 @@ struct NodeSeed<'b> {
 }
 
 impl<'de> DeserializeSeed<'de> for NodeSeed<'_> {
-    type Value = Node;
-    fn deserialize<D: de::Deserializer<'de>>(self, d: D) -> Result<Node, D::Error> {
+    type Value = YamlNode;
+    fn deserialize<D: de::Deserializer<'de>>(self, d: D) -> Result<YamlNode, D::Error> {
         d.deserialize_any(self)
     }
 }
@@ -157,73 +157,73 @@ impl NodeSeed<'_> {
 }
 
 impl<'de> Visitor<'de> for NodeSeed<'_> {
-    type Value = Node;
+    type Value = YamlNode;
 
     fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("any YAML value")
     }
-    fn visit_bool<E: de::Error>(self, v: bool) -> Result<Node, E> {
+    fn visit_bool<E: de::Error>(self, v: bool) -> Result<YamlNode, E> {
         self.charge(0)?;
-        Ok(Node::Bool(v))
+        Ok(YamlNode::Bool(v))
     }
-    fn visit_i64<E: de::Error>(self, v: i64) -> Result<Node, E> {
+    fn visit_i64<E: de::Error>(self, v: i64) -> Result<YamlNode, E> {
         self.charge(0)?;
-        Ok(Node::Int(i128::from(v)))
+        Ok(YamlNode::Int(i128::from(v)))
     }
-    fn visit_u64<E: de::Error>(self, v: u64) -> Result<Node, E> {
+    fn visit_u64<E: de::Error>(self, v: u64) -> Result<YamlNode, E> {
         self.charge(0)?;
-        Ok(Node::Int(i128::from(v)))
+        Ok(YamlNode::Int(i128::from(v)))
     }
-    fn visit_i128<E: de::Error>(self, v: i128) -> Result<Node, E> {
+    fn visit_i128<E: de::Error>(self, v: i128) -> Result<YamlNode, E> {
         self.charge(0)?;
-        Ok(Node::Int(v))
+        Ok(YamlNode::Int(v))
     }
-    fn visit_u128<E: de::Error>(self, v: u128) -> Result<Node, E> {
+    fn visit_u128<E: de::Error>(self, v: u128) -> Result<YamlNode, E> {
         self.charge(0)?;
-        Ok(i128::try_from(v).map_or(Node::Float(v as f64), Node::Int))
+        Ok(i128::try_from(v).map_or(YamlNode::Float(v as f64), YamlNode::Int))
     }
-    fn visit_f64<E: de::Error>(self, v: f64) -> Result<Node, E> {
+    fn visit_f64<E: de::Error>(self, v: f64) -> Result<YamlNode, E> {
         self.charge(0)?;
-        Ok(Node::Float(v))
+        Ok(YamlNode::Float(v))
     }
-    fn visit_str<E: de::Error>(self, v: &str) -> Result<Node, E> {
+    fn visit_str<E: de::Error>(self, v: &str) -> Result<YamlNode, E> {
         self.charge(v.len())?;
-        Ok(Node::Str(v.to_string()))
+        Ok(YamlNode::Str(v.to_string()))
     }
-    fn visit_unit<E: de::Error>(self) -> Result<Node, E> {
+    fn visit_unit<E: de::Error>(self) -> Result<YamlNode, E> {
         self.charge(0)?;
-        Ok(Node::Null)
+        Ok(YamlNode::Null)
     }
-    fn visit_none<E: de::Error>(self) -> Result<Node, E> {
+    fn visit_none<E: de::Error>(self) -> Result<YamlNode, E> {
         self.charge(0)?;
-        Ok(Node::Null)
+        Ok(YamlNode::Null)
     }
-    fn visit_some<D: de::Deserializer<'de>>(self, d: D) -> Result<Node, D::Error> {
+    fn visit_some<D: de::Deserializer<'de>>(self, d: D) -> Result<YamlNode, D::Error> {
         d.deserialize_any(self)
     }
-    fn visit_newtype_struct<D: de::Deserializer<'de>>(self, d: D) -> Result<Node, D::Error> {
+    fn visit_newtype_struct<D: de::Deserializer<'de>>(self, d: D) -> Result<YamlNode, D::Error> {
         d.deserialize_any(self)
     }
-    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Node, A::Error> {
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<YamlNode, A::Error> {
         self.charge(0)?;
         let mut items = Vec::new();
         while let Some(item) = seq.next_element_seed(self)? {
             items.push(item);
         }
-        Ok(Node::Seq(items))
+        Ok(YamlNode::Seq(items))
     }
-    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Node, A::Error> {
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<YamlNode, A::Error> {
         self.charge(0)?;
         let mut entries = Vec::new();
         while let Some(k) = map.next_key_seed(self)? {
             let v = map.next_value_seed(self)?;
             entries.push((k, v));
         }
-        Ok(Node::Map(entries))
+        Ok(YamlNode::Map(entries))
     }
     /// A value with a non-core tag (`!foo bar`): yaml.v2 decodes the content
     /// and ignores the tag, and so do we.
-    fn visit_enum<A: EnumAccess<'de>>(self, data: A) -> Result<Node, A::Error> {
+    fn visit_enum<A: EnumAccess<'de>>(self, data: A) -> Result<YamlNode, A::Error> {
         let (_tag, variant): (String, _) = data.variant()?;
         variant.newtype_variant_seed(self)
     }
@@ -233,7 +233,7 @@ impl<'de> Visitor<'de> for NodeSeed<'_> {
 /// its dotted path for error messages.
 #[derive(Debug, Clone)]
 pub(crate) struct Field<'a> {
-    node: Option<&'a Node>,
+    node: Option<&'a YamlNode>,
     path: String,
 }
 
@@ -241,7 +241,7 @@ pub(crate) struct Field<'a> {
 pub(crate) type DecodeResult<T> = Result<T, String>;
 
 impl<'a> Field<'a> {
-    pub(crate) fn root(node: &'a Node) -> Field<'a> {
+    pub(crate) fn root(node: &'a YamlNode) -> Field<'a> {
         Field {
             node: Some(node),
             path: String::new(),
@@ -256,7 +256,7 @@ impl<'a> Field<'a> {
         }
     }
 
-    fn mismatch(&self, want: &str, found: &Node) -> String {
+    fn mismatch(&self, want: &str, found: &YamlNode) -> String {
         format!(
             "{}: expected {want}, found {}",
             self.path(),
@@ -266,7 +266,7 @@ impl<'a> Field<'a> {
 
     /// Present and not null.
     pub(crate) fn is_set(&self) -> bool {
-        !matches!(self.node, None | Some(Node::Null))
+        !matches!(self.node, None | Some(YamlNode::Null))
     }
 
     /// The value under `key`; a null or missing parent yields a missing
@@ -278,8 +278,8 @@ impl<'a> Field<'a> {
             format!("{}.{key}", self.path)
         };
         match self.node {
-            None | Some(Node::Null) => Ok(Field { node: None, path }),
-            Some(n @ Node::Map(_)) => Ok(Field {
+            None | Some(YamlNode::Null) => Ok(Field { node: None, path }),
+            Some(n @ YamlNode::Map(_)) => Ok(Field {
                 node: n.lookup(key),
                 path,
             }),
@@ -290,8 +290,8 @@ impl<'a> Field<'a> {
     /// The elements of a sequence (missing or null = none).
     pub(crate) fn items(&self) -> DecodeResult<Vec<Field<'a>>> {
         match self.node {
-            None | Some(Node::Null) => Ok(Vec::new()),
-            Some(Node::Seq(items)) => Ok(items
+            None | Some(YamlNode::Null) => Ok(Vec::new()),
+            Some(YamlNode::Seq(items)) => Ok(items
                 .iter()
                 .enumerate()
                 .map(|(i, n)| Field {
@@ -307,7 +307,7 @@ impl<'a> Field<'a> {
     /// only read keys from.
     pub(crate) fn mapping(&self) -> DecodeResult<()> {
         match self.node {
-            None | Some(Node::Null | Node::Map(_)) => Ok(()),
+            None | Some(YamlNode::Null | YamlNode::Map(_)) => Ok(()),
             Some(other) => Err(self.mismatch("a mapping", other)),
         }
     }
@@ -315,11 +315,11 @@ impl<'a> Field<'a> {
     /// A string; yaml.v2 stores any non-null scalar's text in a string field.
     pub(crate) fn string(&self) -> DecodeResult<String> {
         match self.node {
-            None | Some(Node::Null) => Ok(String::new()),
-            Some(Node::Str(s)) => Ok(s.clone()),
-            Some(Node::Int(i)) => Ok(i.to_string()),
-            Some(Node::Float(f)) => Ok(f.to_string()),
-            Some(Node::Bool(b)) => Ok(b.to_string()),
+            None | Some(YamlNode::Null) => Ok(String::new()),
+            Some(YamlNode::Str(s)) => Ok(s.clone()),
+            Some(YamlNode::Int(i)) => Ok(i.to_string()),
+            Some(YamlNode::Float(f)) => Ok(f.to_string()),
+            Some(YamlNode::Bool(b)) => Ok(b.to_string()),
             Some(other) => Err(self.mismatch("a string", other)),
         }
     }
@@ -328,7 +328,7 @@ impl<'a> Field<'a> {
     /// (tolerance for hand-written configuration; yaml.v2 would refuse it).
     pub(crate) fn strings_lenient(&self) -> DecodeResult<Vec<String>> {
         match self.node {
-            Some(Node::Seq(_)) => self.items()?.iter().map(Field::string).collect(),
+            Some(YamlNode::Seq(_)) => self.items()?.iter().map(Field::string).collect(),
             _ => {
                 let s = self.string()?;
                 Ok(if s.is_empty() { Vec::new() } else { vec![s] })
@@ -341,13 +341,13 @@ impl<'a> Field<'a> {
     /// `None` when missing or null (the field keeps its previous value).
     pub(crate) fn opt_int(&self) -> DecodeResult<Option<i64>> {
         let node = match self.node {
-            None | Some(Node::Null) => return Ok(None),
+            None | Some(YamlNode::Null) => return Ok(None),
             Some(n) => n,
         };
         let value = match node {
-            Node::Int(i) => i64::try_from(*i).ok(),
-            Node::Float(f) => float_to_i64(*f),
-            Node::Str(s) => match resolve_number(s) {
+            YamlNode::Int(i) => i64::try_from(*i).ok(),
+            YamlNode::Float(f) => float_to_i64(*f),
+            YamlNode::Str(s) => match resolve_number(s) {
                 Some(Number::Int(i)) => i64::try_from(i).ok(),
                 Some(Number::Float(f)) => float_to_i64(f),
                 None => None,
@@ -367,9 +367,9 @@ impl<'a> Field<'a> {
     /// A boolean, with YAML 1.1's `yes`/`no`/`on`/`off`/`y`/`n` spellings.
     pub(crate) fn bool(&self) -> DecodeResult<bool> {
         match self.node {
-            None | Some(Node::Null) => Ok(false),
-            Some(Node::Bool(b)) => Ok(*b),
-            Some(n @ Node::Str(s)) => match yaml11_bool(s) {
+            None | Some(YamlNode::Null) => Ok(false),
+            Some(YamlNode::Bool(b)) => Ok(*b),
+            Some(n @ YamlNode::Str(s)) => match yaml11_bool(s) {
                 Some(b) => Ok(b),
                 None => Err(self.mismatch("a boolean", n)),
             },
@@ -1006,7 +1006,7 @@ mod tests {
     fn only_first_document_is_read() {
         let node = parse_first_document("a: 1\n---\n: : : [\n").expect("first doc only");
         assert_eq!(Field::root(&node).get("a").and_then(|f| f.int()), Ok(1));
-        assert_eq!(parse_first_document(""), Ok(Node::Null));
+        assert_eq!(parse_first_document(""), Ok(YamlNode::Null));
     }
 
     #[test]

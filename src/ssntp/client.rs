@@ -47,7 +47,7 @@ use log::{debug, info, warn};
 use super::StartError;
 use super::conn::{ConnError, DEFAULT_FRAME_TIMEOUT, Link, Transport};
 use super::frame::{
-    ConnectFrame, ConnectedFrame, ErrorCode, Frame, FrameType, GoTime, Node, Operation, Status,
+    ConnectFrame, ConnectedFrame, ErrorCode, Frame, FrameType, GoTime, Operation, Status, TraceHop,
     Uuid16,
 };
 use super::gob::{DEFAULT_MAX_MESSAGE, Value};
@@ -657,7 +657,7 @@ pub(crate) fn stamp_rx(frame: &mut Frame, uuid: Uuid16, role: Role) {
     if frame.path_trace()
         && let Some(trace) = frame.trace.as_mut()
     {
-        trace.path.push(Node {
+        trace.path.push(TraceHop {
             uuid: uuid.to_vec(),
             role,
             tx: None,

@@ -204,7 +204,7 @@ fn time_field(v: &Value, field: &str) -> Result<Option<GoTime>, GobError> {
 
 /// One hop of a traced frame (Go `ssntp.Node`).
 #[derive(Clone, PartialEq, Eq, Debug, Default)]
-pub struct Node {
+pub struct TraceHop {
     /// Raw bytes (a `[]byte` in Go, unlike `Frame::origin`).
     pub uuid: Vec<u8>,
     pub role: Role,
@@ -219,10 +219,10 @@ pub struct FrameTrace {
     pub start: Option<GoTime>,
     pub end: Option<GoTime>,
     pub path_length: u8,
-    pub path: Vec<Node>,
+    pub path: Vec<TraceHop>,
 }
 
-impl GobEncode for Node {
+impl GobEncode for TraceHop {
     const TYPE: &'static TypeDesc = &NODE;
     fn encode_fields(&self, w: &mut StructWriter<'_>) {
         w.bytes(0, &self.uuid);
@@ -243,9 +243,9 @@ impl GobEncode for FrameTrace {
     }
 }
 
-impl Node {
-    fn from_struct(s: &StructValue) -> Result<Node, GobError> {
-        let mut n = Node::default();
+impl TraceHop {
+    fn from_struct(s: &StructValue) -> Result<TraceHop, GobError> {
+        let mut n = TraceHop::default();
         for (name, v) in s.iter() {
             match name {
                 "UUID" => n.uuid = v.as_bytes(name)?.to_vec(),
@@ -272,7 +272,7 @@ impl FrameTrace {
                     t.path = v
                         .as_slice(name)?
                         .iter()
-                        .map(|n| Node::from_struct(n.as_struct(name)?))
+                        .map(|n| TraceHop::from_struct(n.as_struct(name)?))
                         .collect::<Result<_, _>>()?
                 }
                 _ => {}
