@@ -1499,13 +1499,100 @@ struct Watch {
     boot: bool,
 }
 
-/// Where a stop is.
-#[derive(Debug, Clone, Copy)]
+/// Where a stop is: the escalation power-down → quit → SIGKILL as a value
+/// with one method per input, time passed in (so it is tested with an
+/// injected clock); [`Watch::run`] carries out the [`StopStep`]s.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Phase {
     Idle,
     Powerdown { until: Instant, next: Instant },
     Quit { until: Instant },
     Killed { until: Instant },
+}
+
+/// What the monitor does now for a stop.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum StopStep {
+    /// `system_powerdown`: the first press, or again.
+    Powerdown { first: bool },
+    /// `quit`; `timed_out`: the guest did not power off in time.
+    Quit { timed_out: bool },
+    /// SIGKILL to QEMU's process.
+    Kill,
+    /// Still alive after SIGKILL: say so (and keep waiting).
+    StillAlive,
+}
+
+impl Phase {
+    /// STOP: press the power button (ignored while a stop is under way).
+    fn stop(self, now: Instant, stop_timeout: Duration) -> (Phase, Option<StopStep>) {
+        match self {
+            Phase::Idle => (
+                Phase::Powerdown {
+                    until: now + stop_timeout,
+                    next: now + POWERDOWN_RETRY,
+                },
+                Some(StopStep::Powerdown { first: true }),
+            ),
+            other => (other, None),
+        }
+    }
+
+    /// DELETE: quit at once (unless quitting or killed already).
+    fn kill(self, now: Instant) -> (Phase, Option<StopStep>) {
+        match self {
+            Phase::Idle | Phase::Powerdown { .. } => (
+                Phase::Quit {
+                    until: now + QUIT_WAIT,
+                },
+                Some(StopStep::Quit { timed_out: false }),
+            ),
+            other => (other, None),
+        }
+    }
+
+    /// When the phase next needs the monitor's attention.
+    fn due(self) -> Option<Instant> {
+        match self {
+            Phase::Idle => None,
+            Phase::Powerdown { until, next } => Some(until.min(next)),
+            Phase::Quit { until } | Phase::Killed { until } => Some(until),
+        }
+    }
+
+    /// The timer fired at `now`.
+    fn fire(self, now: Instant) -> (Phase, Option<StopStep>) {
+        match self {
+            Phase::Idle => (self, None),
+            Phase::Powerdown { until, .. } if now >= until => (
+                Phase::Quit {
+                    until: now + QUIT_WAIT,
+                },
+                Some(StopStep::Quit { timed_out: true }),
+            ),
+            Phase::Powerdown { until, next } if now >= next => (
+                Phase::Powerdown {
+                    until,
+                    next: now + POWERDOWN_RETRY,
+                },
+                Some(StopStep::Powerdown { first: false }),
+            ),
+            Phase::Powerdown { .. } => (self, None),
+            Phase::Quit { until } if now >= until => (
+                Phase::Killed {
+                    until: now + QUIT_WAIT,
+                },
+                Some(StopStep::Kill),
+            ),
+            Phase::Killed { until } if now >= until => (
+                Phase::Killed {
+                    until: now + QUIT_WAIT,
+                },
+                Some(StopStep::StillAlive),
+            ),
+            Phase::Quit { .. } | Phase::Killed { .. } => (self, None),
+        }
+    }
 }
 
 /// Whether the process `pid` (started at `identity`, when known) is gone:
@@ -1568,33 +1655,27 @@ impl Watch {
         let mut phase = Phase::Idle;
         let mut guest_shutdown = false;
         loop {
-            let timer = match phase {
-                Phase::Idle => crossbeam_channel::never(),
-                Phase::Powerdown { until, next } => crossbeam_channel::at(until.min(next)),
-                Phase::Quit { until } | Phase::Killed { until } => crossbeam_channel::at(until),
-            };
-            select! {
+            let timer = phase
+                .due()
+                .map_or_else(crossbeam_channel::never, crossbeam_channel::at);
+            let step = select! {
                 recv(cmds) -> c => match c {
                     // Detached: QEMU runs on.
                     Err(_) => return,
                     Ok(MonCmd::Stop) => {
-                        if matches!(phase, Phase::Idle) {
-                            info!("{}: ACPI power-down (stop timeout {:?})", self.name, self.stop_timeout);
-                            self.send(&mut qmp, "system_powerdown", None);
-                            let now = Instant::now();
-                            phase = Phase::Powerdown { until: now + self.stop_timeout, next: now + POWERDOWN_RETRY };
-                        }
+                        let (next, step) = phase.stop(Instant::now(), self.stop_timeout);
+                        phase = next;
+                        step
                     }
                     Ok(MonCmd::Kill) => {
-                        if matches!(phase, Phase::Idle | Phase::Powerdown { .. }) {
-                            info!("{}: quit", self.name);
-                            self.send(&mut qmp, "quit", None);
-                            phase = Phase::Quit { until: Instant::now() + QUIT_WAIT };
-                        }
+                        let (next, step) = phase.kill(Instant::now());
+                        phase = next;
+                        step
                     }
                     Ok(MonCmd::Attach { id, path, format, reply }) => {
                         let r = attach(&mut qmp, &id, &path, &format, &mut guest_shutdown);
                         let _ = reply.send(r);
+                        None
                     }
                 },
                 recv(qmp.messages()) -> m => match m {
@@ -1605,36 +1686,59 @@ impl Watch {
                             guest_shutdown = true;
                         }
                         info!("{}: QMP event {name} {data}", self.name);
+                        None
                     }
-                    Ok(QmpMsg::Error(e)) => warn!("{}: QMP: {e}", self.name),
-                    Ok(QmpMsg::Return(_)) => {}
+                    Ok(QmpMsg::Error(e)) => {
+                        warn!("{}: QMP: {e}", self.name);
+                        None
+                    }
+                    Ok(QmpMsg::Return(_)) => None,
                     // The socket closed: QEMU is exiting.
                     Err(_) => break,
                 },
                 recv(timer) -> _ => {
-                    let now = Instant::now();
-                    match phase {
-                        Phase::Idle => {}
-                        Phase::Powerdown { until, .. } if now >= until => {
-                            warn!("{}: the guest did not power off within {:?}; quit", self.name, self.stop_timeout);
-                            self.send(&mut qmp, "quit", None);
-                            phase = Phase::Quit { until: now + QUIT_WAIT };
-                        }
-                        Phase::Powerdown { until, .. } => {
-                            debug!("{}: ACPI power-down again", self.name);
-                            self.send(&mut qmp, "system_powerdown", None);
-                            phase = Phase::Powerdown { until, next: now + POWERDOWN_RETRY };
-                        }
-                        Phase::Quit { .. } => {
-                            warn!("{}: QEMU did not quit within {QUIT_WAIT:?}; SIGKILL", self.name);
-                            self.sigkill(pid, identity);
-                            phase = Phase::Killed { until: now + QUIT_WAIT };
-                        }
-                        Phase::Killed { .. } => {
-                            warn!("{}: QEMU (pid {pid:?}) still alive after SIGKILL", self.name);
-                            phase = Phase::Killed { until: now + QUIT_WAIT };
-                        }
+                    let (next, step) = phase.fire(Instant::now());
+                    phase = next;
+                    step
+                }
+            };
+            match step {
+                None => {}
+                Some(StopStep::Powerdown { first: true }) => {
+                    info!(
+                        "{}: ACPI power-down (stop timeout {:?})",
+                        self.name, self.stop_timeout
+                    );
+                    self.send(&mut qmp, "system_powerdown", None);
+                }
+                Some(StopStep::Powerdown { first: false }) => {
+                    debug!("{}: ACPI power-down again", self.name);
+                    self.send(&mut qmp, "system_powerdown", None);
+                }
+                Some(StopStep::Quit { timed_out }) => {
+                    if timed_out {
+                        warn!(
+                            "{}: the guest did not power off within {:?}; quit",
+                            self.name, self.stop_timeout
+                        );
+                    } else {
+                        info!("{}: quit", self.name);
                     }
+                    self.send(&mut qmp, "quit", None);
+                }
+                Some(StopStep::Kill) => {
+                    warn!(
+                        "{}: QEMU did not quit within {QUIT_WAIT:?}; SIGKILL",
+                        self.name
+                    );
+                    self.sigkill(pid, identity);
+                }
+                Some(StopStep::StillAlive) => {
+                    warn!(
+                        "{}: QEMU (pid {}) still alive after SIGKILL",
+                        self.name,
+                        pid.map_or("unknown".into(), |p| p.to_string())
+                    );
                 }
             }
         }
@@ -1829,6 +1933,47 @@ pub fn quit_vm(socket: &Path, timeout: Duration) -> Result<bool, VirtError> {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+
+    /// The stop escalation with an injected clock: power-down, again every
+    /// 2 s, quit at the stop timeout, SIGKILL 5 s later, then a warning
+    /// every 5 s; a DELETE quits at once; a second STOP changes nothing.
+    #[test]
+    fn stop_escalation_on_an_injected_clock() {
+        let t0 = Instant::now();
+        let at = |ms: u64| t0 + Duration::from_millis(ms);
+        let timeout = Duration::from_secs(5);
+        let (p, step) = Phase::Idle.stop(at(0), timeout);
+        assert_eq!(step, Some(StopStep::Powerdown { first: true }));
+        assert_eq!(p.due(), Some(at(2000)));
+        assert_eq!(p.stop(at(100), timeout), (p, None));
+        assert_eq!(p.fire(at(1999)), (p, None));
+        let (p, step) = p.fire(at(2000));
+        assert_eq!(step, Some(StopStep::Powerdown { first: false }));
+        assert_eq!(p.due(), Some(at(4000)));
+        let (p, step) = p.fire(at(4000));
+        assert_eq!(step, Some(StopStep::Powerdown { first: false }));
+        assert_eq!(p.due(), Some(at(5000)));
+        let (p, step) = p.fire(at(5000));
+        assert_eq!(step, Some(StopStep::Quit { timed_out: true }));
+        assert_eq!(p, Phase::Quit { until: at(10_000) });
+        assert_eq!(p.kill(at(6000)), (p, None));
+        let (p, step) = p.fire(at(10_000));
+        assert_eq!(step, Some(StopStep::Kill));
+        let (p, step) = p.fire(at(15_000));
+        assert_eq!(step, Some(StopStep::StillAlive));
+        assert_eq!(p.due(), Some(at(20_000)));
+
+        let (p, step) = Phase::Idle.kill(at(0));
+        assert_eq!(step, Some(StopStep::Quit { timed_out: false }));
+        assert_eq!(p.due(), Some(at(5000)));
+        let (powering, _) = Phase::Idle.stop(at(0), timeout);
+        assert_eq!(
+            powering.kill(at(1000)).1,
+            Some(StopStep::Quit { timed_out: false })
+        );
+        assert_eq!(Phase::Idle.fire(at(1)), (Phase::Idle, None));
+        assert_eq!(Phase::Idle.due(), None);
+    }
 
     /// A child started through `own_session` leads a session of its own
     /// from the moment `spawn` returns (exec has happened by then).
