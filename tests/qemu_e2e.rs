@@ -42,6 +42,8 @@ fn guest_image() -> &'static Path {
 }
 
 fn setup(profile: &str, extra: &[&str]) -> (Env, Proc, std::net::SocketAddr, Proc) {
+    // Before the guest is built or anything started: a missing QEMU is one line, at once.
+    require_qemu();
     let env = Env::new();
     let images = env.dir.join("data/images");
     std::fs::create_dir_all(&images).expect("images dir");
