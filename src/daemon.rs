@@ -17,11 +17,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crossbeam_channel::select;
-use log::{LevelFilter, error, info, warn};
-use simplelog::{CombinedLogger, ConfigBuilder, SharedLogger, ThreadLogMode, WriteLogger};
+use log::{error, info, warn};
 
 use crate::cli::{self, Config, LogConfig, Mode, NetworkMode};
 use crate::launcher::{Ended, Launcher, Settings};
+use crate::logging::GlogLogger;
 use crate::nodestats::ProcNodeStats;
 use crate::overseer::Limits;
 use crate::payloads::config::VmType;
@@ -343,17 +343,11 @@ fn raise_nofile() -> u64 {
 
 /// glog's behaviour: a log file in the log directory, and on standard error
 /// what reaches the threshold (everything with -logtostderr, which also
-/// disables the file).
+/// disables the file). Lines in glog's shape ([`crate::logging`]).
 fn init_logging(log: &LogConfig) -> Result<(), String> {
-    let config = ConfigBuilder::new()
-        .set_thread_level(LevelFilter::Error)
-        .set_thread_mode(ThreadLogMode::Names)
-        .set_target_level(LevelFilter::Off)
-        // Sub-second times: glog's lines carry microseconds too.
-        .set_time_format_rfc3339()
-        .build();
-    let mut loggers: Vec<Box<dyn SharedLogger>> = Vec::new();
-    if !log.logtostderr {
+    let file = if log.logtostderr {
+        None
+    } else {
         fs::create_dir_all(&log.dir).map_err(|e| format!("{}: {e}", log.dir.display()))?;
         let path = log.dir.join("ciao-launcher.log");
         let file = OpenOptions::new()
@@ -361,15 +355,14 @@ fn init_logging(log: &LogConfig) -> Result<(), String> {
             .append(true)
             .open(&path)
             .map_err(|e| format!("{}: {e}", path.display()))?;
-        loggers.push(WriteLogger::new(log.verbosity, config.clone(), file));
-    }
+        Some((log.verbosity, file))
+    };
     let stderr_level = if log.logtostderr || log.alsologtostderr {
         log.verbosity
     } else {
         log.verbosity.min(log.stderr_threshold)
     };
-    loggers.push(WriteLogger::new(stderr_level, config, std::io::stderr()));
     // Fails only if a logger is already set (tests): keep that one.
-    let _ = CombinedLogger::init(loggers);
+    GlogLogger::new(file, stderr_level).install();
     Ok(())
 }
