@@ -17,7 +17,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crossbeam_channel::select;
-use log::{error, info, warn};
+use log::{debug, error, info, warn};
 
 use crate::cli::{self, Config, LogConfig, Mode, NetworkMode};
 use crate::launcher::{Ended, Launcher, Settings};
@@ -193,9 +193,15 @@ fn run(cfg: Config) -> LauncherExit {
         }
     };
     info!("running ({} instance(s) recovered)", launcher.recovered);
+    sd_notify(&format!(
+        "READY=1\nSTATUS=serving, {} instance(s) recovered\nMAINPID={}",
+        launcher.recovered,
+        std::process::id()
+    ));
     let ended = select! {
         recv(signals.done) -> s => {
             info!("signal {}: shutting down, instances keep running", s.unwrap_or(0));
+            sd_notify("STOPPING=1");
             None
         }
         recv(launcher.done()) -> e => e.ok(),
@@ -223,6 +229,16 @@ fn run(cfg: Config) -> LauncherExit {
     };
     log::logger().flush();
     result
+}
+
+/// Tells systemd (`Type=notify`, `$NOTIFY_SOCKET`) how we are; a failure
+/// only costs a warning.
+fn sd_notify(state: &str) {
+    match crate::notify::notify(state) {
+        Ok(true) => debug!("told systemd {:?}", state.replace('\n', " ")),
+        Ok(false) => {}
+        Err(e) => warn!("cannot notify systemd: {e}"),
+    }
 }
 
 fn lock(data_dir: &Path) -> Result<File, LauncherExit> {

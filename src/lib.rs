@@ -16,7 +16,8 @@
 //! * [`overseer`]: the instance map, admission, STATUS and STATS;
 //! * [`instance`]: one instance's state machine and virtualizer;
 //! * [`virt`]: the virtualizers (simulation, Docker, QEMU) and their monitors;
-//! * [`ssntp`]: the protocol, usable on its own.
+//! * [`ssntp`]: the protocol, usable on its own;
+//! * [`notify`]: readiness for systemd (`Type=notify`).
 //!
 //! Shutdown is a broadcast by dropping senders; instances keep running.
 
@@ -29,6 +30,7 @@ pub mod lc;
 pub mod logging;
 pub mod node;
 pub mod nodestats;
+pub mod notify;
 pub mod overseer;
 pub mod payloads;
 pub mod server;
