@@ -89,6 +89,11 @@ fn run(cfg: Config) -> LauncherExit {
         eprintln!("ciao-launcher: {e}");
         return LauncherExit::DataDir;
     }
+    for flag in &cfg.ignored {
+        warn!(
+            "{flag}: glog flag accepted for compatibility and ignored (-v sets the verbosity of every module)"
+        );
+    }
     let (cacert, cert) = match &cfg.mode {
         Mode::HardReset => return hard_reset(&cfg),
         Mode::Run { cacert, cert } => (cacert.clone(), cert.clone()),
@@ -122,6 +127,11 @@ fn run(cfg: Config) -> LauncherExit {
         (Ok(ca), Ok(id)) => (ca, id),
         (Err(e), _) | (_, Err(e)) => {
             error!("{e}");
+            if cacert.as_os_str() == cli::DEFAULT_CACERT || cert.as_os_str() == cli::DEFAULT_CERT {
+                error!(
+                    "(give the certificates with -cacert and -cert; these are the Go launcher's default paths)"
+                );
+            }
             return LauncherExit::Certificates;
         }
     };
@@ -143,7 +153,7 @@ fn run(cfg: Config) -> LauncherExit {
     let servers = client::server_list(cfg.server.as_deref(), &ca, client::DEFAULT_PORT);
     info!(
         "ciao-launcher {} starting: node {} ({}), {} profile, up to {max_vm} instances, dialling {}",
-        env!("CARGO_PKG_VERSION"),
+        crate::build_info::VERSION,
         node.uuid,
         identity.role,
         cfg.protocol,

@@ -21,6 +21,7 @@
 //!
 //! Shutdown is a broadcast by dropping senders; instances keep running.
 
+pub mod build_info;
 pub mod cli;
 pub mod cloudinit;
 pub mod daemon;
