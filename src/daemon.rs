@@ -19,6 +19,7 @@ use std::time::Duration;
 use crossbeam_channel::select;
 use log::{debug, error, info, warn};
 
+use crate::capabilities::{Capabilities, Probe};
 use crate::cli::{self, Config, LogConfig, Mode, NetworkMode};
 use crate::launcher::{Ended, Launcher, Settings};
 use crate::logging::GlogLogger;
@@ -105,14 +106,25 @@ fn run(cfg: Config) -> LauncherExit {
         );
     }
     let factory: Arc<dyn crate::virt::VirtualizerFactory> = if cfg.simulation {
+        info!("simulation: instances are pretend, no virtualizer is checked or used");
         Arc::new(SimFactory::default())
     } else {
+        let (qemu, accel_why) = qemu_factory(&cfg);
+        // What this node can serve, one line per virtualizer; it runs with what it has.
+        let caps = Capabilities::probe(&Probe {
+            qemu: cfg.qemu.clone(),
+            qemu_img: cfg.qemu_img.clone(),
+            ovmf: cfg.ovmf.clone(),
+            accel: (qemu.accel, accel_why),
+            docker_socket: cfg.docker_socket.clone(),
+        });
+        caps.log();
         Arc::new(crate::virt::NodeFactory {
             docker: crate::virt::docker::DockerFactory {
                 socket: cfg.docker_socket.clone(),
                 stop_timeout: cfg.stop_timeout,
             },
-            qemu: qemu_factory(&cfg),
+            qemu,
         })
     };
     let nofile = raise_nofile();
@@ -278,16 +290,16 @@ fn lock(data_dir: &Path) -> Result<File, LauncherExit> {
     }
 }
 
-/// The QEMU virtualizer's settings, with the accelerator chosen (and logged).
-fn qemu_factory(cfg: &Config) -> qemu::QemuFactory {
+/// The QEMU virtualizer's settings, with the accelerator chosen, and why
+/// it was chosen.
+fn qemu_factory(cfg: &Config) -> (qemu::QemuFactory, String) {
     let choice = match cfg.qemu_accel {
         cli::QemuAccel::Auto => qemu::AccelChoice::Auto,
         cli::QemuAccel::Kvm => qemu::AccelChoice::Kvm,
         cli::QemuAccel::Tcg => qemu::AccelChoice::Tcg,
     };
     let (accel, why) = qemu::choose_accel(choice, Path::new("/sys"), Path::new("/dev/kvm"));
-    info!("virtual machines run with {accel:?}: {why}");
-    qemu::QemuFactory {
+    let factory = qemu::QemuFactory {
         data_dir: cfg.data_dir.clone(),
         qemu: cfg.qemu.clone(),
         qemu_img: cfg.qemu_img.clone(),
@@ -300,7 +312,8 @@ fn qemu_factory(cfg: &Config) -> qemu::QemuFactory {
         },
         stop_timeout: cfg.stop_timeout,
         images: qemu::ImageCache::default(),
-    }
+    };
+    (factory, why)
 }
 
 /// `-hard-reset`: ends every instance (VMs quit through QMP, containers

@@ -17,11 +17,13 @@
 //! * [`instance`]: one instance's state machine and virtualizer;
 //! * [`virt`]: the virtualizers (simulation, Docker, QEMU) and their monitors;
 //! * [`ssntp`]: the protocol, usable on its own;
-//! * [`notify`]: readiness for systemd (`Type=notify`).
+//! * [`notify`]: readiness for systemd (`Type=notify`);
+//! * [`capabilities`]: start-up checks of QEMU, its tools and the Docker engine.
 //!
 //! Shutdown is a broadcast by dropping senders; instances keep running.
 
 pub mod build_info;
+pub mod capabilities;
 pub mod cli;
 pub mod cloudinit;
 pub mod daemon;

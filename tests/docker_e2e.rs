@@ -72,6 +72,13 @@ fn start_container(env: &Env, user_data: &str) -> String {
 #[test]
 fn container_lifecycle_2016() {
     let (engine, env, _serve, _addr, _launcher) = setup("2016");
+    // The start-up check found the engine and named its API version.
+    let log = env.log();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("containers: yes — Docker engine") && l.contains(", API 1.")),
+        "{log}"
+    );
 
     let id = start_container(
         &env,
