@@ -10,12 +10,13 @@
 # - QEMU, qemu-img, OVMF and xorriso for the VM tests;
 # - what scripts/build-guest-image.sh needs to build the tiny test guest
 #   (a kernel from linux-source-6.1, fetched by that script itself);
-# - dpkg-dev for the package test (dpkg-deb itself is in dpkg).
+# - dpkg-dev for the package test (dpkg-deb itself is in dpkg), systemd for
+#   systemd-analyze, which checks the unit.
 CIAO_TEST_PACKAGES=(docker.io busybox-static curl
                     qemu-system-x86 qemu-utils ovmf xorriso
                     build-essential bc bison flex libelf-dev libssl-dev cpio xz-utils
                     isolinux syslinux-common mtools
-                    dpkg-dev)
+                    dpkg-dev systemd)
 
 deps_missing() {
     local p

@@ -138,3 +138,21 @@ fn unit_prevents_restarts_that_cannot_help() {
         assert_eq!(setting(&unit, forbidden), None, "{forbidden}= breaks QEMU");
     }
 }
+
+/// systemd itself finds nothing wrong with the unit (run with the test
+/// build's binary in ExecStart, as the packaged one is not installed here).
+#[test]
+fn systemd_analyze_verifies_the_unit() {
+    require(&[(&["systemd-analyze"], "systemd")]);
+    let env = Env::new();
+    let unit = unit().replace("/usr/bin/ciao-launcher", LAUNCHER);
+    let path = env.dir.join("ciao-launcher.service");
+    std::fs::write(&path, unit).expect("write the unit");
+    let out = std::process::Command::new("systemd-analyze")
+        .args(["verify", "--man=no"])
+        .arg(&path)
+        .output()
+        .expect("systemd-analyze");
+    let said = format!("{}{}", text(&out.stdout), text(&out.stderr));
+    assert!(out.status.success() && said.trim().is_empty(), "{said}");
+}
