@@ -237,7 +237,8 @@ fn invalid_reference_and_missing_engine_are_image_failures() {
     env.wait_connected();
     let out = env.lc_ok(&["start", "--docker-image", IMAGE]);
     let id = out.split_whitespace().nth(1).expect("id").to_string();
-    wait_log(&env, "/nonexistent/docker.sock");
+    // (The start-up check names the socket too: wait for this START's line.)
+    env.wait_log_line(&[&id, "/nonexistent/docker.sock"], WAIT);
     env.wait_list("nothing listed", |l| state_of(l, &id).is_none());
     assert_eq!(env.instance_dirs(), 0);
 }

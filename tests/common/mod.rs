@@ -290,6 +290,23 @@ impl Env {
         std::fs::read_to_string(self.dir.join("launcher.log")).unwrap_or_default()
     }
 
+    /// Waits (bounded by `limit`) for a launcher log line containing every
+    /// one of `parts`, e.g. an instance id and its error; returns the line.
+    pub fn wait_log_line(&self, parts: &[&str], limit: Duration) -> String {
+        let deadline = Instant::now() + limit;
+        loop {
+            let log = self.log();
+            if let Some(l) = log.lines().find(|l| parts.iter().all(|p| l.contains(p))) {
+                return l.to_string();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no log line with {parts:?}:\n{log}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     pub fn instance_dirs(&self) -> usize {
         std::fs::read_dir(self.dir.join("data/instances")).map_or(0, |d| d.count())
     }
