@@ -475,7 +475,7 @@ fn qmp_connected(log: &Path, ids: &[String], wall: SystemTime) -> Result<Duratio
         let at = text
             .lines()
             .find(|l| l.contains(&needle))
-            .and_then(|l| l.split_whitespace().next())
+            .and_then(|l| l.split_whitespace().nth(1))
             .and_then(second_of_day)
             .ok_or_else(|| format!("no \"{needle}\" line in {}", log.display()))?;
         // Runs last minutes, so the time of day tells (also across midnight).
@@ -484,10 +484,9 @@ fn qmp_connected(log: &Path, ids: &[String], wall: SystemTime) -> Result<Duratio
     Ok(Duration::from_secs_f64(last))
 }
 
-/// The UTC second of the day of a stamp as the launcher logs it
-/// (`2026-11-22T04:16:32.476133544Z`).
-fn second_of_day(stamp: &str) -> Option<f64> {
-    let (_, time) = stamp.strip_suffix('Z')?.split_once('T')?;
+/// The UTC second of the day of a time as the launcher logs it, glog's
+/// second field (`I1122 04:16:32.476133 …`).
+fn second_of_day(time: &str) -> Option<f64> {
     let mut hms = time.splitn(3, ':').map(|x| x.parse::<f64>().ok());
     let (h, m, s) = (hms.next()??, hms.next()??, hms.next()??);
     Some(h * 3_600.0 + m * 60.0 + s)

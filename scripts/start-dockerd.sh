@@ -11,9 +11,9 @@
 # avoids needing overlayfs in nested sandboxes. --live-restore keeps containers
 # running while dockerd itself restarts (tests of a dockerd restart rely on it).
 #
-# Installs docker.io / busybox-static with apt-get when missing, and imports a
-# test image ciao-busybox:latest (busybox + applet symlinks; no registry is
-# needed). Idempotent: if a dockerd from DIR is already running it is reused.
+# Needs docker.io and busybox-static (installed by scripts/test.sh; missing,
+# it fails at once naming them), and imports a test image ciao-busybox:latest
+# (busybox + applet symlinks; no registry is needed). Idempotent: if a dockerd from DIR is already running it is reused.
 # Stop it with scripts/stop-dockerd.sh DIR.
 set -euo pipefail
 
@@ -23,27 +23,11 @@ log() { echo "start-dockerd: $*" >&2; }
 IMAGE=ciao-busybox:latest
 READY_TIMEOUT=30
 
-apt_install() {
-    [ "$(id -u)" -eq 0 ] || die "need root to apt-get install $*"
-    export DEBIAN_FRONTEND=noninteractive
-    if [ -z "${APT_UPDATED:-}" ]; then
-        apt-get update -q >&2 || die "apt-get update failed"
-        APT_UPDATED=1
-    fi
-    apt-get install -y -q "$@" >&2 || die "apt-get install $* failed"
-}
-
-if ! command -v dockerd >/dev/null 2>&1; then
-    log "dockerd missing: installing docker.io"
-    apt_install docker.io
-    command -v dockerd >/dev/null 2>&1 || die "dockerd still missing after installing docker.io"
-fi
-if [ ! -x /bin/busybox ] || ! dpkg -s busybox-static >/dev/null 2>&1; then
-    if ! dpkg -s busybox-static >/dev/null 2>&1; then
-        log "busybox-static missing: installing it"
-        apt_install busybox-static
-    fi
-fi
+# Nothing is installed here: scripts/test.sh installs every test dependency
+# (scripts/deps.sh). A missing one is one line and a failure at once.
+command -v dockerd >/dev/null 2>&1 || die "dockerd not found in PATH: install docker.io (scripts/deps.sh lists every test dependency)"
+command -v docker >/dev/null 2>&1 || die "docker (the CLI) not found in PATH: install docker.io"
+dpkg -s busybox-static >/dev/null 2>&1 || die "busybox-static is not installed (the test image is made from it)"
 BUSYBOX=$(dpkg -L busybox-static | grep -E '/busybox$' | head -n1 || true)
 [ -n "$BUSYBOX" ] && [ -x "$BUSYBOX" ] || die "busybox-static installed but its busybox binary not found"
 command -v tar >/dev/null 2>&1 || die "tar missing"

@@ -1,9 +1,33 @@
 #!/usr/bin/env bash
-# The whole test suite: formatting, lints, unit + integration tests, and a
-# short fuzz run of the gob decoder. This is what .ci/run calls.
+# The whole test suite: installs the Debian packages the tests need
+# (scripts/deps.sh, skipped with --no-install), then formatting, lints, unit +
+# integration tests, and a short fuzz run of the gob decoder. .ci/run calls
+# only this.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 step() { printf '\n== %s\n' "$*"; }
+
+install=1
+for a in "$@"; do
+    case "$a" in
+        --no-install) install=0 ;;
+        *) echo "usage: scripts/test.sh [--no-install]" >&2; exit 2 ;;
+    esac
+done
+
+. scripts/deps.sh
+if [ "$install" -eq 1 ]; then
+    step "Debian packages the tests need (scripts/deps.sh)"
+    deps_install
+else
+    missing=$(deps_missing | tr '\n' ' ')
+    [ -z "$missing" ] || echo "warning: not installed (tests needing them fail): $missing" >&2
+fi
+command -v cargo >/dev/null || { echo "cargo is missing (install a Rust toolchain: rustup.rs)" >&2; exit 1; }
+if command -v rustup >/dev/null; then
+    rustup component list --installed 2>/dev/null | grep -q '^rustfmt' || rustup component add rustfmt
+    rustup component list --installed 2>/dev/null | grep -q '^clippy' || rustup component add clippy
+fi
 
 step "cargo fmt --check"
 cargo fmt --all -- --check

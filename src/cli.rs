@@ -95,8 +95,8 @@ const LOGGING: &str = "Logging options (glog style)";
 #[derive(Debug, Parser)]
 #[command(
     name = "ciao-launcher",
-    version,
-    override_usage = "ciao-launcher [OPTIONS] --cacert FILE --cert FILE\n       ciao-launcher [OPTIONS] --hard-reset",
+    version = crate::build_info::VERSION,
+    override_usage = "ciao-launcher [OPTIONS] [--cacert FILE] [--cert FILE]\n       ciao-launcher [OPTIONS] --hard-reset",
     about = "The compute-node agent of the CIAO cloud orchestrator",
     long_about = "ciao-launcher runs on every compute node (and network node) of a CIAO cloud. \
 It keeps one mutually authenticated TLS connection (SSNTP) to the ciao scheduler, \
@@ -117,11 +117,11 @@ pub struct LauncherCli {
     #[arg(long, value_name = "HOST[:PORT]")]
     pub server: Option<String>,
 
-    /// CA certificate (PEM) that the scheduler's certificate must lead to. Required unless --hard-reset.
+    /// CA certificate (PEM) that the scheduler's certificate must lead to (default: /etc/pki/ciao/CAcert-server-localhost.pem, as the Go launcher had it).
     #[arg(long, value_name = "FILE")]
     pub cacert: Option<PathBuf>,
 
-    /// This node's certificate and private key in one PEM file; it must carry the agent and/or netagent role. Required unless --hard-reset.
+    /// This node's certificate and private key in one PEM file; it must carry the agent and/or netagent role (default: /etc/pki/ciao/cert-client-localhost.pem, as the Go launcher had it).
     #[arg(long, value_name = "FILE")]
     pub cert: Option<PathBuf>,
 
@@ -189,8 +189,10 @@ pub struct LauncherCli {
     #[arg(long, value_name = "SECONDS", help_heading = NODE)]
     pub stats_interval: Option<f64>,
 
-    /// User interface of virtual machines: none (headless), nc (serial console on a TCP port, for netcat) or spice.
-    #[arg(long, value_name = "UI", default_value = "none", help_heading = NODE)]
+    /// User interface of virtual machines: none (headless), nc (serial console on a TCP port, for netcat) or spice. A bare -with-ui means nc, the Go launcher's default.
+    // No require_equals: Go's string flag was written `-with-ui spice`.
+    #[arg(long, value_name = "UI", default_value = "none", num_args = 0..=1,
+          default_missing_value = "nc", action = ArgAction::Set, help_heading = NODE)]
     pub with_ui: UiMode,
 
     /// Stack size of each instance thread, in KiB.
@@ -246,6 +248,14 @@ pub struct LauncherCli {
     /// Directory of the log files (default: DIR/logs, DIR being --data-dir). Also spelt --log_dir, as in Go.
     #[arg(long, value_name = "DIR", alias = "log_dir", help_heading = LOGGING)]
     pub log_dir: Option<PathBuf>,
+
+    /// glog's per-module verbosity (pattern=N,...): accepted so that Go command lines work, and ignored with a warning; -v applies to every module.
+    #[arg(long, value_name = "PATTERN=N,...", help_heading = LOGGING)]
+    pub vmodule: Option<String>,
+
+    /// glog's stack trace at a log line (FILE:LINE): accepted so that Go command lines work, and ignored with a warning. Also spelt --log_backtrace_at.
+    #[arg(long, value_name = "FILE:LINE", alias = "log_backtrace_at", help_heading = LOGGING)]
+    pub log_backtrace_at: Option<String>,
 
     /// Messages at or above this severity also go to standard error: INFO, WARNING, ERROR, FATAL or 0 to 3.
     #[arg(long, value_name = "LEVEL", default_value = "ERROR", ignore_case = true,
@@ -461,7 +471,15 @@ pub struct Config {
     pub child_user: Option<ChildUser>,
     pub usage_interval: Duration,
     pub log: LogConfig,
+    /// Go flags accepted but not acted on (`-vmodule=…`, `-log_backtrace_at=…`),
+    /// as given, for a warning once logging is up.
+    pub ignored: Vec<String>,
 }
+
+/// `--cacert` when not given: the Go launcher's default.
+pub const DEFAULT_CACERT: &str = "/etc/pki/ciao/CAcert-server-localhost.pem";
+/// `--cert` when not given: the Go launcher's default.
+pub const DEFAULT_CERT: &str = "/etc/pki/ciao/cert-client-localhost.pem";
 
 /// The smallest `--instance-stack-kib` accepted: below it, instance threads
 /// would overflow their stacks at once.
@@ -473,7 +491,8 @@ pub enum CliError {
     /// clap's own outcome: a usage error, or `--help`/`--version` (see
     /// [`CliError::is_help_or_version`]).
     Clap(clap::Error),
-    /// `--cacert` or `--cert` (the flag named) is missing without `--hard-reset`.
+    /// A required flag (the one named) is missing. (`--cacert` and `--cert`
+    /// have defaults, the Go launcher's paths.)
     Missing(&'static str),
     /// A flag's value is out of range or malformed.
     Invalid {
@@ -582,8 +601,8 @@ impl LauncherCli {
             Mode::HardReset
         } else {
             Mode::Run {
-                cacert: self.cacert.ok_or(CliError::Missing("--cacert"))?,
-                cert: self.cert.ok_or(CliError::Missing("--cert"))?,
+                cacert: self.cacert.unwrap_or_else(|| DEFAULT_CACERT.into()),
+                cert: self.cert.unwrap_or_else(|| DEFAULT_CERT.into()),
             }
         };
         // Go's default was "": an empty -server means "not given".
@@ -652,7 +671,16 @@ impl LauncherCli {
             dir: self.log_dir.unwrap_or_else(|| self.data_dir.join("logs")),
             stderr_threshold: self.stderrthreshold.level_filter(),
         };
+        let ignored = [
+            self.vmodule.map(|v| format!("-vmodule={v}")),
+            self.log_backtrace_at
+                .map(|v| format!("-log_backtrace_at={v}")),
+        ]
+        .into_iter()
+        .flatten()
+        .collect();
         Ok(Config {
+            ignored,
             mode,
             server,
             protocol: self.protocol,
@@ -899,6 +927,14 @@ Virtual machines and containers are left running; the next launcher on the same 
 directory finds them again.
 Signals that arrive while the launcher is stopping are ignored.
 If its threads have not finished within one second, it exits with status 6.
+.SH SYSTEMD
+The package installs \fI/lib/systemd/system/ciao\-launcher.service\fR, which runs
+\fB/usr/bin/ciao\-launcher $CIAO_LAUNCHER_ARGS\fR with the flags set in
+\fI/etc/default/ciao\-launcher\fR.
+It is \fBType=notify\fR: when \fB$NOTIFY_SOCKET\fR is set the launcher sends \fBREADY=1\fR once
+it serves (instances recovered, the scheduler being dialled) and \fBSTOPPING=1\fR on the first
+signal. \fBKillMode=process\fR stops only the launcher, so virtual machines and containers
+survive a restart; exit statuses 1 to 5 are not restarted (\fBRestartPreventExitStatus=\fR).
 .SH "EXIT STATUS"
 .TP
 .B 0
@@ -966,6 +1002,17 @@ Log files, unless \fB\-\-log\-dir\fR names another directory.
 .TP
 .I ciao\-launcher.lock
 Locked while a launcher uses the data directory, so that a second one exits with status 1.
+.PP
+Outside the data directory:
+.TP
+.I /etc/pki/ciao/CAcert\-server\-localhost.pem
+The CA certificate when \fB\-\-cacert\fR is not given (the Go launcher's default).
+.TP
+.I /etc/pki/ciao/cert\-client\-localhost.pem
+This node's certificate and key when \fB\-\-cert\fR is not given.
+.TP
+.I /etc/default/ciao\-launcher
+Flags for the systemd unit (\fBCIAO_LAUNCHER_ARGS\fR).
 .SH EXAMPLE
 Make certificates, start the embedded scheduler of
 .BR ciao\-lc (1)
@@ -1427,21 +1474,86 @@ mod tests {
             Mode::HardReset
         );
         assert!(matches!(
-            parse_err(&["-hard-reset=false"]),
-            CliError::Missing("--cacert")
+            parse(&["-hard-reset=false"]).mode,
+            Mode::Run { .. }
         ));
     }
 
+    /// `ciao-launcher -server X` on a node set up the Go way.
     #[test]
-    fn certificates_are_required() {
-        let e = parse_err(&[]);
-        assert!(matches!(e, CliError::Missing("--cacert")));
-        assert_eq!(e.to_string(), "--cacert is required (unless --hard-reset)");
-        assert_eq!(e.exit_code(), 2);
-        assert!(matches!(
-            parse_err(&["-cacert=/a"]),
-            CliError::Missing("--cert")
-        ));
+    fn certificates_default_to_the_go_launchers_paths() {
+        let run = |cacert: &str, cert: &str| Mode::Run {
+            cacert: cacert.into(),
+            cert: cert.into(),
+        };
+        assert_eq!(
+            parse(&["-server", "sched"]).mode,
+            run(
+                "/etc/pki/ciao/CAcert-server-localhost.pem",
+                "/etc/pki/ciao/cert-client-localhost.pem"
+            )
+        );
+        assert_eq!(
+            parse(&["-cacert=/a"]).mode,
+            run("/a", "/etc/pki/ciao/cert-client-localhost.pem")
+        );
+        assert_eq!(
+            parse(&["-cert", "/c"]).mode,
+            run("/etc/pki/ciao/CAcert-server-localhost.pem", "/c")
+        );
+    }
+
+    #[test]
+    fn glogs_vmodule_and_log_backtrace_at_are_accepted_and_ignored() {
+        let c = with_certs(&[
+            "-vmodule=overseer=2,qemu*=3",
+            "-log_backtrace_at=main.go:42",
+        ]);
+        assert_eq!(
+            c.ignored,
+            [
+                "-vmodule=overseer=2,qemu*=3",
+                "-log_backtrace_at=main.go:42"
+            ]
+        );
+        // Other spellings, and nothing else changes.
+        let d = with_certs(&[
+            "--vmodule",
+            "overseer=2,qemu*=3",
+            "--log-backtrace-at=main.go:42",
+        ]);
+        assert_eq!(c, d);
+        assert_eq!(with_certs(&["-vmodule", "x=1"]).ignored, ["-vmodule=x=1"]);
+        assert_eq!(c.log.verbosity, with_certs(&[]).log.verbosity);
+        assert!(with_certs(&[]).ignored.is_empty());
+    }
+
+    #[test]
+    fn with_ui_bare_is_nc_as_in_go() {
+        let ui = |a: &[&str]| with_certs(a).with_ui;
+        assert_eq!(ui(&[]), UiMode::None);
+        assert_eq!(ui(&["-with-ui"]), UiMode::Nc);
+        assert_eq!(ui(&["-with-ui", "-simulation"]), UiMode::Nc);
+        assert_eq!(ui(&["-with-ui", "spice"]), UiMode::Spice);
+        assert_eq!(ui(&["-with-ui=none"]), UiMode::None);
+        assert_eq!(ui(&["--with-ui=nc"]), UiMode::Nc);
+        assert!(matches!(parse_err(&["-with-ui=vnc"]), CliError::Clap(_)));
+    }
+
+    #[test]
+    fn version_names_the_commit_and_crypto_provider() {
+        let CliError::Clap(e) = parse_err(&["-version"]) else {
+            panic!("not a clap error")
+        };
+        let v = e.render().to_string();
+        assert!(
+            v.starts_with(&format!(
+                "ciao-launcher {} (commit ",
+                env!("CARGO_PKG_VERSION")
+            )),
+            "{v}"
+        );
+        assert!(v.contains(crate::build_info::CRYPTO_PROVIDER), "{v}");
     }
 
     fn invalid_flag(args: &[&str]) -> (&'static str, String) {

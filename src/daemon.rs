@@ -17,11 +17,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crossbeam_channel::select;
-use log::{LevelFilter, error, info, warn};
-use simplelog::{CombinedLogger, ConfigBuilder, SharedLogger, ThreadLogMode, WriteLogger};
+use log::{debug, error, info, warn};
 
+use crate::capabilities::{Capabilities, Probe};
 use crate::cli::{self, Config, LogConfig, Mode, NetworkMode};
 use crate::launcher::{Ended, Launcher, Settings};
+use crate::logging::GlogLogger;
 use crate::nodestats::ProcNodeStats;
 use crate::overseer::Limits;
 use crate::payloads::config::VmType;
@@ -92,6 +93,11 @@ fn run(cfg: Config) -> LauncherExit {
         eprintln!("ciao-launcher: {e}");
         return LauncherExit::DataDir;
     }
+    for flag in &cfg.ignored {
+        warn!(
+            "{flag}: glog flag accepted for compatibility and ignored (-v sets the verbosity of every module)"
+        );
+    }
     let (cacert, cert) = match &cfg.mode {
         Mode::HardReset => return hard_reset(&cfg),
         Mode::Run { cacert, cert } => (cacert.clone(), cert.clone()),
@@ -114,6 +120,11 @@ fn run(cfg: Config) -> LauncherExit {
         (Ok(ca), Ok(id)) => (ca, id),
         (Err(e), _) | (_, Err(e)) => {
             error!("{e}");
+            if cacert.as_os_str() == cli::DEFAULT_CACERT || cert.as_os_str() == cli::DEFAULT_CERT {
+                error!(
+                    "(give the certificates with -cacert and -cert; these are the Go launcher's default paths)"
+                );
+            }
             return LauncherExit::Certificates;
         }
     };
@@ -143,21 +154,32 @@ fn run(cfg: Config) -> LauncherExit {
         }
     };
     let factory: Arc<dyn crate::virt::VirtualizerFactory> = if cfg.simulation {
+        info!("simulation: instances are pretend, no virtualizer is checked or used");
         Arc::new(SimFactory::default())
     } else {
+        let (qemu, accel_why) = qemu_factory(&cfg);
+        // What this node can serve, one line per virtualizer; it runs with what it has.
+        let caps = Capabilities::probe(&Probe {
+            qemu: cfg.qemu.clone(),
+            qemu_img: cfg.qemu_img.clone(),
+            ovmf: cfg.ovmf.clone(),
+            accel: (qemu.accel, accel_why),
+            docker_socket: cfg.docker_socket.clone(),
+        });
+        caps.log();
         Arc::new(crate::virt::NodeFactory {
             docker: crate::virt::docker::DockerFactory {
                 socket: cfg.docker_socket.clone(),
                 stop_timeout: cfg.stop_timeout,
                 node: node.uuid.to_string(),
             },
-            qemu: qemu_factory(&cfg),
+            qemu,
         })
     };
     let servers = client::server_list(cfg.server.as_deref(), &ca, client::DEFAULT_PORT);
     info!(
         "ciao-launcher {} starting: node {} ({}), {} profile, up to {max_vm} instances, dialling {}",
-        env!("CARGO_PKG_VERSION"),
+        crate::build_info::VERSION,
         node.uuid,
         identity.role,
         cfg.protocol,
@@ -214,9 +236,15 @@ fn run(cfg: Config) -> LauncherExit {
         }
     };
     info!("running ({} instance(s) recovered)", launcher.recovered);
+    sd_notify(&format!(
+        "READY=1\nSTATUS=serving, {} instance(s) recovered\nMAINPID={}",
+        launcher.recovered,
+        std::process::id()
+    ));
     let ended = select! {
         recv(signals.done) -> s => {
             info!("signal {}: shutting down, instances keep running", s.unwrap_or(0));
+            sd_notify("STOPPING=1");
             None
         }
         recv(launcher.done()) -> e => e.ok(),
@@ -246,6 +274,16 @@ fn run(cfg: Config) -> LauncherExit {
     result
 }
 
+/// Tells systemd (`Type=notify`, `$NOTIFY_SOCKET`) how we are; a failure
+/// only costs a warning.
+fn sd_notify(state: &str) {
+    match crate::notify::notify(state) {
+        Ok(true) => debug!("told systemd {:?}", state.replace('\n', " ")),
+        Ok(false) => {}
+        Err(e) => warn!("cannot notify systemd: {e}"),
+    }
+}
+
 fn lock(data_dir: &Path) -> Result<File, LauncherExit> {
     let path = data_dir.join(LOCK_FILE);
     let file = OpenOptions::new()
@@ -273,16 +311,16 @@ fn lock(data_dir: &Path) -> Result<File, LauncherExit> {
     }
 }
 
-/// The QEMU virtualizer's settings, with the accelerator chosen (and logged).
-fn qemu_factory(cfg: &Config) -> qemu::QemuFactory {
+/// The QEMU virtualizer's settings, with the accelerator chosen, and why
+/// it was chosen.
+fn qemu_factory(cfg: &Config) -> (qemu::QemuFactory, String) {
     let choice = match cfg.qemu_accel {
         cli::QemuAccel::Auto => qemu::AccelChoice::Auto,
         cli::QemuAccel::Kvm => qemu::AccelChoice::Kvm,
         cli::QemuAccel::Tcg => qemu::AccelChoice::Tcg,
     };
     let (accel, why) = qemu::choose_accel(choice, Path::new("/sys"), Path::new("/dev/kvm"));
-    info!("virtual machines run with {}: {why}", accel.name());
-    qemu::QemuFactory {
+    let factory = qemu::QemuFactory {
         data_dir: cfg.data_dir.clone(),
         qemu: cfg.qemu.clone(),
         qemu_img: cfg.qemu_img.clone(),
@@ -297,7 +335,8 @@ fn qemu_factory(cfg: &Config) -> qemu::QemuFactory {
         images: qemu::ImageCache::default(),
         child_users: child_users(cfg),
         confinement: Arc::default(),
-    }
+    };
+    (factory, why)
 }
 
 /// `--child-user`, which the 2018 cluster configuration's
@@ -377,17 +416,12 @@ fn raise_nofile() -> u64 {
 
 /// glog's behaviour: a log file in the log directory, and on standard error
 /// what reaches the threshold (everything with -logtostderr, which also
-/// disables the file). Repeated identical lines are rate-limited.
+/// disables the file). Lines in glog's shape, repeated identical lines
+/// rate-limited ([`crate::logging`]).
 fn init_logging(log: &LogConfig) -> Result<(), String> {
-    let config = ConfigBuilder::new()
-        .set_thread_level(LevelFilter::Error)
-        .set_thread_mode(ThreadLogMode::Names)
-        .set_target_level(LevelFilter::Off)
-        // Sub-second times: glog's lines carry microseconds too.
-        .set_time_format_rfc3339()
-        .build();
-    let mut loggers: Vec<Box<dyn SharedLogger>> = Vec::new();
-    if !log.logtostderr {
+    let file = if log.logtostderr {
+        None
+    } else {
         fs::create_dir_all(&log.dir).map_err(|e| format!("{}: {e}", log.dir.display()))?;
         let path = log.dir.join("ciao-launcher.log");
         let file = OpenOptions::new()
@@ -395,17 +429,14 @@ fn init_logging(log: &LogConfig) -> Result<(), String> {
             .append(true)
             .open(&path)
             .map_err(|e| format!("{}: {e}", path.display()))?;
-        loggers.push(WriteLogger::new(log.verbosity, config.clone(), file));
-    }
+        Some((log.verbosity, file))
+    };
     let stderr_level = if log.logtostderr || log.alsologtostderr {
         log.verbosity
     } else {
         log.verbosity.min(log.stderr_threshold)
     };
-    loggers.push(WriteLogger::new(stderr_level, config, std::io::stderr()));
-    // Identical lines beyond a few a minute are counted, not written
-    // (crate::logging). Fails only if a logger is already set (tests): keep
-    // that one.
-    let _ = crate::logging::install(CombinedLogger::new(loggers));
+    // Fails only if a logger is already set (tests): keep that one.
+    GlogLogger::new(file, stderr_level).install();
     Ok(())
 }

@@ -66,7 +66,7 @@ impl From<LcExit> for ExitCode {
 /// The operator's companion for ciao-launcher: certificates, an embedded SSNTP
 /// scheduler, and commands to drive launchers through it.
 #[derive(Debug, Parser)]
-#[command(name = "ciao-lc", version)]
+#[command(name = "ciao-lc", version = crate::build_info::VERSION)]
 pub struct LcCli {
     #[command(subcommand)]
     pub command: LcCommand,

@@ -16,10 +16,14 @@
 //! * [`overseer`]: the instance map, admission, STATUS and STATS;
 //! * [`instance`]: one instance's state machine and virtualizer;
 //! * [`virt`]: the virtualizers (simulation, Docker, QEMU) and their monitors;
-//! * [`ssntp`]: the protocol, usable on its own.
+//! * [`ssntp`]: the protocol, usable on its own;
+//! * [`notify`]: readiness for systemd (`Type=notify`);
+//! * [`capabilities`]: start-up checks of QEMU, its tools and the Docker engine.
 //!
 //! Shutdown is a broadcast by dropping senders; instances keep running.
 
+pub mod build_info;
+pub mod capabilities;
 pub mod cli;
 pub mod daemon;
 pub mod instance;
@@ -28,6 +32,7 @@ pub mod lc;
 pub mod logging;
 pub mod node;
 pub mod nodestats;
+pub mod notify;
 pub mod overseer;
 pub mod payloads;
 pub mod server;

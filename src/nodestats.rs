@@ -1,5 +1,5 @@
 //! Node and per-process statistics read from `/proc` and `statfs`
-//! (spec/launcher-behaviour.md §5.3, §7.5, §14).
+//! (docs/architecture.md, "Overseer" and "Virtualizers").
 //!
 //! Node figures, as the STATUS and STATS payloads carry them:
 //!

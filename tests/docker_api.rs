@@ -1,7 +1,8 @@
 //! Integration tests of `virt::docker_api` against a real, private dockerd.
 //!
-//! The engine is started by `scripts/start-dockerd.sh` (which installs
-//! docker.io and busybox-static when missing and imports `ciao-busybox:latest`)
+//! The engine is started by `scripts/start-dockerd.sh` (which needs
+//! docker.io and busybox-static, failing at once without them, and imports
+//! `ciao-busybox:latest`)
 //! and stopped by `scripts/stop-dockerd.sh` when the last test holding it
 //! finishes. Tests share it through a `Mutex<Weak<Engine>>`: while tests run
 //! concurrently there is one engine; if every holder has finished before the

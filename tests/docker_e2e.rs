@@ -72,6 +72,13 @@ fn start_container(env: &Env, user_data: &str) -> String {
 #[test]
 fn container_lifecycle_2016() {
     let (engine, env, _serve, _addr, _launcher) = setup("2016");
+    // The start-up check found the engine and named its API version.
+    let log = env.log();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("containers: yes — Docker engine") && l.contains(", API 1.")),
+        "{log}"
+    );
 
     let id = start_container(
         &env,
@@ -230,7 +237,8 @@ fn invalid_reference_is_an_image_failure_and_a_missing_engine_a_launch_failure()
     env.wait_connected();
     let out = env.lc_ok(&["start", "--docker-image", IMAGE]);
     let id = out.split_whitespace().nth(1).expect("id").to_string();
-    wait_log(&env, "/nonexistent/docker.sock");
+    // (The start-up check names the socket too: wait for this START's line.)
+    env.wait_log_line(&[&id, "/nonexistent/docker.sock"], WAIT);
     // The engine, not the image, is at fault; the cause is logged once.
     wait_log(&env, "launch_failure");
     let log = env.log();

@@ -1,5 +1,5 @@
-//! The gob streams produced by the real Go ssntp types (tests/data/gob-golden-dumps.txt)
-//! decode to the expected values, and our encoder reproduces
+//! The gob streams produced by the real Go ssntp types (tests/data/gob-golden-dumps.txt,
+//! recorded from ciao's Go code) decode to the expected values, and our encoder reproduces
 //! them byte for byte when given the same type ids.
 
 use std::time::{Duration, UNIX_EPOCH};

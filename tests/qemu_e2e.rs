@@ -42,6 +42,8 @@ fn guest_image() -> &'static Path {
 }
 
 fn setup(profile: &str, extra: &[&str]) -> (Env, Proc, std::net::SocketAddr, Proc) {
+    // Before the guest is built or anything started: a missing QEMU is one line, at once.
+    require_qemu();
     let env = Env::new();
     let images = env.dir.join("data/images");
     std::fs::create_dir_all(&images).expect("images dir");
@@ -338,7 +340,9 @@ fn bad_inputs_leave_nothing_behind() {
     // EFI without firmware.
     let out = env.lc_ok(&["start", "--image", IMAGE]);
     let c = out.split_whitespace().nth(1).expect("id").to_string();
-    wait_log(&env, "/nonexistent/OVMF.fd not found");
+    // (The start-up check names the missing firmware too: wait for this START's line.)
+    env.wait_log_line(&[&c, "/nonexistent/OVMF.fd not found"], BOOT);
+    env.wait_log_line(&["Start failure for", &c], BOOT);
     for id in [&a, &b, &c] {
         env.wait_list("nothing listed", |l| state_of(l, id).is_none());
     }
@@ -384,9 +388,12 @@ fn qemu_missing_is_a_launch_failure() {
     let out = env.lc_ok(&["start", "--image", IMAGE, "--legacy"]);
     let id = out.split_whitespace().nth(1).expect("id").to_string();
     wait_log(&env, "launch_failure");
-    wait_log(
-        &env,
-        "/nonexistent/qemu-system-x86_64: No such file or directory",
+    env.wait_log_line(
+        &[
+            &id,
+            "/nonexistent/qemu-system-x86_64: No such file or directory",
+        ],
+        BOOT,
     );
     env.wait_list("nothing listed", |l| state_of(l, &id).is_none());
     assert_eq!(env.instance_dirs(), 0);

@@ -52,7 +52,15 @@ fn render(cmd: clap::Command, section: &str, manual: &str, extra: &str) -> Vec<u
     // Gives subcommands their full name (`ciao-lc certs`) for their synopses.
     cmd.build();
     let name = cmd.get_name().to_string();
-    let version = cmd.get_version().unwrap_or_default().to_string();
+    // The crate's version only: `--version` also names the commit, which
+    // would change the committed page with every commit.
+    let version = cmd
+        .get_version()
+        .unwrap_or_default()
+        .split_whitespace()
+        .next()
+        .unwrap_or_default()
+        .to_string();
     let man = Man::new(cmd.clone());
     let mut page = String::from(PREAMBLE);
     // Written by hand: clap_mangen drops an empty date argument, which

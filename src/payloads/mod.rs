@@ -1,4 +1,4 @@
-//! YAML payloads of SSNTP frames (spec/payloads.md, spec/wire-2016.md).
+//! YAML payloads of SSNTP frames (docs/protocol.md).
 //!
 //! * [`start`] — the START command: the three-document envelope, `splitYaml`,
 //!   both START shapes (2016 `requested_resources`, 2018 `requirements`).

@@ -126,6 +126,17 @@ impl Env {
 
     /// A launcher with `extra` flags instead of `-simulation`.
     pub fn launcher_with(&self, server: SocketAddr, profile: &str, extra: &[&str]) -> Proc {
+        self.launcher_env(server, profile, extra, &[])
+    }
+
+    /// [`Env::launcher_with`] with `env` added to its environment.
+    pub fn launcher_env(
+        &self,
+        server: SocketAddr,
+        profile: &str,
+        extra: &[&str],
+        env: &[(&str, &std::ffi::OsStr)],
+    ) -> Proc {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -148,6 +159,7 @@ impl Env {
                 "--disk-limit=false",
                 "-logtostderr",
             ])
+            .envs(env.iter().copied())
             .stderr(log)
             .spawn()
             .expect("launcher");
@@ -278,6 +290,23 @@ impl Env {
         std::fs::read_to_string(self.dir.join("launcher.log")).unwrap_or_default()
     }
 
+    /// Waits (bounded by `limit`) for a launcher log line containing every
+    /// one of `parts`, e.g. an instance id and its error; returns the line.
+    pub fn wait_log_line(&self, parts: &[&str], limit: Duration) -> String {
+        let deadline = Instant::now() + limit;
+        loop {
+            let log = self.log();
+            if let Some(l) = log.lines().find(|l| parts.iter().all(|p| l.contains(p))) {
+                return l.to_string();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no log line with {parts:?}:\n{log}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     pub fn instance_dirs(&self) -> usize {
         std::fs::read_dir(self.dir.join("data/instances")).map_or(0, |d| d.count())
     }
@@ -312,6 +341,45 @@ impl Drop for Env {
             );
         }
         let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Where `program` is found in `PATH` (as `execvp` would look), if anywhere.
+pub fn in_path(program: &str) -> Option<PathBuf> {
+    use std::os::unix::fs::PermissionsExt;
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|d| d.join(program))
+        .find(|p| {
+            std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+        })
+}
+
+/// Fails the calling test at once, in one line, if a program it needs is
+/// missing: `needs` is (what, alternatives…, Debian package). Every
+/// alternative missing is a failure; `scripts/test.sh` installs them all
+/// (`scripts/deps.sh`).
+pub fn require(needs: &[(&[&str], &str)]) {
+    for (programs, package) in needs {
+        if programs.iter().all(|p| in_path(p).is_none()) {
+            panic!(
+                "{} not found in PATH: install {package} (scripts/test.sh installs every test dependency)",
+                programs.join(" or ")
+            );
+        }
+    }
+}
+
+/// What the VM tests need on the host, checked before anything is built or started.
+pub fn require_qemu() {
+    require(&[
+        (&["qemu-system-x86_64"], "qemu-system-x86"),
+        (&["qemu-img"], "qemu-utils"),
+        (&["xorriso", "genisoimage"], "xorriso"),
+    ]);
+    // The launcher's own search, so that the test and the node agree.
+    if let Err(e) = ciao_launcher::virt::qemu::find_ovmf(None) {
+        panic!("{e} (scripts/test.sh installs every test dependency)");
     }
 }
 
@@ -438,6 +506,7 @@ pub fn engine() -> Arc<Engine> {
 
 /// An engine of the caller's own (for tests that stop and start it).
 pub fn private_engine() -> Engine {
+    require(&[(&["dockerd"], "docker.io"), (&["docker"], "docker.io")]);
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/start-dockerd.sh");
     let started = Instant::now();
     let out = Command::new(&script)
