@@ -168,6 +168,7 @@ fn run(cfg: Config) -> LauncherExit {
         });
         caps.log();
         Arc::new(crate::virt::NodeFactory {
+            caps: Some(Arc::new(caps)),
             docker: crate::virt::docker::DockerFactory {
                 socket: cfg.docker_socket.clone(),
                 stop_timeout: cfg.stop_timeout,

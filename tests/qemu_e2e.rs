@@ -185,7 +185,7 @@ fn vm_lifecycle_bios_2016() {
     env.wait_list("running", |l| state_of(l, &id) == Some("running"));
     let log = env.log();
     assert!(
-        log.contains("run with Tcg") || log.contains("run with Kvm"),
+        log.contains("run with TCG") || log.contains("run with KVM"),
         "{log}"
     );
 

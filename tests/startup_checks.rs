@@ -48,6 +48,15 @@ fn missing_virtualizers_are_one_line_each_and_the_node_serves() {
         ct.starts_with('W') && ct.contains("containers: no — ") && ct.contains("no-docker.sock"),
         "{ct}"
     );
+    // A VM START gets its error at once, with the start-up check's reason.
+    let out = env.lc_ok(&["start", "--image", "b286cd45-7d0c-4525-a140-4db6c95e41fa"]);
+    let id = out.split_whitespace().nth(1).expect("id").to_string();
+    env.wait_log_line(
+        &[&id, "launch_failure", "cannot run virtual machines"],
+        WAIT,
+    );
+    env.wait_list("nothing listed", |l| state_of(l, &id).is_none());
+    assert_eq!(env.instance_dirs(), 0);
     assert_eq!(launcher.terminate(Duration::from_secs(5)), Some(0));
 }
 

@@ -73,7 +73,7 @@ impl VirtualizerFactory for DockerFactory {
         let api = match DockerApi::connect(&self.socket) {
             Ok(a) => a,
             Err(e) => {
-                info!("no sweep of this node's containers: {e}");
+                info!("leftover sweep skipped (Docker): {e}");
                 return Vec::new();
             }
         };

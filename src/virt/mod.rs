@@ -19,6 +19,7 @@ pub mod sim;
 
 use std::fmt;
 use std::path::Path;
+use std::sync::Arc;
 
 use crossbeam_channel::Sender;
 
@@ -208,13 +209,24 @@ pub trait VirtualizerFactory: Send + Sync + fmt::Debug {
 pub struct NodeFactory {
     pub docker: docker::DockerFactory,
     pub qemu: qemu::QemuFactory,
+    /// Why this node cannot run VMs (QEMU or qemu-img missing; OVMF for
+    /// EFI guests), from the start-up checks: such a START is refused at
+    /// once with that reason. (Docker is tried at each START: an engine that
+    /// was down at start may be up now.)
+    pub caps: Option<Arc<crate::capabilities::Capabilities>>,
 }
 
 impl VirtualizerFactory for NodeFactory {
     fn create(&self, cfg: &InstanceConfig) -> Box<dyn Virtualizer> {
         match cfg.vm_type {
             crate::payloads::config::VmType::Docker => self.docker.create(cfg),
-            crate::payloads::config::VmType::Qemu => self.qemu.create(cfg),
+            crate::payloads::config::VmType::Qemu => {
+                let efi = cfg.firmware == crate::payloads::config::Firmware::Efi;
+                match self.caps.as_ref().and_then(|c| c.refusal(cfg.vm_type, efi)) {
+                    Some(why) => Box::new(Unavailable(why)),
+                    None => self.qemu.create(cfg),
+                }
+            }
         }
     }
 
@@ -223,30 +235,31 @@ impl VirtualizerFactory for NodeFactory {
     }
 }
 
-/// A virtualizer that refuses everything, saying why.
+/// A virtualizer that refuses everything, saying why (this node cannot run
+/// such instances).
 #[derive(Debug)]
-pub struct Unavailable(pub &'static str);
+pub struct Unavailable(pub String);
 
 impl Virtualizer for Unavailable {
     fn init(&mut self, _cfg: &InstanceConfig, _dir: &Path) {}
     fn ensure_backing_image(&mut self) -> Result<(), VirtError> {
-        Err(VirtError::unreachable(self.0))
+        Err(VirtError::unreachable(self.0.clone()))
     }
     fn create_image(&mut self) -> Result<(), VirtError> {
-        Err(VirtError::unreachable(self.0))
+        Err(VirtError::unreachable(self.0.clone()))
     }
     fn delete_image(&mut self) -> Result<(), VirtError> {
         Ok(())
     }
     fn start(&mut self) -> Result<(), VirtError> {
-        Err(VirtError::unreachable(self.0))
+        Err(VirtError::unreachable(self.0.clone()))
     }
     fn monitor(
         &mut self,
         _events: Sender<MonitorEvent>,
         _boot: bool,
     ) -> Result<Box<dyn Monitor>, VirtError> {
-        Err(VirtError::unreachable(self.0))
+        Err(VirtError::unreachable(self.0.clone()))
     }
     fn stats(&mut self) -> Usage {
         Usage::default()
