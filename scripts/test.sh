@@ -38,6 +38,10 @@ cargo clippy --all-targets -- -D warnings
 step "test guest image for the VM tests (built once, then cached)"
 scripts/build-guest-image.sh >/dev/null
 
+step "release build of ciao-launcher (the crash campaign kills it; the package test ships it)"
+cargo build --release --bins
+export CIAO_CAMPAIGN_LAUNCHER="$PWD/target/release/ciao-launcher"
+
 step "cargo test"
 cargo test --all-targets 2>&1 | tee target/test.log
 # cargo test exits non-zero on any failure; refuse a run that executed nothing.
