@@ -74,7 +74,7 @@ pub enum OverseerReq {
     },
 }
 
-/// Resource thresholds (spec/launcher-behaviour.md §5.2), in MB.
+/// Resource thresholds (ciao's FULL and refusal marks), in MB.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Limits {
     pub max_instances: usize,

@@ -1,5 +1,4 @@
-//! Per-instance persistent state (spec/launcher-behaviour.md §13, §16;
-//! ARCHITECTURE.md §5).
+//! Per-instance persistent state (docs/architecture.md, On-disk layout).
 //!
 //! # Layout
 //!
@@ -33,6 +32,17 @@
 //! sync (`syncfs`, tried earlier for group commit) would flush every guest's
 //! dirty data on each START (it made 20 parallel VM STARTs 50 % slower).
 //! Concurrent fsyncs still share journal commits in the kernel.
+//!
+//! # Why state files are sealed
+//!
+//! A state file is its YAML between a header line and an end line that
+//! carries the YAML's length and FNV-1a checksum (both lines are YAML
+//! comments). YAML reads a prefix of a state as a valid state with defaults
+//! (a stopped instance would come back running, its user data gone), so a
+//! file that lost its end, or has a damaged byte, must be told from a whole
+//! one: [`Store::load`] refuses it as `Corrupt`, and recovery leaves it in
+//! place for inspection. Files without the seal (from earlier launchers) are
+//! read as before, provided they name their instance.
 //!
 //! # Why ids are checked
 //!

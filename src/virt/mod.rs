@@ -1,4 +1,4 @@
-//! The virtualizer interface (spec/launcher-behaviour.md §4) and its
+//! The virtualizer interface (docs/architecture.md, Virtualizers) and its
 //! implementations. Every method is called only from the owning instance
 //! thread, so implementations need no locking.
 //!
