@@ -452,8 +452,14 @@ fn recovery_sees_a_vanished_container_for_what_it_is() {
     assert!(docker(&engine, &["rm", "-f", &id]).status.success());
     let _launcher = launcher_again(&env, &engine, addr);
     env.wait_connected();
+    // The list can be empty before the recovered instance's thread has
+    // looked at its container: wait for that look, then for the directory.
+    wait_for("the vanished container seen", &env, || {
+        env.log().contains("no longer exists")
+    });
+    let dir = env.dir.join("data/instances").join(&id);
+    wait_for("the phantom's directory removed", &env, || !dir.exists());
     env.wait_list("the phantom gone", |l| state_of(l, &id).is_none());
-    assert!(!env.dir.join("data/instances").join(&id).exists());
     let out = env.lc(&["restart", &id]);
     let shown = format!("{}{}", text(&out.stdout), text(&out.stderr));
     assert!(!shown.contains("launch_failure"), "{shown}");
