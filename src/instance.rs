@@ -367,7 +367,7 @@ impl Instance {
     /// An error frame for `kind`, logged once with its cause.
     fn fail(&self, kind: ErrorKind, reason: Reason, cause: &dyn std::fmt::Display) {
         warn!(
-            "{} failure for {}: {} ({cause})",
+            "{} for {}: {} ({cause})",
             kind.name(),
             self.id,
             reason.as_str()

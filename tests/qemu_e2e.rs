@@ -342,7 +342,7 @@ fn bad_inputs_leave_nothing_behind() {
     let c = out.split_whitespace().nth(1).expect("id").to_string();
     // (The start-up check names the missing firmware too: wait for this START's line.)
     env.wait_log_line(&[&c, "/nonexistent/OVMF.fd not found"], BOOT);
-    env.wait_log_line(&["Start failure for", &c], BOOT);
+    env.wait_log_line(&["StartFailure for", &c], BOOT);
     for id in [&a, &b, &c] {
         env.wait_list("nothing listed", |l| state_of(l, id).is_none());
     }
@@ -388,10 +388,11 @@ fn qemu_missing_is_a_launch_failure() {
     let out = env.lc_ok(&["start", "--image", IMAGE, "--legacy"]);
     let id = out.split_whitespace().nth(1).expect("id").to_string();
     wait_log(&env, "launch_failure");
+    // Refused at once by the start-up check, naming the missing program.
     env.wait_log_line(
         &[
             &id,
-            "/nonexistent/qemu-system-x86_64: No such file or directory",
+            "cannot run virtual machines: /nonexistent/qemu-system-x86_64 not found",
         ],
         BOOT,
     );
