@@ -634,7 +634,8 @@ impl NodeNetwork {
                 None,
             )
         } else {
-            let cidr = Cidr::parse(req.subnet.trim())?;
+            // Validated like at create, so a bad state file is reported.
+            Cidr::parse(req.subnet.trim())?;
             let conc_ip = parse_ip(req.concentrator_ip.trim(), "concentrator ip")?;
             let vnic_ip = parse_ip(req.private_ip.trim(), "private ip")?;
             let id = SubnetId {
@@ -643,7 +644,6 @@ impl NodeNetwork {
                 concentrator_uuid: req.concentrator_uuid.trim().to_string(),
                 concentrator_ip: conc_ip.to_string(),
             };
-            let _ = cidr;
             (id.vnic_alias(vnic_ip), Some(id))
         };
         let Some(v) = self.vnics.get(&alias) else {
