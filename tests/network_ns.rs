@@ -304,6 +304,31 @@ fn one_bridge_per_subnet_events_once_and_clean_teardown() {
                 format!("{}##{ip}", bridge.alias.replacen("br_", "vnic_", 1))
             );
         }
+        // The fd QEMU gets works: a broadcast frame written to it reaches
+        // the bridge (its receive counter moves; bounded wait).
+        let frame: Vec<u8> = [[0xff; 6], [0x02, 0, 0xc0, 0xa8, 8, 2]]
+            .concat()
+            .into_iter()
+            .chain([0x88, 0xb5])
+            .chain([0u8; 46])
+            .collect();
+        let rx_before = bridge.rx_packets;
+        std::io::Write::write_all(&mut &g1.fds[0], &frame).expect("write to the tap fd");
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        loop {
+            let now = links()
+                .into_iter()
+                .find(|l| l.index == bridge.index)
+                .expect("bridge");
+            if now.rx_packets > rx_before {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "frame never reached the bridge"
+            );
+            std::thread::yield_now();
+        }
         assert!(
             forward_rules().contains(&format!("-A FORWARD -i {} -j ACCEPT", bridge.name)),
             "{}",

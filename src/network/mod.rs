@@ -132,3 +132,30 @@ impl std::error::Error for NetError {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reasons_and_sharing() {
+        assert_eq!(
+            NetError::InvalidData("x".into()).reason(),
+            Reason::InvalidData
+        );
+        for e in [
+            NetError::Invalid("x".into()),
+            NetError::Config("x".into()),
+            NetError::Unsupported("x".into()),
+            NetError::Firewall("x".into()),
+            NetError::kernel("create bridge sbr_1", io::Error::from_raw_os_error(17)),
+        ] {
+            assert_eq!(e.reason(), Reason::NetworkFailure, "{e}");
+        }
+        let e = NetError::kernel("create bridge sbr_1", io::Error::from_raw_os_error(17));
+        assert!(e.to_string().starts_with("create bridge sbr_1: "), "{e}");
+        // The one object must be able to live behind the node-wide lock.
+        fn shared<T: Send + Sync>() {}
+        shared::<SharedNetwork>();
+    }
+}

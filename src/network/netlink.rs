@@ -48,6 +48,8 @@ pub struct Link {
     pub is_up: bool,
     /// IPv4 addresses with prefix length, in the kernel's order.
     pub ipv4: Vec<(Ipv4Addr, u8)>,
+    /// Frames received so far (the kernel's 64-bit counter).
+    pub rx_packets: u64,
 }
 
 /// An rtnetlink socket.
@@ -344,6 +346,7 @@ fn link_of(m: &LinkMessage) -> Link {
             LinkAttribute::IfAlias(s) => l.alias = s.clone(),
             LinkAttribute::Controller(i) => l.master = Some(*i),
             LinkAttribute::Address(mac) => l.mac = format_mac(mac),
+            LinkAttribute::Stats64(st) => l.rx_packets = st.rx_packets,
             LinkAttribute::LinkInfo(infos) => {
                 for i in infos {
                     if let LinkInfo::Kind(k) = i {
