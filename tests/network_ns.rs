@@ -590,3 +590,22 @@ fn real_gretap_fails_cleanly_without_kernel_gre() {
         assert!(!forward_rules().contains("sbr_"));
     });
 }
+
+#[test]
+fn namespace_is_removed_even_after_a_panic() {
+    let ns = Netns::compute_node("10.99.0.11");
+    let name = ns.name.clone();
+    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || {
+        ns.run(|| {
+            let made = Made::default();
+            let mut net = NodeNetwork::init(config(&made, 0x900, false)).expect("init");
+            drop(net.create_vnic(&vm("a1", T_A, C_A, "10.99.0.21", "192.168.8.2")));
+            panic!("deliberate");
+        })
+    }));
+    assert!(r.is_err(), "the closure panicked");
+    assert!(
+        !std::path::Path::new(&format!("/run/netns/{name}")).exists(),
+        "namespace {name} left behind"
+    );
+}

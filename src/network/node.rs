@@ -686,7 +686,8 @@ impl NodeNetwork {
 /// of the matching kind (bridge alias on a bridge, tunnel alias on
 /// `tunnel_kind`, VNIC alias on a tap or veth, CNCI alias on a macvtap) —
 /// and every FORWARD rule of our shape. A foreign link, aliased or merely
-/// named like ours, stays. Returns the names deleted.
+/// named like ours, stays. Returns the names deleted. Production passes
+/// `GreTap.kind()` ("gretap"). Runs in the caller's network namespace.
 pub fn hard_reset(tunnel_kind: &str) -> Result<Vec<String>, NetError> {
     let mut nl = Netlink::open()?;
     let mut deleted = Vec::new();
