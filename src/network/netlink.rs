@@ -208,22 +208,7 @@ impl Netlink {
     ) -> Result<(), NetError> {
         let r = self.new_link(
             &format!("create gretap {name}"),
-            vec![
-                LinkAttribute::IfName(name.into()),
-                LinkAttribute::LinkInfo(vec![
-                    LinkInfo::Kind(InfoKind::GreTap),
-                    LinkInfo::Data(InfoData::GreTap(vec![
-                        InfoGre::Local(local),
-                        InfoGre::Remote(remote),
-                        InfoGre::IFlags(GreIOFlags::Key),
-                        InfoGre::OFlags(GreIOFlags::Key),
-                        InfoGre::IKey(key),
-                        InfoGre::OKey(key),
-                        InfoGre::Ttl(0),
-                        InfoGre::PathMTUDiscovery(true),
-                    ])),
-                ]),
-            ],
+            gretap_attributes(name, local, remote, key),
         );
         match r {
             Err(NetError::Kernel { errno, .. }) if errno == Some(libc_eopnotsupp()) => {
@@ -329,6 +314,33 @@ impl Netlink {
     }
 }
 
+/// The attributes of a keyed gretap: the same key both ways, path-MTU
+/// discovery on, TTL 0 (inherit). The key goes out in network byte order
+/// (the kernel's `__be32`), like `ip link … type gretap key N`.
+fn gretap_attributes(
+    name: &str,
+    local: Ipv4Addr,
+    remote: Ipv4Addr,
+    key: u32,
+) -> Vec<LinkAttribute> {
+    vec![
+        LinkAttribute::IfName(name.into()),
+        LinkAttribute::LinkInfo(vec![
+            LinkInfo::Kind(InfoKind::GreTap),
+            LinkInfo::Data(InfoData::GreTap(vec![
+                InfoGre::Local(local),
+                InfoGre::Remote(remote),
+                InfoGre::IFlags(GreIOFlags::Key),
+                InfoGre::OFlags(GreIOFlags::Key),
+                InfoGre::IKey(key),
+                InfoGre::OKey(key),
+                InfoGre::Ttl(0),
+                InfoGre::PathMTUDiscovery(true),
+            ])),
+        ]),
+    ]
+}
+
 fn libc_eopnotsupp() -> i32 {
     nix::libc::EOPNOTSUPP
 }
@@ -431,4 +443,48 @@ pub fn open_macvtap(ifindex: u32) -> Result<File, NetError> {
         .write(true)
         .open(&path)
         .map_err(|e| NetError::kernel(&format!("open {path}"), e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use netlink_packet_core::Emitable;
+
+    fn contains(hay: &[u8], needle: &[u8]) -> bool {
+        hay.windows(needle.len()).any(|w| w == needle)
+    }
+
+    #[test]
+    fn gretap_key_is_sent_big_endian() {
+        let mut m = LinkMessage::default();
+        m.attributes = gretap_attributes(
+            "sgt_1",
+            Ipv4Addr::new(10, 0, 0, 11),
+            Ipv4Addr::new(192, 168, 42, 21),
+            super::super::subnet_key(Ipv4Addr::new(192, 168, 8, 0)),
+        );
+        let mut buf = vec![0u8; m.buffer_len()];
+        m.emit(&mut buf);
+        // NLA header (length 8, type IFLA_GRE_IKEY 4 / OKEY 5, host order)
+        // then the key as on the GRE wire: 00 08 a8 c0.
+        let ikey = [
+            &8u16.to_ne_bytes()[..],
+            &4u16.to_ne_bytes(),
+            &[0x00, 0x08, 0xa8, 0xc0],
+        ]
+        .concat();
+        let okey = [
+            &8u16.to_ne_bytes()[..],
+            &5u16.to_ne_bytes(),
+            &[0x00, 0x08, 0xa8, 0xc0],
+        ]
+        .concat();
+        assert!(contains(&buf, &ikey), "{buf:02x?}");
+        assert!(contains(&buf, &okey), "{buf:02x?}");
+        // GRE_KEY flag, big-endian, both directions (IFLAGS 2 / OFLAGS 3).
+        let iflags = [&6u16.to_ne_bytes()[..], &2u16.to_ne_bytes(), &[0x20, 0x00]].concat();
+        assert!(contains(&buf, &iflags), "{buf:02x?}");
+        assert!(contains(&buf, b"gretap\0"));
+        assert!(contains(&buf, &[10, 0, 0, 11]) && contains(&buf, &[192, 168, 42, 21]));
+    }
 }
