@@ -609,3 +609,60 @@ fn namespace_is_removed_even_after_a_panic() {
         "namespace {name} left behind"
     );
 }
+
+#[test]
+fn instance_threads_sharing_the_lock_get_one_added_and_one_removed() {
+    let ns = Netns::compute_node("10.99.0.11");
+    ns.run(|| {
+        use ciao_launcher::network::SharedNetwork;
+        let made = Made::default();
+        let net: SharedNetwork = Arc::new(Mutex::new(
+            NodeNetwork::init(config(&made, 0xa00, false)).expect("init"),
+        ));
+        let reqs: Vec<VnicRequest> = (2..6)
+            .map(|i| {
+                vm(
+                    &format!("i{i}"),
+                    T_A,
+                    C_A,
+                    "10.99.0.21",
+                    &format!("192.168.8.{i}"),
+                )
+            })
+            .collect();
+        // Threads spawned here inherit this thread's namespace.
+        let run_all = |delete: bool| -> usize {
+            let (tx, rx) = crossbeam_channel::unbounded();
+            for r in reqs.clone() {
+                let (net, tx) = (net.clone(), tx.clone());
+                std::thread::spawn(move || {
+                    let mut n = net.lock().expect("lock");
+                    let event = if delete {
+                        n.delete_vnic(&r).expect("delete").is_some()
+                    } else {
+                        n.create_vnic(&r).expect("create").tenant_added.is_some()
+                    };
+                    let _ = tx.send(event);
+                });
+            }
+            (0..reqs.len())
+                .map(|_| {
+                    rx.recv_timeout(std::time::Duration::from_secs(30))
+                        .expect("an instance thread finished in time")
+                })
+                .filter(|e| *e)
+                .count()
+        };
+        assert_eq!(run_all(false), 1, "exactly one TenantAdded");
+        assert_eq!(made.lock().expect("made").len(), 1, "one tunnel");
+        assert_eq!(
+            links()
+                .iter()
+                .filter(|l| l.name.starts_with("svn_"))
+                .count(),
+            4
+        );
+        assert_eq!(run_all(true), 1, "exactly one TenantRemoved");
+        assert_eq!(ours(&links()), Vec::<String>::new());
+    });
+}
