@@ -11,12 +11,15 @@
 # - what scripts/build-guest-image.sh needs to build the tiny test guest
 #   (a kernel from linux-source-6.1, fetched by that script itself);
 # - dpkg-dev for the package test (dpkg-deb itself is in dpkg), systemd for
-#   systemd-analyze, which checks the unit.
+#   systemd-analyze, which checks the unit;
+# - iproute2 (ip netns) and iptables for the network namespace tests
+#   (tests/network_ns.rs) and the FORWARD rule of tenant bridges.
 CIAO_TEST_PACKAGES=(docker.io busybox-static curl
                     qemu-system-x86 qemu-utils ovmf xorriso
                     build-essential bc bison flex libelf-dev libssl-dev cpio xz-utils
                     isolinux syslinux-common mtools
-                    dpkg-dev systemd)
+                    dpkg-dev systemd
+                    iproute2 iptables)
 
 deps_missing() {
     local p

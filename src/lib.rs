@@ -17,6 +17,7 @@
 //! * [`instance`]: one instance's state machine and virtualizer;
 //! * [`virt`]: the virtualizers (simulation, Docker, QEMU) and their monitors;
 //! * [`ssntp`]: the protocol, usable on its own;
+//! * [`network`]: tenant networking (bridges, tunnels, VNICs) under one node-wide lock;
 //! * [`notify`]: readiness for systemd (`Type=notify`);
 //! * [`capabilities`]: start-up checks of QEMU, its tools and the Docker engine.
 //!
@@ -30,6 +31,7 @@ pub mod instance;
 pub mod launcher;
 pub mod lc;
 pub mod logging;
+pub mod network;
 pub mod node;
 pub mod nodestats;
 pub mod notify;

@@ -9,6 +9,9 @@
 //!   evacuation, a lost VM) completed.
 //! * Failure errors — StartFailure, StopFailure, RestartFailure,
 //!   DeleteFailure, AttachVolumeFailure with their reason codes.
+//! * TenantAdded / TenantRemoved events — this node got the first VNIC of a
+//!   tenant subnet (bridge and tunnel made) or lost its last one; the
+//!   scheduler forwards them to the subnet's concentrator (CNCI).
 //!
 //! Writers produce yaml.v2's exact bytes: struct key order, every key
 //! present, `""` and `[]` for empty values, yaml.v2 quoting.
@@ -198,6 +201,94 @@ pub fn instance_deleted_payload(instance: &str) -> Vec<u8> {
 /// InstanceStopped event (2018).
 pub fn instance_stopped_payload(instance: &str) -> Vec<u8> {
     instance_event("instance_stopped", instance)
+}
+
+/// The body of TenantAdded and TenantRemoved: which tunnel end the
+/// concentrator must add or remove. Both events of one subnet carry the
+/// same values.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TenantEvent {
+    /// This launcher's SSNTP UUID.
+    pub agent_uuid: String,
+    /// The node's local tunnel address (the first compute address).
+    pub agent_ip: String,
+    pub tenant_uuid: String,
+    /// The START `subnet` string as received (not re-formatted).
+    pub tenant_subnet: String,
+    pub concentrator_uuid: String,
+    /// Canonical dotted form.
+    pub concentrator_ip: String,
+    /// The little-endian subnet key (see `network::subnet_key`).
+    pub subnet_key: u32,
+}
+
+fn tenant_event(top: &str, t: &TenantEvent) -> Vec<u8> {
+    let mut e = Emitter::new();
+    e.open(0, top);
+    e.str(1, "agent_uuid", &t.agent_uuid);
+    e.str(1, "agent_ip", &t.agent_ip);
+    e.str(1, "tenant_uuid", &t.tenant_uuid);
+    e.str(1, "tenant_subnet", &t.tenant_subnet);
+    e.str(1, "concentrator_uuid", &t.concentrator_uuid);
+    e.str(1, "concentrator_ip", &t.concentrator_ip);
+    e.int(1, "subnet_key", t.subnet_key);
+    e.finish()
+}
+
+/// TenantAdded event (EVENT 0x00).
+pub fn tenant_added_payload(t: &TenantEvent) -> Vec<u8> {
+    tenant_event("tenant_added", t)
+}
+
+/// TenantRemoved event (EVENT 0x01): TenantAdded's values under another key.
+pub fn tenant_removed_payload(t: &TenantEvent) -> Vec<u8> {
+    tenant_event("tenant_removed", t)
+}
+
+/// Reads a TenantAdded (`tenant_added`) or TenantRemoved (`tenant_removed`)
+/// payload, for stand-in concentrators and tests. Returns whether it was an
+/// addition, and the body.
+pub fn parse_tenant_event(payload: &[u8]) -> Result<(bool, TenantEvent), PayloadError> {
+    let root = parse_payload(payload, "tenant event")?;
+    let decode = || -> DecodeResult<Option<(bool, TenantEvent)>> {
+        let r = Field::root(&root);
+        r.mapping()?;
+        let added = r.get("tenant_added")?;
+        let removed = r.get("tenant_removed")?;
+        let (is_added, body) = if added.is_set() {
+            (true, added)
+        } else if removed.is_set() {
+            (false, removed)
+        } else {
+            return Ok(None);
+        };
+        let s = |k: &str| body.get(k)?.string();
+        let key = body.get("subnet_key")?.int()?;
+        Ok(Some((
+            is_added,
+            TenantEvent {
+                agent_uuid: s("agent_uuid")?,
+                agent_ip: s("agent_ip")?,
+                tenant_uuid: s("tenant_uuid")?,
+                tenant_subnet: s("tenant_subnet")?,
+                concentrator_uuid: s("concentrator_uuid")?,
+                concentrator_ip: s("concentrator_ip")?,
+                // Out of range is reported below, as invalid data.
+                subnet_key: u32::try_from(key).unwrap_or(0),
+            },
+        )))
+    };
+    match decoded(decode(), "tenant event")? {
+        Some((_, ev)) if ev.subnet_key == 0 => Err(PayloadError::invalid_data(
+            "",
+            "tenant event: subnet_key must be a non-zero 32-bit value",
+        )),
+        Some(found) => Ok(found),
+        None => Err(PayloadError::invalid_data(
+            "",
+            "tenant event payload has neither tenant_added nor tenant_removed",
+        )),
+    }
 }
 
 /// A failure payload (flat mapping).
@@ -618,6 +709,66 @@ instances:
                 .expect_err("yaml")
                 .reason,
             Reason::InvalidPayload
+        );
+    }
+
+    // The Go writer's bytes for the networking spec's example (first VNIC of
+    // 192.168.8.0/21 on CN 10.0.0.11); TenantRemoved differs only in the key.
+    const TENANT_ADDED: &str = "tenant_added:
+  agent_uuid: 4481631c-dce9-48d6-b83a-a717417072ce
+  agent_ip: 10.0.0.11
+  tenant_uuid: 67d86208-0000-4465-9018-fe14087d415f
+  tenant_subnet: 192.168.8.0/21
+  concentrator_uuid: 67d86208-b46c-4465-0000-fe14087d415f
+  concentrator_ip: 192.168.42.21
+  subnet_key: 567488
+";
+
+    fn tenant() -> TenantEvent {
+        TenantEvent {
+            agent_uuid: NODE.into(),
+            agent_ip: "10.0.0.11".into(),
+            tenant_uuid: "67d86208-0000-4465-9018-fe14087d415f".into(),
+            tenant_subnet: "192.168.8.0/21".into(),
+            concentrator_uuid: "67d86208-b46c-4465-0000-fe14087d415f".into(),
+            concentrator_ip: "192.168.42.21".into(),
+            subnet_key: 567488,
+        }
+    }
+
+    #[test]
+    fn tenant_events_match_go_output() {
+        let added = text(tenant_added_payload(&tenant()));
+        assert_eq!(added, TENANT_ADDED);
+        let removed = text(tenant_removed_payload(&tenant()));
+        assert_eq!(
+            removed,
+            TENANT_ADDED.replace("tenant_added:", "tenant_removed:")
+        );
+        assert_eq!(parse_tenant_event(added.as_bytes()), Ok((true, tenant())));
+        assert_eq!(
+            parse_tenant_event(removed.as_bytes()),
+            Ok((false, tenant()))
+        );
+        // Values yaml.v2 would quote stay quoted; an empty one is "".
+        let mut odd = tenant();
+        odd.tenant_subnet = String::new();
+        odd.agent_uuid = "12:30".into();
+        let t = text(tenant_added_payload(&odd));
+        assert!(t.contains("  tenant_subnet: \"\"\n"), "{t}");
+        assert!(t.contains("  agent_uuid: \"12:30\"\n"), "{t}");
+        assert_eq!(parse_tenant_event(t.as_bytes()), Ok((true, odd)));
+        assert_eq!(
+            parse_tenant_event(b"instance_deleted:\n  instance_uuid: x\n")
+                .expect_err("neither")
+                .reason,
+            Reason::InvalidData
+        );
+        assert_eq!(
+            parse_tenant_event(b"tenant_added:\n  subnet_key: 0\n")
+                .expect_err("key 0")
+                .reason,
+            Reason::InvalidData
         );
     }
 

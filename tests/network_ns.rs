@@ -1,0 +1,668 @@
+//! The network module against the real kernel, each test in network
+//! namespaces of its own (`cnt-<pid>-<n>`), removed on drop even after a
+//! panic. The code under test runs in a thread that setns()es into the
+//! namespace before it opens any socket, so the host's links are never
+//! seen or touched.
+//!
+//! This kernel has no GRE: the tunnel is a veth stand-in (everything else
+//! is real), and one test checks that a real gretap fails cleanly.
+
+use std::net::Ipv4Addr;
+use std::os::fd::AsFd;
+use std::process::Command;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+
+use ciao_launcher::network::{
+    DeviceRole, GreTap, Link, NameSource, NetConfig, NetError, Netlink, NodeNetwork, TunnelMaker,
+    VnicRequest, device_name, hard_reset, is_device_name, parse_alias,
+};
+use ciao_launcher::payloads::Reason;
+use ciao_launcher::payloads::outgoing::TenantEvent;
+
+const T_A: &str = "67d86208-0000-4465-9018-fe14087d415f";
+const T_B: &str = "77d86208-0000-4465-9018-fe14087d4150";
+const C_A: &str = "67d86208-b46c-4465-0000-fe14087d415f";
+const C_B: &str = "77d86208-b46c-4465-0000-fe14087d4150";
+const AGENT: &str = "4481631c-dce9-48d6-b83a-a717417072ce";
+
+/// Fails at once, in one line, when the test cannot run here.
+fn require() {
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "network_ns: needs root (network namespaces, netlink, /dev/net/tun)"
+    );
+    for tool in ["ip", "iptables"] {
+        let ok = Command::new(tool)
+            .arg("-V")
+            .output()
+            .is_ok_and(|o| o.status.success());
+        assert!(
+            ok,
+            "network_ns: `{tool}` is missing (Debian: iproute2 / iptables)"
+        );
+    }
+    assert!(
+        std::path::Path::new("/dev/net/tun").exists(),
+        "network_ns: /dev/net/tun is missing (kernel tun driver)"
+    );
+}
+
+static NEXT_NS: AtomicU32 = AtomicU32::new(0);
+
+/// A private network namespace, deleted (with every link in it) on drop.
+struct Netns {
+    name: String,
+}
+
+impl Netns {
+    fn new() -> Netns {
+        require();
+        let name = format!(
+            "cnt-{}-{}",
+            std::process::id(),
+            NEXT_NS.fetch_add(1, Ordering::Relaxed)
+        );
+        let out = Command::new("ip")
+            .args(["netns", "add", &name])
+            .output()
+            .expect("run ip netns add");
+        assert!(
+            out.status.success(),
+            "network_ns: ip netns add {name}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let ns = Netns { name };
+        ns.ip("link set lo up");
+        ns
+    }
+
+    /// `ip -n <ns> <args>`, which must succeed.
+    fn ip(&self, args: &str) {
+        let out = Command::new("ip")
+            .args(["-n", &self.name])
+            .args(args.split_whitespace())
+            .output()
+            .expect("run ip");
+        assert!(
+            out.status.success(),
+            "ip -n {} {args}: {}",
+            self.name,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// A compute node: address-less-kind-accepted bridge `phys0` holding
+    /// `ip`/24 (the discovery takes a bridge not named docker*/virbr*).
+    fn compute_node(ip: &str) -> Netns {
+        let ns = Netns::new();
+        ns.ip("link add phys0 type bridge");
+        ns.ip(&format!("addr add {ip}/24 dev phys0"));
+        ns.ip("link set phys0 up");
+        ns
+    }
+
+    /// Runs `f` on a thread inside the namespace; a panic there fails the
+    /// test after the namespace is still deleted by drop.
+    fn run<R: Send + 'static>(&self, f: impl FnOnce() -> R + Send + 'static) -> R {
+        let path = format!("/run/netns/{}", self.name);
+        let h = std::thread::spawn(move || {
+            let file = std::fs::File::open(&path).expect("open netns");
+            nix::sched::setns(file.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
+            f()
+        });
+        match h.join() {
+            Ok(r) => r,
+            Err(p) => std::panic::resume_unwind(p),
+        }
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .output();
+    }
+}
+
+/// What the veth stand-in tunnel was asked to make.
+type Made = Arc<Mutex<Vec<(String, Ipv4Addr, Ipv4Addr, u32)>>>;
+
+/// Stand-in for gretap: a veth pair whose far end is `tpr<hex>`.
+#[derive(Debug, Default)]
+struct VethTunnel {
+    made: Made,
+}
+
+impl TunnelMaker for VethTunnel {
+    fn create(
+        &mut self,
+        nl: &mut Netlink,
+        name: &str,
+        local: Ipv4Addr,
+        remote: Ipv4Addr,
+        key: u32,
+    ) -> Result<(), NetError> {
+        nl.create_veth(name, &format!("tpr{}", &name[4..]))?;
+        self.made
+            .lock()
+            .expect("made")
+            .push((name.to_string(), local, remote, key));
+        Ok(())
+    }
+    fn kind(&self) -> &'static str {
+        "veth"
+    }
+}
+
+/// Counting names; optionally, when asked for a VNIC name, first creates
+/// a foreign link of that very name (a clash that appears mid-create).
+#[derive(Debug)]
+struct TestNames {
+    next: u32,
+    clash_on_vnic: bool,
+}
+
+impl NameSource for TestNames {
+    fn next(&mut self, role: DeviceRole) -> u32 {
+        self.next += 1;
+        if role == DeviceRole::Vnic && self.clash_on_vnic {
+            let name = device_name(role, self.next);
+            let ok = Command::new("ip")
+                .args([
+                    "link", "add", &name, "type", "veth", "peer", "name", "foreignp",
+                ])
+                .status()
+                .is_ok_and(|s| s.success());
+            assert!(ok, "could not make the foreign link {name}");
+        }
+        self.next
+    }
+}
+
+fn config(made: &Made, start: u32, clash: bool) -> NetConfig {
+    NetConfig {
+        compute_nets: vec!["10.99.0.0/24".into()],
+        mgmt_nets: vec!["10.99.0.0/24".into()],
+        agent_uuid: AGENT.into(),
+        tunnels: Box::new(VethTunnel { made: made.clone() }),
+        names: Box::new(TestNames {
+            next: start,
+            clash_on_vnic: clash,
+        }),
+    }
+}
+
+fn vm(instance: &str, tenant: &str, conc: &str, conc_ip: &str, ip: &str) -> VnicRequest {
+    VnicRequest {
+        instance_uuid: instance.into(),
+        tenant_uuid: tenant.into(),
+        vnic_uuid: format!("{instance}-vnic"),
+        vnic_mac: "02:00:c0:a8:08:02".into(),
+        network_node: false,
+        subnet: "192.168.8.0/21".into(),
+        concentrator_uuid: conc.into(),
+        concentrator_ip: conc_ip.into(),
+        private_ip: ip.into(),
+    }
+}
+
+fn links() -> Vec<Link> {
+    Netlink::open().expect("netlink").links().expect("links")
+}
+
+/// Links that are ours by name or alias.
+fn ours(links: &[Link]) -> Vec<String> {
+    links
+        .iter()
+        .filter(|l| {
+            parse_alias(&l.alias).is_some()
+                || [
+                    DeviceRole::Bridge,
+                    DeviceRole::Tunnel,
+                    DeviceRole::Vnic,
+                    DeviceRole::CnciVnic,
+                ]
+                .iter()
+                .any(|r| is_device_name(*r, &l.name))
+        })
+        .map(|l| format!("{} ({:?}, {:?})", l.name, l.kind, l.alias))
+        .collect()
+}
+
+fn forward_rules() -> String {
+    let out = Command::new("iptables")
+        .args(["-w", "-S", "FORWARD"])
+        .output()
+        .expect("iptables");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn event(tenant: &str, conc: &str, conc_ip: &str) -> TenantEvent {
+    TenantEvent {
+        agent_uuid: AGENT.into(),
+        agent_ip: "10.99.0.11".into(),
+        tenant_uuid: tenant.into(),
+        tenant_subnet: "192.168.8.0/21".into(),
+        concentrator_uuid: conc.into(),
+        concentrator_ip: conc_ip.into(),
+        subnet_key: 567488,
+    }
+}
+
+#[test]
+fn one_bridge_per_subnet_events_once_and_clean_teardown() {
+    let ns = Netns::compute_node("10.99.0.11");
+    ns.run(|| {
+        let made = Made::default();
+        let mut net = NodeNetwork::init(config(&made, 0x100, false)).expect("init");
+        assert_eq!(net.node_networks().len(), 1);
+        assert_eq!(net.node_networks()[0].ip, "10.99.0.11");
+
+        let a1 = vm("a1", T_A, C_A, "10.99.0.21", "192.168.8.2");
+        let a2 = vm("a2", T_A, C_A, "10.99.0.21", "192.168.8.3");
+        let g1 = net.create_vnic(&a1).expect("a1");
+        assert_eq!(g1.tenant_added, Some(event(T_A, C_A, "10.99.0.21")));
+        assert_eq!(g1.fds.len(), 1);
+        assert_eq!(g1.mac, "02:00:c0:a8:08:02");
+        assert!(!g1.vhost, "this kernel has no /dev/vhost-net");
+        assert_eq!(g1.gateway, Some(Ipv4Addr::new(192, 168, 8, 1)));
+        let g2 = net.create_vnic(&a2).expect("a2");
+        assert_eq!(g2.tenant_added, None, "second VNIC of the subnet: no event");
+        assert_eq!(
+            made.lock().expect("made").clone(),
+            vec![(
+                "sgt_102".to_string(),
+                Ipv4Addr::new(10, 99, 0, 11),
+                Ipv4Addr::new(10, 99, 0, 21),
+                567488
+            )]
+        );
+
+        let all = links();
+        let bridges: Vec<&Link> = all.iter().filter(|l| l.name.starts_with("sbr_")).collect();
+        assert_eq!(bridges.len(), 1, "{:?}", ours(&all));
+        let bridge = bridges[0];
+        assert_eq!(bridge.kind.as_deref(), Some("bridge"));
+        assert!(
+            bridge.alias.starts_with("br_67d86208-0000"),
+            "{}",
+            bridge.alias
+        );
+        let tunnel: Vec<&Link> = all.iter().filter(|l| l.name.starts_with("sgt_")).collect();
+        assert_eq!(tunnel.len(), 1);
+        assert_eq!(tunnel[0].master, Some(bridge.index));
+        assert_eq!(tunnel[0].alias, bridge.alias.replacen("br_", "gre_", 1));
+        for (g, ip) in [(&g1, "192.168.8.2"), (&g2, "192.168.8.3")] {
+            let tap = all.iter().find(|l| l.name == g.name).expect("tap");
+            assert_eq!(tap.kind.as_deref(), Some("tun"));
+            assert_eq!(tap.master, Some(bridge.index));
+            assert!(tap.is_up);
+            assert_eq!(
+                tap.alias,
+                format!("{}##{ip}", bridge.alias.replacen("br_", "vnic_", 1))
+            );
+        }
+        // The fd QEMU gets works: a broadcast frame written to it reaches
+        // the bridge (its receive counter moves; bounded wait).
+        let frame: Vec<u8> = [[0xff; 6], [0x02, 0, 0xc0, 0xa8, 8, 2]]
+            .concat()
+            .into_iter()
+            .chain([0x88, 0xb5])
+            .chain([0u8; 46])
+            .collect();
+        let rx_before = bridge.rx_packets;
+        std::io::Write::write_all(&mut &g1.fds[0], &frame).expect("write to the tap fd");
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        loop {
+            let now = links()
+                .into_iter()
+                .find(|l| l.index == bridge.index)
+                .expect("bridge");
+            if now.rx_packets > rx_before {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "frame never reached the bridge"
+            );
+            std::thread::yield_now();
+        }
+        assert!(
+            forward_rules().contains(&format!("-A FORWARD -i {} -j ACCEPT", bridge.name)),
+            "{}",
+            forward_rules()
+        );
+
+        // Tenant B, same CIDR, its own concentrator: its own bridge + tunnel.
+        let b1 = vm("b1", T_B, C_B, "10.99.0.22", "192.168.8.2");
+        let gb = net.create_vnic(&b1).expect("b1");
+        assert_eq!(gb.tenant_added, Some(event(T_B, C_B, "10.99.0.22")));
+        assert_eq!(net.subnet_count(), 2);
+        let all = links();
+        assert_eq!(all.iter().filter(|l| l.name.starts_with("sbr_")).count(), 2);
+        let tb = all.iter().find(|l| l.name == gb.name).expect("b tap");
+        assert_ne!(
+            tb.master,
+            Some(bridge.index),
+            "tenant B must not share A's bridge"
+        );
+        drop((g1, g2, gb));
+
+        assert_eq!(net.delete_vnic(&a1).expect("del a1"), None);
+        assert_eq!(
+            net.delete_vnic(&a2).expect("del a2"),
+            Some(event(T_A, C_A, "10.99.0.21"))
+        );
+        assert_eq!(net.delete_vnic(&a2).expect("again"), None, "idempotent");
+        assert_eq!(
+            net.delete_vnic(&b1).expect("del b1"),
+            Some(event(T_B, C_B, "10.99.0.22"))
+        );
+        assert_eq!(ours(&links()), Vec::<String>::new());
+        assert!(!forward_rules().contains("sbr_"), "{}", forward_rules());
+    });
+}
+
+#[test]
+fn relearn_after_restart_and_delete_still_cleans_up() {
+    let ns = Netns::compute_node("10.99.0.11");
+    ns.run(|| {
+        let made = Made::default();
+        let a1 = vm("a1", T_A, C_A, "10.99.0.21", "192.168.8.2");
+        let a2 = vm("a2", T_A, C_A, "10.99.0.21", "192.168.8.3");
+        {
+            let mut net = NodeNetwork::init(config(&made, 0x200, false)).expect("init");
+            assert!(net.create_vnic(&a1).expect("a1").tenant_added.is_some());
+            drop(net.create_vnic(&a2).expect("a2"));
+        }
+        let before = ours(&links());
+        assert_eq!(before.len(), 4, "{before:?}");
+        // "Restart": a new object in the same namespace, names from elsewhere.
+        let mut net = NodeNetwork::init(config(&made, 0x300, false)).expect("re-init");
+        assert_eq!(net.subnet_count(), 1);
+        assert_eq!(ours(&links()), before, "init changes nothing");
+        let a3 = vm("a3", T_A, C_A, "10.99.0.21", "192.168.8.4");
+        let g3 = net.create_vnic(&a3).expect("a3");
+        assert_eq!(g3.tenant_added, None, "bridge re-learned: no TenantAdded");
+        // The re-learned VNIC of a1 gets a fresh fd on its persistent tap.
+        let again = net.create_vnic(&a1).expect("a1 again");
+        assert_eq!(again.fds.len(), 1);
+        assert_eq!(again.tenant_added, None);
+        // Another instance with a1's address is refused.
+        let mut imposter = a1.clone();
+        imposter.instance_uuid = "zz".into();
+        let e = net.create_vnic(&imposter).expect_err("taken");
+        assert_eq!(e.reason(), Reason::NetworkFailure);
+        drop((g3, again));
+        assert_eq!(net.delete_vnic(&a1).expect("d1"), None);
+        assert_eq!(net.delete_vnic(&a3).expect("d3"), None);
+        assert!(net.delete_vnic(&a2).expect("d2").is_some());
+        assert_eq!(ours(&links()), Vec::<String>::new());
+        assert!(!forward_rules().contains("sbr_"));
+    });
+}
+
+#[test]
+fn bad_input_creates_nothing() {
+    let ns = Netns::compute_node("10.99.0.11");
+    ns.run(|| {
+        let made = Made::default();
+        let mut net = NodeNetwork::init(config(&made, 0x400, false)).expect("init");
+        let good = vm("a1", T_A, C_A, "10.99.0.21", "192.168.8.2");
+        for (field, bad) in [
+            (
+                "mac",
+                VnicRequest {
+                    vnic_mac: "zz".into(),
+                    ..good.clone()
+                },
+            ),
+            (
+                "subnet",
+                VnicRequest {
+                    subnet: "192.168.8.0".into(),
+                    ..good.clone()
+                },
+            ),
+            (
+                "conc ip",
+                VnicRequest {
+                    concentrator_ip: "x".into(),
+                    ..good.clone()
+                },
+            ),
+            (
+                "private ip",
+                VnicRequest {
+                    private_ip: "1.2.3".into(),
+                    ..good.clone()
+                },
+            ),
+        ] {
+            let e = net.create_vnic(&bad).expect_err(field);
+            assert_eq!(e.reason(), Reason::InvalidData, "{field}: {e}");
+        }
+        let key0 = VnicRequest {
+            subnet: "0.0.0.0/24".into(),
+            ..good.clone()
+        };
+        let e = net.create_vnic(&key0).expect_err("key 0");
+        assert_eq!(e.reason(), Reason::NetworkFailure, "{e}");
+        let no_tenant = VnicRequest {
+            tenant_uuid: " ".into(),
+            ..good.clone()
+        };
+        assert_eq!(
+            net.create_vnic(&no_tenant).expect_err("tenant").reason(),
+            Reason::NetworkFailure
+        );
+        assert_eq!(ours(&links()), Vec::<String>::new());
+        assert!(made.lock().expect("made").is_empty());
+        // And a good one still works afterwards.
+        assert!(net.create_vnic(&good).expect("good").tenant_added.is_some());
+    });
+}
+
+#[test]
+fn foreign_link_taking_the_name_mid_create_rolls_everything_back() {
+    let ns = Netns::compute_node("10.99.0.11");
+    ns.run(|| {
+        let made = Made::default();
+        let mut net = NodeNetwork::init(config(&made, 0x500, true)).expect("init");
+        let before: Vec<String> = links().into_iter().map(|l| l.name).collect();
+        let e = net
+            .create_vnic(&vm("a1", T_A, C_A, "10.99.0.21", "192.168.8.2"))
+            .expect_err("clash");
+        assert_eq!(e.reason(), Reason::NetworkFailure, "{e}");
+        assert!(e.to_string().contains("svn_503"), "{e}");
+        assert_eq!(
+            made.lock().expect("made").len(),
+            1,
+            "the tunnel was made first"
+        );
+        let mut after: Vec<String> = links().into_iter().map(|l| l.name).collect();
+        // Only the foreign pair is new; bridge, tunnel and rule are gone.
+        after.retain(|n| !before.contains(n));
+        after.sort();
+        assert_eq!(after, ["foreignp", "svn_503"]);
+        assert_eq!(ours(&links()).len(), 1, "{:?}", ours(&links())); // the foreign svn_503, no alias
+        assert!(!forward_rules().contains("sbr_"), "{}", forward_rules());
+        assert_eq!(net.subnet_count(), 0);
+    });
+}
+
+#[test]
+fn hard_reset_removes_ours_and_leaves_foreign_links() {
+    let ns = Netns::compute_node("10.99.0.11");
+    ns.ip("link add uplink type veth peer name uplinkp");
+    ns.ip("link set uplink alias rack-3-uplink");
+    // A foreign veth carrying a bridge-shaped alias: wrong kind, not ours.
+    ns.ip("link add lookalike type veth peer name lookalikep");
+    ns.run(|| {
+        let made = Made::default();
+        let mut net = NodeNetwork::init(config(&made, 0x600, false)).expect("init");
+        drop(
+            net.create_vnic(&vm("a1", T_A, C_A, "10.99.0.21", "192.168.8.2"))
+                .expect("a1"),
+        );
+        let bridge_alias = links()
+            .into_iter()
+            .find(|l| l.name.starts_with("sbr_"))
+            .expect("bridge")
+            .alias;
+        let mut nl = Netlink::open().expect("nl");
+        let look = nl
+            .link_by_name("lookalike")
+            .expect("ls")
+            .expect("lookalike");
+        nl.set_alias(look.index, &bridge_alias).expect("alias");
+        let deleted = hard_reset("veth").expect("reset");
+        assert_eq!(deleted.len(), 3, "{deleted:?}");
+        let left = links();
+        for name in ["uplink", "uplinkp", "lookalike", "phys0"] {
+            assert!(left.iter().any(|l| l.name == name), "{name} was deleted");
+        }
+        assert!(
+            !left
+                .iter()
+                .any(|l| l.name.starts_with("sbr_") || l.name.starts_with("svn_"))
+        );
+        assert!(!forward_rules().contains("sbr_"), "{}", forward_rules());
+    });
+}
+
+#[test]
+fn cnci_vnic_is_a_macvtap_with_the_given_mac() {
+    let ns = Netns::compute_node("10.99.0.21");
+    ns.run(|| {
+        let made = Made::default();
+        let mut net = NodeNetwork::init(config(&made, 0x700, false)).expect("init");
+        let req = VnicRequest {
+            instance_uuid: "cnci1".into(),
+            tenant_uuid: T_A.into(),
+            vnic_uuid: "vu-1".into(),
+            vnic_mac: "02:00:0a:63:00:15".into(),
+            network_node: true,
+            ..VnicRequest::default()
+        };
+        let g = net.create_vnic(&req).expect("cnci");
+        assert_eq!(g.tenant_added, None);
+        assert_eq!(g.fds.len(), 4);
+        let all = links();
+        let phys = all.iter().find(|l| l.name == "phys0").expect("phys0");
+        let m = all.iter().find(|l| l.name == g.name).expect("macvtap");
+        assert!(m.name.starts_with("svc_"));
+        assert_eq!(m.kind.as_deref(), Some("macvtap"));
+        assert_eq!(m.mac, "02:00:0a:63:00:15");
+        assert_eq!(m.alias, format!("cncivnic_{T_A}_vu-1"));
+        assert!(m.is_up);
+        let _ = phys;
+        drop(g);
+        let e = net
+            .create_vnic(&VnicRequest {
+                vnic_mac: "02:00".into(),
+                ..req.clone()
+            })
+            .expect_err("bad mac");
+        assert_eq!(e.reason(), Reason::InvalidData);
+        assert_eq!(net.delete_vnic(&req).expect("delete"), None);
+        assert_eq!(net.delete_vnic(&req).expect("again"), None);
+        assert_eq!(ours(&links()), Vec::<String>::new());
+    });
+}
+
+#[test]
+fn real_gretap_fails_cleanly_without_kernel_gre() {
+    let ns = Netns::compute_node("10.99.0.11");
+    ns.run(|| {
+        let mut cfg = config(&Made::default(), 0x800, false);
+        cfg.tunnels = Box::new(GreTap);
+        let mut net = NodeNetwork::init(cfg).expect("init");
+        let e = net
+            .create_vnic(&vm("a1", T_A, C_A, "10.99.0.21", "192.168.8.2"))
+            .expect_err("no GRE here");
+        assert!(matches!(e, NetError::Unsupported(_)), "{e:?}");
+        assert_eq!(e.reason(), Reason::NetworkFailure);
+        assert!(e.to_string().contains("no GRE tunnel support"), "{e}");
+        assert_eq!(ours(&links()), Vec::<String>::new());
+        assert!(!forward_rules().contains("sbr_"));
+    });
+}
+
+#[test]
+fn namespace_is_removed_even_after_a_panic() {
+    let ns = Netns::compute_node("10.99.0.11");
+    let name = ns.name.clone();
+    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || {
+        ns.run(|| {
+            let made = Made::default();
+            let mut net = NodeNetwork::init(config(&made, 0x900, false)).expect("init");
+            drop(net.create_vnic(&vm("a1", T_A, C_A, "10.99.0.21", "192.168.8.2")));
+            panic!("deliberate");
+        })
+    }));
+    assert!(r.is_err(), "the closure panicked");
+    assert!(
+        !std::path::Path::new(&format!("/run/netns/{name}")).exists(),
+        "namespace {name} left behind"
+    );
+}
+
+#[test]
+fn instance_threads_sharing_the_lock_get_one_added_and_one_removed() {
+    let ns = Netns::compute_node("10.99.0.11");
+    ns.run(|| {
+        use ciao_launcher::network::SharedNetwork;
+        let made = Made::default();
+        let net: SharedNetwork = Arc::new(Mutex::new(
+            NodeNetwork::init(config(&made, 0xa00, false)).expect("init"),
+        ));
+        let reqs: Vec<VnicRequest> = (2..6)
+            .map(|i| {
+                vm(
+                    &format!("i{i}"),
+                    T_A,
+                    C_A,
+                    "10.99.0.21",
+                    &format!("192.168.8.{i}"),
+                )
+            })
+            .collect();
+        // Threads spawned here inherit this thread's namespace.
+        let run_all = |delete: bool| -> usize {
+            let (tx, rx) = crossbeam_channel::unbounded();
+            for r in reqs.clone() {
+                let (net, tx) = (net.clone(), tx.clone());
+                std::thread::spawn(move || {
+                    let mut n = net.lock().expect("lock");
+                    let event = if delete {
+                        n.delete_vnic(&r).expect("delete").is_some()
+                    } else {
+                        n.create_vnic(&r).expect("create").tenant_added.is_some()
+                    };
+                    let _ = tx.send(event);
+                });
+            }
+            (0..reqs.len())
+                .map(|_| {
+                    rx.recv_timeout(std::time::Duration::from_secs(30))
+                        .expect("an instance thread finished in time")
+                })
+                .filter(|e| *e)
+                .count()
+        };
+        assert_eq!(run_all(false), 1, "exactly one TenantAdded");
+        assert_eq!(made.lock().expect("made").len(), 1, "one tunnel");
+        assert_eq!(
+            links()
+                .iter()
+                .filter(|l| l.name.starts_with("svn_"))
+                .count(),
+            4
+        );
+        assert_eq!(run_all(true), 1, "exactly one TenantRemoved");
+        assert_eq!(ours(&links()), Vec::<String>::new());
+    });
+}
