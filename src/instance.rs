@@ -303,6 +303,12 @@ fn run(
         Seed::Recovered(s) => (s.config.clone(), Some(s.stopped)),
     };
     let vm = ctx.factory.create(&cfg);
+    // A usage that cannot change is reported at each change of life only.
+    let tick = if vm.usage_varies() {
+        w.tick
+    } else {
+        crossbeam_channel::never()
+    };
     let mut inst = Instance {
         ctx,
         id,
@@ -345,7 +351,7 @@ fn run(
                 }
                 in_hand.put_down();
             },
-            recv(w.tick) -> _ => {
+            recv(tick) -> _ => {
                 in_hand.take_up();
                 if !w.closing.is_set() {
                     inst.report_usage();

@@ -14,7 +14,8 @@
 //! host reboot.
 //!
 //! Usage figures follow ciao's simulation: a tenth of the configured memory,
-//! disk and vCPUs.
+//! disk and vCPUs. They never change, so a simulated instance is not
+//! sampled on the usage tick: an idle one does not wake at all.
 
 use std::collections::{HashMap, HashSet};
 use std::path::Path;
@@ -252,6 +253,11 @@ impl Virtualizer for Sim {
             id: self.id.clone(),
             control: self.control.clone(),
         }))
+    }
+
+    /// A fixed share of the configuration: never sampled again.
+    fn usage_varies(&self) -> bool {
+        false
     }
 
     fn stats(&mut self) -> Usage {
