@@ -300,7 +300,10 @@ fn run(
     let dir = ctx.store.instance_dir(&id).unwrap_or_default();
     let (cfg, recovered) = match seed {
         Seed::New(cfg) => (*cfg, None),
-        Seed::Recovered(s) => (s.config.clone(), Some(s.stopped)),
+        Seed::Recovered(s) => {
+            let s = *s;
+            (s.config, Some(s.stopped))
+        }
     };
     let vm = ctx.factory.create(&cfg);
     // A usage that cannot change is reported at each change of life only.
@@ -461,11 +464,7 @@ impl Instance {
 
     /// Writes the state file with the `stopped` flag given.
     fn save(&self, stopped: bool) -> Result<(), StateError> {
-        let state = StateFile {
-            config: self.cfg.clone(),
-            stopped,
-        };
-        self.ctx.store.save(&self.id, &state)
+        self.ctx.store.save_config(&self.id, &self.cfg, stopped)
     }
 
     /// An error frame for `kind`, logged once with its cause.
@@ -632,23 +631,19 @@ impl Instance {
     /// is made by qemu-img), on this thread: a helper thread per START cost
     /// more than it saved on a host busy booting guests.
     fn create_image_and_save(&mut self) -> (Result<(), VirtError>, Result<(), StateError>) {
-        let state = StateFile {
-            config: self.cfg.clone(),
-            stopped: false,
-        };
-        let (store, id, vm) = (&self.ctx.store, &self.id, &mut self.vm);
+        let (store, id, vm, cfg) = (&self.ctx.store, &self.id, &mut self.vm, &self.cfg);
         let t = Instant::now();
         let mut saved = None;
         let made = vm.create_image_while(&mut || {
             if saved.is_none() {
                 let t = Instant::now();
-                saved = Some(store.save(id, &state));
+                saved = Some(store.save_config(id, cfg, false));
                 debug!("{id}: state saved in {:?}", t.elapsed());
             }
         });
         debug!("{id}: disk, config drive and state in {:?}", t.elapsed());
         // A virtualizer that never ran `meanwhile`: save now.
-        let saved = saved.unwrap_or_else(|| store.save(id, &state));
+        let saved = saved.unwrap_or_else(|| store.save_config(id, cfg, false));
         (made, saved)
     }
 

@@ -83,6 +83,13 @@ pub struct StateFile {
     pub stopped: bool,
 }
 
+/// A [`StateFile`] borrowed for writing: the same fields, in the same order.
+#[derive(Serialize)]
+struct StateView<'a> {
+    config: &'a InstanceConfig,
+    stopped: bool,
+}
+
 /// Why a state operation failed.
 #[derive(Debug)]
 pub enum StateError {
@@ -240,8 +247,19 @@ impl Store {
     /// Writes the state of `id` atomically (see the module docs). The
     /// instance directory must exist.
     pub fn save(&self, id: &str, state: &StateFile) -> Result<(), StateError> {
+        self.save_config(id, &state.config, state.stopped)
+    }
+
+    /// [`Store::save`] of a [`StateFile`] made of `config` and `stopped`,
+    /// without copying the configuration into one first.
+    pub fn save_config(
+        &self,
+        id: &str,
+        config: &InstanceConfig,
+        stopped: bool,
+    ) -> Result<(), StateError> {
         let path = self.instance_dir(id)?.join(STATE_FILE);
-        let yaml = serde_yaml::to_string(state)
+        let yaml = serde_yaml::to_string(&StateView { config, stopped })
             .map_err(|e| StateError::corrupt(&path, format!("cannot serialise state: {e}")))?;
         let text = seal(&yaml);
         let first = fs::symlink_metadata(&path).is_err();
