@@ -89,12 +89,34 @@ use crate::virt::{Monitor, MonitorEvent, Usage, VirtError, Virtualizer};
 /// Commands queued in an instance's inbox before the overseer answers "busy".
 pub const INBOX: usize = 16;
 
+/// A START as the server thread decoded it: the configuration, and the text
+/// of the state file a new instance starts with, encoded there, before any
+/// instance thread exists. The YAML encoder's deep frames and short-lived
+/// allocations then never touch an instance thread's stack or heap, where
+/// they would stay (a touched stack page, freed chunks cached per thread)
+/// for the instance's whole life. `None`: the thread encodes it itself.
+#[derive(Debug)]
+pub struct NewStart {
+    pub cfg: InstanceConfig,
+    pub state: Option<Vec<u8>>,
+}
+
+impl NewStart {
+    /// Decoded configuration → START, with its state encoded now.
+    pub fn encode(cfg: InstanceConfig) -> NewStart {
+        let state = crate::state::encode(&cfg, false)
+            .map_err(|e| warn!("{}: state not encoded ahead: {e}", cfg.instance_uuid))
+            .ok();
+        NewStart { cfg, state }
+    }
+}
+
 /// Commands for one instance (overseer → instance).
 #[derive(Debug)]
 pub enum InstanceCmd {
     /// A START for an instance that exists already (a new one is spawned
-    /// with its configuration instead).
-    Start(Box<InstanceConfig>),
+    /// with it instead).
+    Start(Box<NewStart>),
     /// 2016: stop, keep the instance.
     Stop,
     /// 2016: boot a stopped instance again from its stored configuration.
@@ -125,7 +147,7 @@ impl InstanceCmd {
     /// carried out, for `reason`.
     pub fn refuse(&self, ctx: &NodeContext, id: &str, reason: Reason) {
         let (restart, volume) = match self {
-            InstanceCmd::Start(cfg) => (cfg.restart, ""),
+            InstanceCmd::Start(s) => (s.cfg.restart, ""),
             InstanceCmd::AttachVolume { volume } => (false, volume.as_str()),
             _ => (false, ""),
         };
@@ -193,8 +215,8 @@ pub enum InstanceUpdate {
 /// What an instance thread starts from.
 #[derive(Debug)]
 pub enum Seed {
-    /// A new instance: its START's configuration (admitted by the overseer).
-    New(Box<InstanceConfig>),
+    /// A new instance: its START (admitted by the overseer).
+    New(Box<NewStart>),
     /// Found on disk at launcher start.
     Recovered(Box<StateFile>),
 }
@@ -298,11 +320,14 @@ fn run(
 ) {
     let (mon_tx, mon_rx) = crossbeam_channel::unbounded();
     let dir = ctx.store.instance_dir(&id).unwrap_or_default();
-    let (cfg, recovered) = match seed {
-        Seed::New(cfg) => (*cfg, None),
+    let (cfg, recovered, state) = match seed {
+        Seed::New(s) => {
+            let s = *s;
+            (s.cfg, None, s.state)
+        }
         Seed::Recovered(s) => {
             let s = *s;
-            (s.config, Some(s.stopped))
+            (s.config, Some(s.stopped), None)
         }
     };
     let vm = ctx.factory.create(&cfg);
@@ -325,7 +350,7 @@ fn run(
     };
     // Step 1: the seed is in hand from birth.
     match recovered {
-        None => inst.start(),
+        None => inst.start(state),
         Some(stopped) => inst.recover(stopped),
     }
     in_hand.put_down();
@@ -563,7 +588,7 @@ impl Instance {
 
     fn handle(&mut self, cmd: InstanceCmd, shutdown: &Receiver<Never>, closing: &Closing) {
         match cmd {
-            InstanceCmd::Start(cfg) => self.start_again(&cfg),
+            InstanceCmd::Start(s) => self.start_again(&s.cfg),
             InstanceCmd::Stop => self.stop(shutdown, closing),
             InstanceCmd::Restart => self.restart(),
             InstanceCmd::Delete { stop } => self.delete(stop, shutdown, closing),
@@ -582,8 +607,9 @@ impl Instance {
             .send_error(ErrorKind::Start, &self.id, reason, cfg.restart, "");
     }
 
-    /// Carries out the START this thread was spawned for.
-    fn start(&mut self) {
+    /// Carries out the START this thread was spawned for; `state`: the
+    /// state file's text, if the server encoded it.
+    fn start(&mut self, state: Option<Vec<u8>>) {
         match self.ctx.store.create_instance_dir(&self.id) {
             Ok(dir) => self.dir = dir,
             Err(e @ StateError::Exists(_)) => {
@@ -601,7 +627,7 @@ impl Instance {
             return self.start_failed(e.reason(Reason::ImageFailure), &e, false);
         }
         let t0 = Instant::now();
-        let (made, saved) = self.create_image_and_save();
+        let (made, saved) = self.create_image_and_save(state);
         if let Err(e) = made {
             return self.start_failed(e.reason(Reason::ImageFailure), &e, true);
         }
@@ -630,20 +656,27 @@ impl Instance {
     /// written while the virtualizer's external programs run (a VM's overlay
     /// is made by qemu-img), on this thread: a helper thread per START cost
     /// more than it saved on a host busy booting guests.
-    fn create_image_and_save(&mut self) -> (Result<(), VirtError>, Result<(), StateError>) {
+    fn create_image_and_save(
+        &mut self,
+        state: Option<Vec<u8>>,
+    ) -> (Result<(), VirtError>, Result<(), StateError>) {
         let (store, id, vm, cfg) = (&self.ctx.store, &self.id, &mut self.vm, &self.cfg);
+        let save = || match &state {
+            Some(text) => store.save_encoded(id, text),
+            None => store.save_config(id, cfg, false),
+        };
         let t = Instant::now();
         let mut saved = None;
         let made = vm.create_image_while(&mut || {
             if saved.is_none() {
                 let t = Instant::now();
-                saved = Some(store.save_config(id, cfg, false));
+                saved = Some(save());
                 debug!("{id}: state saved in {:?}", t.elapsed());
             }
         });
         debug!("{id}: disk, config drive and state in {:?}", t.elapsed());
         // A virtualizer that never ran `meanwhile`: save now.
-        let saved = saved.unwrap_or_else(|| store.save_config(id, cfg, false));
+        let saved = saved.unwrap_or_else(save);
         (made, saved)
     }
 

@@ -54,7 +54,8 @@ use crossbeam_channel::{Receiver, Sender, TrySendError, select};
 use log::{error, info, warn};
 
 use crate::instance::{
-    self, Closing, Farewell, InHand, InstanceCmd, InstanceState, InstanceUpdate, Seed, Wiring,
+    self, Closing, Farewell, InHand, InstanceCmd, InstanceState, InstanceUpdate, NewStart, Seed,
+    Wiring,
 };
 use crate::node::{Never, NodeContext};
 use crate::nodestats::{NodeFigures, NodeStatsSource};
@@ -69,7 +70,7 @@ use crate::virt::Usage;
 #[derive(Debug)]
 pub enum OverseerReq {
     /// A decoded START: admit and spawn, or route to the known instance.
-    Start(Box<InstanceConfig>),
+    Start(Box<NewStart>),
     /// A command for instance `id` (canonical UUID).
     Command {
         id: String,
@@ -332,7 +333,7 @@ impl Overseer {
 
     fn launch(&mut self, id: String, seed: Seed) -> std::io::Result<()> {
         let sizes = Sizes::of(match &seed {
-            Seed::New(cfg) => cfg,
+            Seed::New(s) => &s.cfg,
             Seed::Recovered(state) => &state.config,
         });
         // A recovered instance is on disk already.
@@ -398,7 +399,7 @@ impl Overseer {
         // Accepted by the server, never carried out: answered, not dropped.
         while let Ok(r) = inputs.requests.try_recv() {
             let (id, cmd) = match r {
-                OverseerReq::Start(cfg) => (cfg.instance_uuid.clone(), InstanceCmd::Start(cfg)),
+                OverseerReq::Start(s) => (s.cfg.instance_uuid.clone(), InstanceCmd::Start(s)),
                 OverseerReq::Command { id, cmd } => (id, cmd),
                 _ => continue,
             };
@@ -420,9 +421,9 @@ impl Overseer {
             self.scheduler_heard();
         }
         match r {
-            OverseerReq::Start(cfg) => {
-                let id = cfg.instance_uuid.clone();
-                self.route(id, InstanceCmd::Start(cfg));
+            OverseerReq::Start(s) => {
+                let id = s.cfg.instance_uuid.clone();
+                self.route(id, InstanceCmd::Start(s));
             }
             OverseerReq::Command { id, cmd } => self.route(id, cmd),
             OverseerReq::Evacuate => self.evacuate(),
@@ -457,7 +458,7 @@ impl Overseer {
     fn route(&mut self, id: String, cmd: InstanceCmd) {
         let Some(r) = self.instances.get(&id) else {
             return match cmd {
-                InstanceCmd::Start(cfg) => self.admit(cfg),
+                InstanceCmd::Start(s) => self.admit(s),
                 other => {
                     info!("{} for {id}: no such instance", other.kind().name());
                     other.refuse(&self.ctx, &id, Reason::NoInstance);
@@ -490,16 +491,16 @@ impl Overseer {
 
     /// Admission of a new instance (docs/architecture.md), using
     /// availability from the last status; spawns its thread with the START.
-    fn admit(&mut self, cfg: Box<InstanceConfig>) {
-        let id = cfg.instance_uuid.clone();
-        if let Err((reason, why)) = self.admission(&cfg) {
+    fn admit(&mut self, start: Box<NewStart>) {
+        let id = start.cfg.instance_uuid.clone();
+        let restart = start.cfg.restart;
+        if let Err((reason, why)) = self.admission(&start.cfg) {
             info!("START {id} refused: {} ({why})", reason.as_str());
             return self
                 .ctx
-                .send_error(ErrorKind::Start, &id, reason, cfg.restart, "");
+                .send_error(ErrorKind::Start, &id, reason, restart, "");
         }
-        let restart = cfg.restart;
-        if let Err(e) = self.launch(id.clone(), Seed::New(cfg)) {
+        if let Err(e) = self.launch(id.clone(), Seed::New(start)) {
             error!("cannot start a thread for {id}: {e}");
             self.ctx
                 .send_error(ErrorKind::Start, &id, Reason::LaunchFailure, restart, "");
