@@ -6,10 +6,22 @@
 //! - running: until a STATS reports all N instances running (STATS every
 //!   0.5 s, so this is an upper bound with 0.5 s resolution);
 //! - peak RSS (VmHWM) and thread count of the launcher process;
-//! - SIGTERM → exit.
+//! - SIGTERM → exit;
+//! - in the same run, the floor (`--floor PATH`, the bench_thread_floor
+//!   binary): N bare instance-shaped threads in a fresh process, its peak RSS
+//!   and its exit with the threads not woken, and the ratios to it;
+//! - with `--baseline BIN`, the same measurements of another launcher binary,
+//!   run alternately with the first.
+//!
+//! `--idle N [--window S]` measures instead what N idle simulated instances
+//! cost: after they are all acknowledged (profile defaults for the STATS and
+//! usage periods), the launcher's CPU over S seconds (60 by default) as % of
+//! one core, from utime + stime in /proc/<pid>/stat, and its wake-ups per
+//! second: voluntary context switches summed over /proc/<pid>/task/*/status.
 //!
 //! Usage: bench_sim --launcher PATH [--n 1000,4000,10000] [--stack-kib K]
-//! (run it through scripts/bench-sim.sh, which builds the release binary).
+//! [--floor PATH] [--baseline BIN] [--idle N --window S]
+//! (run it through scripts/bench-sim.sh, which builds the release binaries).
 //! Environment: BENCH_DEBUG=1 shows the launcher's log; BENCH_PAUSE=S waits
 //! S seconds before the SIGTERM (to inspect /proc/<pid>/smaps).
 
@@ -51,36 +63,94 @@ fn status_field(pid: u32, key: &str) -> Option<u64> {
         .ok()
 }
 
+/// What one run measures: the scale row, or the idle cost over a window.
+#[derive(Clone, Copy)]
+enum Mode {
+    Scale,
+    Idle { window: Duration },
+}
+
+/// Idle cost of the launcher over a window.
+struct Idle {
+    n: usize,
+    window: Duration,
+    cpu_percent: f64,
+    wakeups_per_s: f64,
+    threads: usize,
+}
+
 fn run_one(launcher: &Path, n: usize, stack_kib: usize) -> Result<Row, String> {
+    match run_mode(launcher, n, stack_kib, Mode::Scale)? {
+        Measured::Scale(r) => Ok(r),
+        Measured::Idle(_) => Err("idle row in scale mode".into()),
+    }
+}
+
+enum Measured {
+    Scale(Row),
+    Idle(Idle),
+}
+
+fn run_mode(launcher: &Path, n: usize, stack_kib: usize, mode: Mode) -> Result<Measured, String> {
     let dir = std::env::temp_dir().join(format!("ciao-bench-sim-{}", uuid::Uuid::new_v4()));
     fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
-    let result = run_in(&dir, launcher, n, stack_kib);
+    let result = run_in(&dir, launcher, n, stack_kib, mode);
     let _ = fs::remove_dir_all(&dir);
     result
 }
 
-fn run_in(dir: &Path, launcher: &Path, n: usize, stack_kib: usize) -> Result<Row, String> {
+/// utime + stime of the whole process (every thread, also ended ones), in
+/// clock ticks.
+fn cpu_ticks(pid: u32) -> Option<u64> {
+    let s = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name (which is in parentheses).
+    let rest = &s[s.rfind(')')? + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    // utime and stime are fields 14 and 15 of the line: 12 and 13 here.
+    Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
+}
+
+/// Voluntary context switches summed over the process's live threads.
+fn voluntary_switches(pid: u32) -> u64 {
+    let Ok(dir) = fs::read_dir(format!("/proc/{pid}/task")) else {
+        return 0;
+    };
+    dir.flatten()
+        .filter_map(|t| fs::read_to_string(t.path().join("status")).ok())
+        .filter_map(|s| {
+            s.lines()
+                .find(|l| l.starts_with("voluntary_ctxt_switches:"))?
+                .split_whitespace()
+                .nth(1)?
+                .parse::<u64>()
+                .ok()
+        })
+        .sum()
+}
+
+fn run_in(
+    dir: &Path,
+    launcher: &Path,
+    n: usize,
+    stack_kib: usize,
+    mode: Mode,
+) -> Result<Measured, String> {
     let server = scheduler(dir, PROFILE)?;
 
     let (max_vm, stack) = ((n + 16).to_string(), stack_kib.to_string());
-    let mut child: Child = spawn_launcher(
-        launcher,
-        dir,
-        &server,
-        PROFILE,
-        &[
-            "-simulation",
-            "--stats-interval",
-            "0.5",
-            "--max-vm",
-            &max_vm,
-            "--instance-stack-kib",
-            &stack,
-            "-stderrthreshold",
-            "ERROR",
-        ],
-        None,
-    )?;
+    let mut args = vec![
+        "-simulation",
+        "--max-vm",
+        &max_vm,
+        "--instance-stack-kib",
+        &stack,
+        "-stderrthreshold",
+        "ERROR",
+    ];
+    if matches!(mode, Mode::Scale) {
+        args.extend(["--stats-interval", "0.5"]);
+    }
+    let mut child: Child = spawn_launcher(launcher, dir, &server, PROFILE, &args, None)?;
     let pid = child.id();
     let wait = Duration::from_secs(120);
     let node = loop {
@@ -131,6 +201,50 @@ fn run_in(dir: &Path, launcher: &Path, n: usize, stack_kib: usize) -> Result<Row
         send_patiently(|f| server.send(&node, f), f, wait).map_err(|e| e.to_string())?;
     }
     let (mut statuses, mut ack, mut running) = (0usize, None, None);
+    if let Mode::Idle { window } = mode {
+        while statuses < n {
+            let ev = server
+                .events()
+                .recv_timeout(wait)
+                .map_err(|_| format!("stalled: {statuses} acks"))?;
+            if let ServerEvent::Frame { frame, .. } = ev
+                && let Ok(Operation::Status(_)) = PROFILE.frame_operation(&frame)
+            {
+                statuses += 1;
+            }
+        }
+        // Let the last monitors report and the burst's frames drain.
+        let settle = Instant::now() + Duration::from_secs(2);
+        while let Some(left) = settle.checked_duration_since(Instant::now()) {
+            let _ = server.events().recv_timeout(left);
+        }
+        let (c0, v0, t0) = (cpu_ticks(pid), voluntary_switches(pid), Instant::now());
+        let end = t0 + window;
+        // Keep reading what the launcher sends (its STATS) meanwhile.
+        while let Some(left) = end.checked_duration_since(Instant::now()) {
+            let _ = server.events().recv_timeout(left);
+        }
+        let (c1, v1, took) = (cpu_ticks(pid), voluntary_switches(pid), t0.elapsed());
+        let threads = status_field(pid, "Threads:").unwrap_or(0) as usize;
+        let tck = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+            .ok()
+            .flatten()
+            .unwrap_or(100) as f64;
+        let (Some(c0), Some(c1)) = (c0, c1) else {
+            return Err("cannot read /proc/<pid>/stat".into());
+        };
+        let cpu_s = c1.saturating_sub(c0) as f64 / tck;
+        let _ = child.kill();
+        let _ = child.wait();
+        server.stop();
+        return Ok(Measured::Idle(Idle {
+            n,
+            window: took,
+            cpu_percent: 100.0 * cpu_s / took.as_secs_f64(),
+            wakeups_per_s: v1.saturating_sub(v0) as f64 / took.as_secs_f64(),
+            threads,
+        }));
+    }
     while running.is_none() {
         let ev = server
             .events()
@@ -189,7 +303,7 @@ fn run_in(dir: &Path, launcher: &Path, n: usize, stack_kib: usize) -> Result<Row
     }
     let dirs = fs::read_dir(dir.join("data/instances")).map_or(0, |d| d.count());
     server.stop();
-    Ok(Row {
+    Ok(Measured::Scale(Row {
         n,
         ack: ack.unwrap_or_default(),
         running: running.unwrap_or_default(),
@@ -197,50 +311,158 @@ fn run_in(dir: &Path, launcher: &Path, n: usize, stack_kib: usize) -> Result<Row
         threads,
         sigterm,
         dirs,
+    }))
+}
+
+/// The floor for N: a fresh bench_thread_floor child with N bare
+/// instance-shaped threads; its peak RSS and its exit with the threads not
+/// woken.
+struct Floor {
+    hwm_mb: f64,
+    exit: Duration,
+}
+
+fn floor(bin: &Path, n: usize, stack_kib: usize) -> Result<Floor, String> {
+    use std::io::{BufRead, BufReader, Write};
+    use std::process::{Command, Stdio};
+    let mut c = Command::new(bin)
+        .args(["--child", &n.to_string(), &stack_kib.to_string()])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("{}: {e}", bin.display()))?;
+    let out = c.stdout.take().ok_or("no stdout")?;
+    let mut line = String::new();
+    BufReader::new(out)
+        .read_line(&mut line)
+        .map_err(|e| e.to_string())?;
+    let hwm_kib: Option<u64> = line.split_whitespace().nth(2).and_then(|v| v.parse().ok());
+    let Some(hwm_kib) = hwm_kib else {
+        let _ = c.kill();
+        let _ = c.wait();
+        return Err(format!("floor child said {line:?}"));
+    };
+    let mut stdin = c.stdin.take().ok_or("no stdin")?;
+    let t = Instant::now();
+    writeln!(stdin, "exit").map_err(|e| e.to_string())?;
+    let st = c.wait().map_err(|e| e.to_string())?;
+    let exit = t.elapsed();
+    if !st.success() {
+        return Err(format!("floor child exited with {st}"));
+    }
+    Ok(Floor {
+        hwm_mb: hwm_kib as f64 / 1024.0,
+        exit,
     })
+}
+
+fn usage() -> ! {
+    eprintln!(
+        "usage: bench_sim --launcher PATH [--n 1000,4000,10000] [--stack-kib K] [--floor PATH] [--baseline BIN] [--idle N [--window SECONDS]]"
+    );
+    std::process::exit(2);
+}
+
+fn print_row(who: &str, r: &Row, f: Option<&Floor>) {
+    let (floor_rss, per, floor_exit, ratio) = match f {
+        Some(f) => (
+            format!("{:.1} MB", f.hwm_mb),
+            format!("{:+.1} KB", (r.hwm_mb - f.hwm_mb) * 1024.0 / r.n as f64),
+            format!("{:.1} ms", f.exit.as_secs_f64() * 1e3),
+            format!("{:.2}×", r.sigterm.as_secs_f64() / f.exit.as_secs_f64()),
+        ),
+        None => Default::default(),
+    };
+    println!(
+        "| {} | {who} | {:.0} ms | {:.0} ms | {:.1} MB | {floor_rss} | {per} | {} | {:.1} ms | {floor_exit} | {ratio} | {} |",
+        r.n,
+        r.ack.as_secs_f64() * 1e3,
+        r.running.as_secs_f64() * 1e3,
+        r.hwm_mb,
+        r.threads,
+        r.sigterm.as_secs_f64() * 1e3,
+        r.dirs
+    );
 }
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let mut launcher: Option<PathBuf> = None;
+    let mut baseline: Option<PathBuf> = None;
+    let mut floor_bin: Option<PathBuf> = None;
     let mut ns = vec![1000usize, 4000, 10000];
     let mut stack_kib = 128usize;
+    let mut idle: Option<usize> = None;
+    let mut window = Duration::from_secs(60);
     let mut it = args.iter();
     while let Some(a) = it.next() {
         match (a.as_str(), it.next()) {
             ("--launcher", Some(p)) => launcher = Some(PathBuf::from(p)),
+            ("--baseline", Some(p)) => baseline = Some(PathBuf::from(p)),
+            ("--floor", Some(p)) => floor_bin = Some(PathBuf::from(p)),
             ("--n", Some(v)) => ns = v.split(',').filter_map(|x| x.trim().parse().ok()).collect(),
-            ("--stack-kib", Some(v)) => stack_kib = v.parse().unwrap_or(stack_kib),
-            _ => {
-                eprintln!("usage: bench_sim --launcher PATH [--n 1000,4000,10000] [--stack-kib K]");
-                std::process::exit(2);
+            ("--stack-kib", Some(v)) => stack_kib = v.parse().unwrap_or_else(|_| usage()),
+            ("--idle", Some(v)) => idle = Some(v.parse().unwrap_or_else(|_| usage())),
+            ("--window", Some(v)) => {
+                window = Duration::from_secs_f64(v.parse().unwrap_or_else(|_| usage()))
             }
+            _ => usage(),
         }
     }
-    let Some(launcher) = launcher else {
-        eprintln!("usage: bench_sim --launcher PATH [--n 1000,4000,10000]");
-        std::process::exit(2);
-    };
-    println!(
-        "| N | all STARTs acked | all running (STATS, ±0.5 s) | peak RSS (VmHWM) | threads | SIGTERM → exit | instance dirs |"
-    );
-    println!("|---:|---:|---:|---:|---:|---:|---:|");
+    let Some(launcher) = launcher else { usage() };
+    let mut sides = vec![("launcher", launcher)];
+    if let Some(b) = baseline {
+        sides.push(("baseline", b));
+    }
     let mut failed = false;
+    if let Some(n) = idle {
+        println!(
+            "| N idle | who | window | CPU (% of one core) | wake-ups/s (voluntary switches, all threads) | threads | target |"
+        );
+        println!("|---:|---|---:|---:|---:|---:|---|");
+        for (who, bin) in &sides {
+            match run_mode(bin, n, stack_kib, Mode::Idle { window }) {
+                Ok(Measured::Idle(i)) => println!(
+                    "| {} | {who} | {:.0} s | {:.3} % | {:.1} | {} | ≤ 0.2 %, ≤ 50/s |",
+                    i.n,
+                    i.window.as_secs_f64(),
+                    i.cpu_percent,
+                    i.wakeups_per_s,
+                    i.threads
+                ),
+                Ok(Measured::Scale(_)) => unreachable!("scale row in idle mode"),
+                Err(e) => {
+                    println!("| {n} | {who} | failed: {e} | | | | |");
+                    failed = true;
+                }
+            }
+        }
+        if failed {
+            std::process::exit(1);
+        }
+        return;
+    }
+    println!(
+        "| N | who | all STARTs acked | all running (STATS, ±0.5 s) | peak RSS (VmHWM) | floor RSS | per instance over floor | threads | SIGTERM → exit | floor: exit, not woken | exit / floor | instance dirs |"
+    );
+    println!("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     for n in ns {
-        match run_one(&launcher, n, stack_kib) {
-            Ok(r) => println!(
-                "| {} | {:.0} ms | {:.0} ms | {:.1} MB | {} | {:.1} ms | {} |",
-                r.n,
-                r.ack.as_secs_f64() * 1e3,
-                r.running.as_secs_f64() * 1e3,
-                r.hwm_mb,
-                r.threads,
-                r.sigterm.as_secs_f64() * 1e3,
-                r.dirs
-            ),
-            Err(e) => {
-                println!("| {n} | failed: {e} | | | | | |");
+        let f = match floor_bin.as_deref().map(|b| floor(b, n, stack_kib)) {
+            Some(Ok(f)) => Some(f),
+            Some(Err(e)) => {
+                println!("| {n} | floor | failed: {e} |");
                 failed = true;
+                None
+            }
+            None => None,
+        };
+        for (who, bin) in &sides {
+            match run_one(bin, n, stack_kib) {
+                Ok(r) => print_row(who, &r, f.as_ref()),
+                Err(e) => {
+                    println!("| {n} | {who} | failed: {e} | | | | | | | | | |");
+                    failed = true;
+                }
             }
         }
     }

@@ -926,7 +926,10 @@ stops watching its instances and exits within one second with status 0.
 Virtual machines and containers are left running; the next launcher on the same data
 directory finds them again.
 Signals that arrive while the launcher is stopping are ignored.
-If its threads have not finished within one second, it exits with status 6.
+It waits only for the threads that are in the middle of something (a command, a START,
+a state write, a monitor\*(Aqs stop, the connection); idle instance threads hold nothing
+that is not on disk and end with the process.
+If those threads have not finished within one second, it exits with status 6 and logs their names.
 .SH SYSTEMD
 The package installs \fI/lib/systemd/system/ciao\-launcher.service\fR, which runs
 \fB/usr/bin/ciao\-launcher $CIAO_LAUNCHER_ARGS\fR with the flags set in
@@ -959,7 +962,7 @@ certificate does not name the address dialled. Not retried.
 The data directory is unusable.
 .TP
 .B 6
-Threads did not exit within one second of a signal.
+Threads in the middle of something did not finish within one second of a signal.
 .SH FILES
 Paths are relative to the data directory (\fB\-\-data\-dir\fR, \fI/var/lib/ciao\fR by default).
 .TP

@@ -4,9 +4,13 @@
 //!
 //! Threads: main (this module), `signals`, and what [`Launcher`] starts
 //! (`server`, `ssntp-io`, `overseer`, `instance-…`). On the first SIGTERM,
-//! SIGINT or SIGHUP main drops the shutdown sender and gives every thread one
-//! second to be joined; instances keep running. If some thread is still alive
-//! after that second, main logs the names of the threads left and exits with
+//! SIGINT or SIGHUP main drops the shutdown sender and gives the threads
+//! that are in the middle of something (server, ssntp-io, overseer, and
+//! every instance thread carrying out a command, its START, a state write or
+//! a monitor's stop) one second to finish; instances keep running. Idle
+//! instance threads own nothing that is not on disk: they are not woken,
+//! and the process exit ends them. If a thread waited for is still at it
+//! after that second, main logs the names of those threads and exits with
 //! [`LauncherExit::Stuck`]. Later signals are ignored.
 
 use std::ffi::OsString;
@@ -253,18 +257,26 @@ fn run(cfg: Config) -> LauncherExit {
     let result = match ended {
         Some(Ended::ClientFailed(e)) => {
             error!("{e}");
-            let _ = launcher.stop(SHUTDOWN_GRACE);
+            if let Ok(s) = launcher.stop(SHUTDOWN_GRACE) {
+                s.idle.leave_to_process_exit();
+            }
             LauncherExit::Security
         }
         _ => match launcher.stop(SHUTDOWN_GRACE) {
-            Ok(Ended::ClientFailed(e)) => {
-                error!("{e}");
-                LauncherExit::Security
+            Ok(s) => {
+                // The exit below ends them: no wake-up and join each.
+                s.idle.leave_to_process_exit();
+                match s.ended {
+                    Ended::ClientFailed(e) => {
+                        error!("{e}");
+                        LauncherExit::Security
+                    }
+                    Ended::Stopped => LauncherExit::Ok,
+                }
             }
-            Ok(Ended::Stopped) => LauncherExit::Ok,
             Err(stuck) => {
                 error!(
-                    "threads still alive {SHUTDOWN_GRACE:?} after the signal: {}",
+                    "threads still in the middle of something {SHUTDOWN_GRACE:?} after the signal: {}",
                     stuck.threads.join(", ")
                 );
                 LauncherExit::Stuck

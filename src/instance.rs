@@ -3,8 +3,10 @@
 //! instances run in parallel.
 //!
 //! Inputs (one `select!`): the bounded command inbox (the overseer
-//! `try_send`s into it and answers "busy" when it is full), monitor events,
-//! the usage tick, and the shutdown channel (closed by the overseer).
+//! `try_send`s into it and answers "busy" when it is full), monitor events
+//! and the usage tick. The shutdown channel (closed by the overseer) is
+//! selected only while a command waits for something (a stopping instance,
+//! the overseer's forgetting it): an idle thread is not woken by a shutdown.
 //! Outputs: error frames through the node's outbox, and [`InstanceUpdate`]s
 //! to the overseer (state, usage, "send STATUS now", "gone", and commands
 //! that reached the thread after the instance had gone).
@@ -44,8 +46,32 @@
 //! disk (see `Virtualizer::create_image_while`), before the VM boots.
 //!
 //! Shutdown leaves the instance running: the monitor is detached, not stopped.
+//!
+//! # Shutdown waits only for work in hand
+//! An idle instance thread owns nothing that is not already durable (its
+//! state is on disk before any acknowledgement), so the shutdown neither
+//! wakes nor joins it: the process exit ends it. Each thread shares an
+//! [`InHand`] count with the overseer, which tells the two apart without
+//! waking anyone:
+//! 1. The thread is born with one in hand: its START or recovery. It puts
+//!    it down when that is done.
+//! 2. The overseer takes one up for each command before it `try_send`s it
+//!    (and puts it down again if the inbox refuses it); the thread puts it
+//!    down once the command is carried out, refused or handed back.
+//! 3. Woken by anything else (a monitor event, the usage tick), the thread
+//!    takes one up and then reads the node's [`Closing`] flag: set, it puts
+//!    it down and leaves without acting; else it acts and then puts it down.
+//! 4. At shutdown the overseer sets `Closing` and then reads every count:
+//!    threads with work in hand are joined (within the daemon's one-second
+//!    rule); the others are left blocked. Both sides use sequentially
+//!    consistent order, so either the overseer sees the count or the thread
+//!    sees the flag: no thread starts work the shutdown does not wait for.
+//! 5. After each piece of work the thread reads `Closing`; set, it answers
+//!    what is still queued with `instance_busy` and ends.
 
 use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::thread::{self, JoinHandle};
 use std::time::Instant;
 
@@ -63,12 +89,34 @@ use crate::virt::{Monitor, MonitorEvent, Usage, VirtError, Virtualizer};
 /// Commands queued in an instance's inbox before the overseer answers "busy".
 pub const INBOX: usize = 16;
 
+/// A START as the server thread decoded it: the configuration, and the text
+/// of the state file a new instance starts with, encoded there, before any
+/// instance thread exists. The YAML encoder's deep frames and short-lived
+/// allocations then never touch an instance thread's stack or heap, where
+/// they would stay (a touched stack page, freed chunks cached per thread)
+/// for the instance's whole life. `None`: the thread encodes it itself.
+#[derive(Debug)]
+pub struct NewStart {
+    pub cfg: InstanceConfig,
+    pub state: Option<Vec<u8>>,
+}
+
+impl NewStart {
+    /// Decoded configuration → START, with its state encoded now.
+    pub fn encode(cfg: InstanceConfig) -> NewStart {
+        let state = crate::state::encode(&cfg, false)
+            .map_err(|e| warn!("{}: state not encoded ahead: {e}", cfg.instance_uuid))
+            .ok();
+        NewStart { cfg, state }
+    }
+}
+
 /// Commands for one instance (overseer → instance).
 #[derive(Debug)]
 pub enum InstanceCmd {
     /// A START for an instance that exists already (a new one is spawned
-    /// with its configuration instead).
-    Start(Box<InstanceConfig>),
+    /// with it instead).
+    Start(Box<NewStart>),
     /// 2016: stop, keep the instance.
     Stop,
     /// 2016: boot a stopped instance again from its stored configuration.
@@ -99,7 +147,7 @@ impl InstanceCmd {
     /// carried out, for `reason`.
     pub fn refuse(&self, ctx: &NodeContext, id: &str, reason: Reason) {
         let (restart, volume) = match self {
-            InstanceCmd::Start(cfg) => (cfg.restart, ""),
+            InstanceCmd::Start(s) => (s.cfg.restart, ""),
             InstanceCmd::AttachVolume { volume } => (false, volume.as_str()),
             _ => (false, ""),
         };
@@ -167,10 +215,51 @@ pub enum InstanceUpdate {
 /// What an instance thread starts from.
 #[derive(Debug)]
 pub enum Seed {
-    /// A new instance: its START's configuration (admitted by the overseer).
-    New(Box<InstanceConfig>),
+    /// A new instance: its START (admitted by the overseer).
+    New(Box<NewStart>),
     /// Found on disk at launcher start.
     Recovered(Box<StateFile>),
+}
+
+/// The pieces of work an instance thread has in hand (see the module docs,
+/// "Shutdown waits only for work in hand"): commands sent to it and not yet
+/// settled, its START or recovery, or the event it is acting on.
+#[derive(Debug)]
+pub struct InHand(AtomicUsize);
+
+impl InHand {
+    /// One in hand: the seed the thread is spawned with.
+    pub fn new() -> Arc<InHand> {
+        Arc::new(InHand(AtomicUsize::new(1)))
+    }
+
+    pub fn take_up(&self) {
+        self.0.fetch_add(1, Ordering::SeqCst);
+    }
+
+    pub fn put_down(&self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+
+    /// True while the thread has anything in hand.
+    pub fn any(&self) -> bool {
+        self.0.load(Ordering::SeqCst) > 0
+    }
+}
+
+/// The node is shutting down: set once by the overseer, before it looks at
+/// any [`InHand`]; read by instance threads.
+#[derive(Debug, Default)]
+pub struct Closing(AtomicBool);
+
+impl Closing {
+    pub fn set(&self) {
+        self.0.store(true, Ordering::SeqCst);
+    }
+
+    pub fn is_set(&self) -> bool {
+        self.0.load(Ordering::SeqCst)
+    }
 }
 
 /// What the overseer keeps of a running instance thread.
@@ -178,13 +267,16 @@ pub enum Seed {
 pub struct InstanceHandle {
     pub inbox: Sender<InstanceCmd>,
     pub thread: JoinHandle<()>,
+    pub in_hand: Arc<InHand>,
 }
 
-/// The channels an instance thread is wired to.
+/// The channels and flags an instance thread is wired to.
 #[derive(Debug)]
 pub struct Wiring {
     pub updates: Sender<InstanceUpdate>,
+    /// Closed at shutdown; selected only while a command waits.
     pub shutdown: Receiver<Never>,
+    pub closing: Arc<Closing>,
     pub tick: Receiver<Instant>,
 }
 
@@ -196,25 +288,55 @@ pub fn spawn(
     wiring: Wiring,
 ) -> std::io::Result<InstanceHandle> {
     let (inbox, cmds) = crossbeam_channel::bounded(INBOX);
-    let name = format!("instance-{}", &id[..id.len().min(8)]);
+    let name = thread_name(&id);
     let stack = ctx.instance_stack;
+    let in_hand = InHand::new();
+    let held = in_hand.clone();
     let thread = thread::Builder::new()
         .name(name)
         .stack_size(stack)
-        .spawn(move || run(ctx, id, seed, cmds, wiring))?;
-    Ok(InstanceHandle { inbox, thread })
+        .spawn(move || run(ctx, id, seed, cmds, wiring, held))?;
+    Ok(InstanceHandle {
+        inbox,
+        thread,
+        in_hand,
+    })
+}
+
+/// The name of instance `id`'s thread.
+pub fn thread_name(id: &str) -> String {
+    format!("instance-{}", &id[..id.len().min(8)])
 }
 
 /// The thread's body: carry out the seed, serve the inbox until the instance
 /// goes or the launcher shuts down, then settle what is left in the inbox.
-fn run(ctx: NodeContext, id: String, seed: Seed, cmds: Receiver<InstanceCmd>, w: Wiring) {
+fn run(
+    ctx: NodeContext,
+    id: String,
+    seed: Seed,
+    cmds: Receiver<InstanceCmd>,
+    w: Wiring,
+    in_hand: Arc<InHand>,
+) {
     let (mon_tx, mon_rx) = crossbeam_channel::unbounded();
     let dir = ctx.store.instance_dir(&id).unwrap_or_default();
-    let (cfg, recovered) = match seed {
-        Seed::New(cfg) => (*cfg, None),
-        Seed::Recovered(s) => (s.config.clone(), Some(s.stopped)),
+    let (cfg, recovered, state) = match seed {
+        Seed::New(s) => {
+            let s = *s;
+            (s.cfg, None, s.state)
+        }
+        Seed::Recovered(s) => {
+            let s = *s;
+            (s.config, Some(s.stopped), None)
+        }
     };
     let vm = ctx.factory.create(&cfg);
+    // A usage that cannot change is reported at each change of life only.
+    let tick = if vm.usage_varies() {
+        w.tick
+    } else {
+        crossbeam_channel::never()
+    };
     let mut inst = Instance {
         ctx,
         id,
@@ -226,42 +348,52 @@ fn run(ctx: NodeContext, id: String, seed: Seed, cmds: Receiver<InstanceCmd>, w:
         mon_rx,
         updates: w.updates,
     };
+    // Step 1: the seed is in hand from birth.
     match recovered {
-        None => inst.start(),
+        None => inst.start(state),
         Some(stopped) => inst.recover(stopped),
     }
-    while !inst.life.is_gone() {
+    in_hand.put_down();
+    while !inst.life.is_gone() && !w.closing.is_set() {
+        // No shutdown arm: an idle thread is left blocked at shutdown.
         select! {
-            recv(w.shutdown) -> _ => break,
             recv(cmds) -> c => match c {
-                Ok(c) => inst.handle(c, &w.shutdown),
-                // The overseer forgot this instance (it only does so at
-                // shutdown or after Gone).
+                // Step 2: the overseer took it up for us.
+                Ok(c) => {
+                    if w.closing.is_set() {
+                        inst.refuse_shutting_down(&c);
+                    } else {
+                        inst.handle(c, &w.shutdown, &w.closing);
+                    }
+                    in_hand.put_down();
+                }
+                // The overseer forgot this instance (after Gone, or a
+                // shutdown's idle threads being let go in-process).
                 Err(_) => break,
             },
             recv(inst.mon_rx) -> ev => if let Ok(ev) = ev {
-                inst.monitor_event(ev);
+                // Step 3.
+                in_hand.take_up();
+                if !w.closing.is_set() {
+                    inst.monitor_event(ev);
+                }
+                in_hand.put_down();
             },
-            recv(w.tick) -> _ => inst.report_usage(),
-        }
-        if shutting_down(&w.shutdown) {
-            break;
+            recv(tick) -> _ => {
+                in_hand.take_up();
+                if !w.closing.is_set() {
+                    inst.report_usage();
+                }
+                in_hand.put_down();
+            }
         }
     }
     if inst.life.is_gone() {
-        inst.hand_back(&cmds, &w.shutdown);
+        inst.hand_back(&cmds, &w.shutdown, &in_hand);
     } else {
-        inst.refuse_queued(&cmds);
+        inst.refuse_queued(&cmds, &in_hand);
     }
     // Dropping the monitor detaches it; the instance keeps running.
-}
-
-/// The overseer closed the shutdown channel (it carries no messages).
-fn shutting_down(shutdown: &Receiver<Never>) -> bool {
-    matches!(
-        shutdown.try_recv(),
-        Err(crossbeam_channel::TryRecvError::Disconnected)
-    )
 }
 
 /// The life of an instance. A monitor exists exactly while it is starting or
@@ -357,11 +489,7 @@ impl Instance {
 
     /// Writes the state file with the `stopped` flag given.
     fn save(&self, stopped: bool) -> Result<(), StateError> {
-        let state = StateFile {
-            config: self.cfg.clone(),
-            stopped,
-        };
-        self.ctx.store.save(&self.id, &state)
+        self.ctx.store.save_config(&self.id, &self.cfg, stopped)
     }
 
     /// An error frame for `kind`, logged once with its cause.
@@ -386,32 +514,51 @@ impl Instance {
     }
 
     /// After `Gone`: every command that still reaches the inbox goes back to
-    /// the overseer, until the overseer has dropped the inbox.
-    fn hand_back(&self, cmds: &Receiver<InstanceCmd>, shutdown: &Receiver<Never>) {
+    /// the overseer, until the overseer has dropped the inbox. One the
+    /// overseer can no longer take (it is shutting down) is answered here.
+    fn hand_back(
+        &self,
+        cmds: &Receiver<InstanceCmd>,
+        shutdown: &Receiver<Never>,
+        in_hand: &InHand,
+    ) {
         loop {
             select! {
                 recv(cmds) -> c => match c {
-                    Ok(cmd) => self.update(InstanceUpdate::Unhandled {
-                        id: self.id.clone(),
-                        cmd,
-                    }),
+                    Ok(cmd) => {
+                        let back = InstanceUpdate::Unhandled {
+                            id: self.id.clone(),
+                            cmd,
+                        };
+                        if let Err(crossbeam_channel::SendError(u)) = self.updates.send(back)
+                            && let InstanceUpdate::Unhandled { cmd, .. } = u
+                        {
+                            self.refuse_shutting_down(&cmd);
+                        }
+                        in_hand.put_down();
+                    }
                     Err(_) => return,
                 },
-                recv(shutdown) -> _ => return self.refuse_queued(cmds),
+                recv(shutdown) -> _ => return self.refuse_queued(cmds, in_hand),
             }
         }
     }
 
     /// At shutdown: what is still queued is answered, not dropped.
-    fn refuse_queued(&self, cmds: &Receiver<InstanceCmd>) {
+    fn refuse_queued(&self, cmds: &Receiver<InstanceCmd>, in_hand: &InHand) {
         while let Ok(cmd) = cmds.try_recv() {
-            info!(
-                "{}: {} not carried out: the launcher is shutting down",
-                self.id,
-                cmd.kind().name()
-            );
-            cmd.refuse(&self.ctx, &self.id, Reason::InstanceBusy);
+            self.refuse_shutting_down(&cmd);
+            in_hand.put_down();
         }
+    }
+
+    fn refuse_shutting_down(&self, cmd: &InstanceCmd) {
+        info!(
+            "{}: {} not carried out: the launcher is shutting down",
+            self.id,
+            cmd.kind().name()
+        );
+        cmd.refuse(&self.ctx, &self.id, Reason::InstanceBusy);
     }
 
     fn recover(&mut self, stopped: bool) {
@@ -439,12 +586,12 @@ impl Instance {
         }
     }
 
-    fn handle(&mut self, cmd: InstanceCmd, shutdown: &Receiver<Never>) {
+    fn handle(&mut self, cmd: InstanceCmd, shutdown: &Receiver<Never>, closing: &Closing) {
         match cmd {
-            InstanceCmd::Start(cfg) => self.start_again(&cfg),
-            InstanceCmd::Stop => self.stop(shutdown),
+            InstanceCmd::Start(s) => self.start_again(&s.cfg),
+            InstanceCmd::Stop => self.stop(shutdown, closing),
             InstanceCmd::Restart => self.restart(),
-            InstanceCmd::Delete { stop } => self.delete(stop, shutdown),
+            InstanceCmd::Delete { stop } => self.delete(stop, shutdown, closing),
             InstanceCmd::AttachVolume { volume } => self.attach_volume(volume),
         }
     }
@@ -460,8 +607,9 @@ impl Instance {
             .send_error(ErrorKind::Start, &self.id, reason, cfg.restart, "");
     }
 
-    /// Carries out the START this thread was spawned for.
-    fn start(&mut self) {
+    /// Carries out the START this thread was spawned for; `state`: the
+    /// state file's text, if the server encoded it.
+    fn start(&mut self, state: Option<Vec<u8>>) {
         match self.ctx.store.create_instance_dir(&self.id) {
             Ok(dir) => self.dir = dir,
             Err(e @ StateError::Exists(_)) => {
@@ -479,7 +627,7 @@ impl Instance {
             return self.start_failed(e.reason(Reason::ImageFailure), &e, false);
         }
         let t0 = Instant::now();
-        let (made, saved) = self.create_image_and_save();
+        let (made, saved) = self.create_image_and_save(state);
         if let Err(e) = made {
             return self.start_failed(e.reason(Reason::ImageFailure), &e, true);
         }
@@ -508,24 +656,27 @@ impl Instance {
     /// written while the virtualizer's external programs run (a VM's overlay
     /// is made by qemu-img), on this thread: a helper thread per START cost
     /// more than it saved on a host busy booting guests.
-    fn create_image_and_save(&mut self) -> (Result<(), VirtError>, Result<(), StateError>) {
-        let state = StateFile {
-            config: self.cfg.clone(),
-            stopped: false,
+    fn create_image_and_save(
+        &mut self,
+        state: Option<Vec<u8>>,
+    ) -> (Result<(), VirtError>, Result<(), StateError>) {
+        let (store, id, vm, cfg) = (&self.ctx.store, &self.id, &mut self.vm, &self.cfg);
+        let save = || match &state {
+            Some(text) => store.save_encoded(id, text),
+            None => store.save_config(id, cfg, false),
         };
-        let (store, id, vm) = (&self.ctx.store, &self.id, &mut self.vm);
         let t = Instant::now();
         let mut saved = None;
         let made = vm.create_image_while(&mut || {
             if saved.is_none() {
                 let t = Instant::now();
-                saved = Some(store.save(id, &state));
+                saved = Some(save());
                 debug!("{id}: state saved in {:?}", t.elapsed());
             }
         });
         debug!("{id}: disk, config drive and state in {:?}", t.elapsed());
         // A virtualizer that never ran `meanwhile`: save now.
-        let saved = saved.unwrap_or_else(|| store.save(id, &state));
+        let saved = saved.unwrap_or_else(save);
         (made, saved)
     }
 
@@ -617,7 +768,7 @@ impl Instance {
         }
     }
 
-    fn stop(&mut self, shutdown: &Receiver<Never>) {
+    fn stop(&mut self, shutdown: &Receiver<Never>, closing: &Closing) {
         if !matches!(self.life, Life::Starting(_) | Life::Running(_)) {
             return self.fail(ErrorKind::Stop, Reason::AlreadyStopped, &"not running");
         }
@@ -629,7 +780,7 @@ impl Instance {
             if let Err(e) = self.save(false) {
                 error!("{}: state left saying stopped: {e}", self.id);
             }
-            let reason = if shutting_down(shutdown) {
+            let reason = if closing.is_set() {
                 Reason::InstanceBusy
             } else {
                 Reason::InstanceFailure
@@ -660,9 +811,9 @@ impl Instance {
         self.watch(false);
     }
 
-    fn delete(&mut self, stop: bool, shutdown: &Receiver<Never>) {
+    fn delete(&mut self, stop: bool, shutdown: &Receiver<Never>, closing: &Closing) {
         if let Err(e) = self.end_running(true, shutdown) {
-            let reason = if shutting_down(shutdown) {
+            let reason = if closing.is_set() {
                 Reason::InstanceBusy
             } else {
                 Reason::InstanceFailure

@@ -1,8 +1,11 @@
 //! The running launcher as a library object: [`Launcher::start`] spawns the
 //! `server` thread (which owns the SSNTP client's `ssntp-io` thread and the
 //! `overseer`, which owns the instance threads) and returns a handle;
-//! [`Launcher::stop`] broadcasts shutdown by dropping a sender and waits for
-//! everything to be joined within a deadline. The binary (`daemon.rs`) adds
+//! [`Launcher::stop`] broadcasts shutdown by dropping a sender and waits,
+//! within a deadline, for the threads that are in the middle of something:
+//! the server, ssntp-io, the overseer and every instance thread with work in
+//! hand. Idle instance threads are handed back still blocked
+//! ([`IdleThreads`]): nothing they own is not on disk. The binary (`daemon.rs`) adds
 //! the command line, the lock, logging and signals around it; tests start it
 //! in-process with a simulated virtualizer and injected node figures.
 //!
@@ -23,7 +26,7 @@ use log::{info, warn};
 use crate::node::Never;
 use crate::node::{LinkOutbox, NodeContext};
 use crate::nodestats::NodeStatsSource;
-use crate::overseer::{Limits, Overseer, OverseerInputs};
+use crate::overseer::{Awaited, IdleThreads, Limits, Overseer, OverseerInputs};
 use crate::ssntp::client::{Client, ClientConfig};
 use crate::ssntp::{Profile, StartError};
 use crate::state::Store;
@@ -54,12 +57,21 @@ pub enum Ended {
     ClientFailed(String),
 }
 
+/// A launcher that has stopped.
+#[derive(Debug)]
+pub struct Stopped {
+    pub ended: Ended,
+    /// Instance threads that were idle, still blocked.
+    pub idle: IdleThreads,
+}
+
 /// A running launcher.
 #[derive(Debug)]
 pub struct Launcher {
     shutdown: Option<Sender<Never>>,
     done: Receiver<Ended>,
-    server: Option<JoinHandle<()>>,
+    server: Option<JoinHandle<IdleThreads>>,
+    awaited: Awaited,
     /// Instances recovered from disk at start.
     pub recovered: usize,
 }
@@ -67,9 +79,14 @@ pub struct Launcher {
 /// The launcher did not finish within the deadline.
 #[derive(Debug)]
 pub struct Stuck {
-    /// Names of this process's threads still alive.
+    /// Names of the threads the shutdown still waits for: those of server,
+    /// ssntp-io and overseer still alive, and the instance threads with work
+    /// in hand not yet finished.
     pub threads: Vec<String>,
 }
+
+/// The launcher's own threads besides the instances'.
+const CORE_THREADS: [&str; 3] = ["server", "ssntp-io", "overseer"];
 
 impl Launcher {
     /// Creates the directories, recovers instances and starts the threads.
@@ -99,6 +116,7 @@ impl Launcher {
             s.data_dir.join("maintenance"),
         );
         overseer = overseer.with_usage_period(s.usage_period);
+        let awaited = overseer.awaited();
         let recovered = overseer.recover();
         let (req_tx, req_rx) = crossbeam_channel::bounded(1024);
         let (ovs_shutdown, ovs_shutdown_rx) = crossbeam_channel::bounded::<Never>(0);
@@ -118,17 +136,20 @@ impl Launcher {
                 let end = crate::server::Server::new(ctx, req_tx).run(events, shutdown_rx);
                 // Instances first (they may still send), then the connection.
                 drop(ovs_shutdown);
-                if overseer.join().is_err() {
+                let idle = overseer.join().unwrap_or_else(|_| {
                     warn!("the overseer thread panicked");
-                }
+                    IdleThreads::default()
+                });
                 client.close();
                 let _ = done_tx.send(end.map_or(Ended::Stopped, Ended::ClientFailed));
+                idle
             })
             .map_err(StartError::Io)?;
         Ok(Launcher {
             shutdown: Some(shutdown),
             done,
             server: Some(server),
+            awaited,
             recovered,
         })
     }
@@ -138,22 +159,33 @@ impl Launcher {
         &self.done
     }
 
-    /// Shuts down and joins every thread, or reports who is still alive
-    /// after `within`. Instances keep running either way.
-    pub fn stop(mut self, within: Duration) -> Result<Ended, Stuck> {
+    /// Shuts down and waits for the threads in the middle of something, or
+    /// reports who is still at it after `within`. Instances keep running
+    /// either way.
+    pub fn stop(mut self, within: Duration) -> Result<Stopped, Stuck> {
         let start = Instant::now();
         self.shutdown.take();
         match self.done.recv_timeout(within) {
-            Ok(end) => {
-                if let Some(t) = self.server.take() {
-                    let _ = t.join();
-                }
-                info!("launcher stopped in {:?}", start.elapsed());
-                Ok(end)
+            Ok(ended) => {
+                let idle = match self.server.take().map(JoinHandle::join) {
+                    Some(Ok(idle)) => idle,
+                    _ => IdleThreads::default(),
+                };
+                info!(
+                    "launcher stopped in {:?} ({} idle instance thread(s) left as they are)",
+                    start.elapsed(),
+                    idle.len()
+                );
+                Ok(Stopped { ended, idle })
             }
-            Err(_) => Err(Stuck {
-                threads: live_threads(),
-            }),
+            Err(_) => {
+                let mut threads: Vec<String> = live_threads()
+                    .into_iter()
+                    .filter(|n| CORE_THREADS.contains(&n.as_str()))
+                    .collect();
+                threads.extend(self.awaited.names());
+                Err(Stuck { threads })
+            }
         }
     }
 }

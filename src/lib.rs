@@ -21,7 +21,9 @@
 //! * [`notify`]: readiness for systemd (`Type=notify`);
 //! * [`capabilities`]: start-up checks of QEMU, its tools and the Docker engine.
 //!
-//! Shutdown is a broadcast by dropping senders; instances keep running.
+//! Shutdown is a broadcast by dropping senders; instances keep running. It
+//! waits only for threads in the middle of something: an idle instance
+//! thread owns nothing that is not on disk, and the process exit ends it.
 
 pub mod build_info;
 pub mod capabilities;

@@ -25,21 +25,38 @@
 //!    from step 1.
 //! 4. At shutdown, requests still queued are answered with `instance_busy`.
 //!
-//! At shutdown it closes the instances' shutdown channel and joins every
-//! instance thread, having dropped the update receiver so that no exiting
-//! instance can block on it. Threads of deleted instances are reaped once
-//! finished, never waited for.
+//! # Shutdown: only work in hand is waited for
+//! 1. Requests still queued are answered (step 4 above).
+//! 2. The node's [`Closing`] flag is set, then the instances' shutdown
+//!    channel is closed: that wakes only the threads waiting inside a command
+//!    (a stopping instance), never an idle one.
+//! 3. The update receiver is dropped, so that no exiting instance can block
+//!    on it.
+//! 4. Every instance thread with work in hand ([`InHand`]: a command, its
+//!    START or recovery, an event it acts on) is joined; its name is listed
+//!    in [`Awaited`] until then, which is what the daemon names if the one
+//!    second it allows runs out.
+//! 5. The idle ones are handed back as [`IdleThreads`], still blocked: the
+//!    daemon leaves them to the process exit (waking and joining thousands
+//!    of idle threads costs far more than the exit takes); dropping the value
+//!    lets them end (in-process users, tests).
+//!
+//! Threads of deleted instances are reaped once finished, never waited for.
 
 use std::collections::HashMap;
 use std::fs;
 use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender, TrySendError, select};
 use log::{error, info, warn};
 
-use crate::instance::{self, Farewell, InstanceCmd, InstanceState, InstanceUpdate, Seed, Wiring};
+use crate::instance::{
+    self, Closing, Farewell, InHand, InstanceCmd, InstanceState, InstanceUpdate, NewStart, Seed,
+    Wiring,
+};
 use crate::node::{Never, NodeContext};
 use crate::nodestats::{NodeFigures, NodeStatsSource};
 use crate::payloads::Reason;
@@ -53,7 +70,7 @@ use crate::virt::Usage;
 #[derive(Debug)]
 pub enum OverseerReq {
     /// A decoded START: admit and spawn, or route to the known instance.
-    Start(Box<InstanceConfig>),
+    Start(Box<NewStart>),
     /// A command for instance `id` (canonical UUID).
     Command {
         id: String,
@@ -120,6 +137,9 @@ struct Record {
     /// Dropped when the instance says Gone: that ends its thread's hand-back.
     inbox: Sender<InstanceCmd>,
     thread: Option<JoinHandle<()>>,
+    /// Shared with the thread: what it has in hand (taken up here for each
+    /// command sent).
+    in_hand: Arc<InHand>,
     /// What STATS shows; `None` until the instance's state is durable (a
     /// new instance says its first state once its START has booted it), so
     /// that the scheduler never hears of an instance a crash would lose.
@@ -181,6 +201,10 @@ pub struct Overseer {
     /// Dropped at shutdown: closes every instance's shutdown channel.
     instance_shutdown: Option<Sender<Never>>,
     instance_shutdown_rx: Receiver<Never>,
+    /// Set at shutdown, before any [`InHand`] is looked at.
+    closing: Arc<Closing>,
+    /// The threads the shutdown is still waiting for.
+    awaited: Awaited,
     /// How often instance threads sample their usage (None: never, for
     /// deterministic tests).
     usage_period: Option<Duration>,
@@ -234,10 +258,18 @@ impl Overseer {
             updates,
             instance_shutdown: Some(instance_shutdown),
             instance_shutdown_rx,
+            closing: Arc::default(),
+            awaited: Awaited::default(),
             usage_period: Some(USAGE_PERIOD),
             connected: false,
             held_farewells: Vec::new(),
         }
+    }
+
+    /// The names of the instance threads a shutdown is still waiting for
+    /// (empty until the shutdown begins).
+    pub fn awaited(&self) -> Awaited {
+        self.awaited.clone()
     }
 
     /// Sets how often instance threads sample their usage (None: never).
@@ -301,7 +333,7 @@ impl Overseer {
 
     fn launch(&mut self, id: String, seed: Seed) -> std::io::Result<()> {
         let sizes = Sizes::of(match &seed {
-            Seed::New(cfg) => cfg,
+            Seed::New(s) => &s.cfg,
             Seed::Recovered(state) => &state.config,
         });
         // A recovered instance is on disk already.
@@ -309,6 +341,7 @@ impl Overseer {
         let wiring = Wiring {
             updates: self.updates_tx.clone(),
             shutdown: self.instance_shutdown_rx.clone(),
+            closing: self.closing.clone(),
             tick: self
                 .usage_period
                 .map_or_else(crossbeam_channel::never, crossbeam_channel::tick),
@@ -320,6 +353,7 @@ impl Overseer {
         let rec = Record {
             inbox: h.inbox,
             thread: Some(h.thread),
+            in_hand: h.in_hand,
             state,
             usage: Usage::default(),
             sizes,
@@ -328,14 +362,15 @@ impl Overseer {
         Ok(())
     }
 
-    /// Moves the overseer into its thread.
-    pub fn spawn(self, inputs: OverseerInputs) -> std::io::Result<JoinHandle<()>> {
+    /// Moves the overseer into its thread; joining it gives the instance
+    /// threads that were idle at shutdown.
+    pub fn spawn(self, inputs: OverseerInputs) -> std::io::Result<JoinHandle<IdleThreads>> {
         std::thread::Builder::new()
             .name("overseer".into())
             .spawn(move || self.run(inputs))
     }
 
-    fn run(mut self, mut inputs: OverseerInputs) {
+    fn run(mut self, mut inputs: OverseerInputs) -> IdleThreads {
         // Availability starts from real figures, not from zero (Go's started
         // at 0 and refused every START until its first STATUS).
         self.status(true);
@@ -364,7 +399,7 @@ impl Overseer {
         // Accepted by the server, never carried out: answered, not dropped.
         while let Ok(r) = inputs.requests.try_recv() {
             let (id, cmd) = match r {
-                OverseerReq::Start(cfg) => (cfg.instance_uuid.clone(), InstanceCmd::Start(cfg)),
+                OverseerReq::Start(s) => (s.cfg.instance_uuid.clone(), InstanceCmd::Start(s)),
                 OverseerReq::Command { id, cmd } => (id, cmd),
                 _ => continue,
             };
@@ -374,7 +409,7 @@ impl Overseer {
             );
             cmd.refuse(&self.ctx, &id, Reason::InstanceBusy);
         }
-        self.shutdown();
+        self.shutdown()
     }
 
     fn request(&mut self, r: OverseerReq) {
@@ -386,9 +421,9 @@ impl Overseer {
             self.scheduler_heard();
         }
         match r {
-            OverseerReq::Start(cfg) => {
-                let id = cfg.instance_uuid.clone();
-                self.route(id, InstanceCmd::Start(cfg));
+            OverseerReq::Start(s) => {
+                let id = s.cfg.instance_uuid.clone();
+                self.route(id, InstanceCmd::Start(s));
             }
             OverseerReq::Command { id, cmd } => self.route(id, cmd),
             OverseerReq::Evacuate => self.evacuate(),
@@ -423,14 +458,20 @@ impl Overseer {
     fn route(&mut self, id: String, cmd: InstanceCmd) {
         let Some(r) = self.instances.get(&id) else {
             return match cmd {
-                InstanceCmd::Start(cfg) => self.admit(cfg),
+                InstanceCmd::Start(s) => self.admit(s),
                 other => {
                     info!("{} for {id}: no such instance", other.kind().name());
                     other.refuse(&self.ctx, &id, Reason::NoInstance);
                 }
             };
         };
-        match r.inbox.try_send(cmd) {
+        // Taken up before the send: the thread may put it down at once.
+        r.in_hand.take_up();
+        let sent = r.inbox.try_send(cmd);
+        if sent.is_err() {
+            r.in_hand.put_down();
+        }
+        match sent {
             Ok(()) => {}
             Err(TrySendError::Full(cmd)) => {
                 warn!(
@@ -450,16 +491,16 @@ impl Overseer {
 
     /// Admission of a new instance (docs/architecture.md), using
     /// availability from the last status; spawns its thread with the START.
-    fn admit(&mut self, cfg: Box<InstanceConfig>) {
-        let id = cfg.instance_uuid.clone();
-        if let Err((reason, why)) = self.admission(&cfg) {
+    fn admit(&mut self, start: Box<NewStart>) {
+        let id = start.cfg.instance_uuid.clone();
+        let restart = start.cfg.restart;
+        if let Err((reason, why)) = self.admission(&start.cfg) {
             info!("START {id} refused: {} ({why})", reason.as_str());
             return self
                 .ctx
-                .send_error(ErrorKind::Start, &id, reason, cfg.restart, "");
+                .send_error(ErrorKind::Start, &id, reason, restart, "");
         }
-        let restart = cfg.restart;
-        if let Err(e) = self.launch(id.clone(), Seed::New(cfg)) {
+        if let Err(e) = self.launch(id.clone(), Seed::New(start)) {
             error!("cannot start a thread for {id}: {e}");
             self.ctx
                 .send_error(ErrorKind::Start, &id, Reason::LaunchFailure, restart, "");
@@ -665,18 +706,104 @@ impl Overseer {
             .send(Operation::Command(Command::Stats), payload);
     }
 
-    /// Closes every instance's shutdown channel and joins the threads.
-    /// Dropping the update receiver first makes any update an instance sends
-    /// while exiting fail at once, so none can block on a full channel.
-    fn shutdown(mut self) {
+    /// Waits for the instance threads with work in hand and hands back the
+    /// idle ones (see the module docs, "Shutdown", steps 2–5).
+    fn shutdown(mut self) -> IdleThreads {
+        self.closing.set();
         self.instance_shutdown.take();
-        let threads: Vec<JoinHandle<()>> = self
-            .instances
-            .values_mut()
-            .filter_map(|r| r.thread.take())
-            .collect();
         drop(self.updates);
-        for t in threads {
+        let mut busy = Vec::new();
+        let mut idle = IdleThreads::default();
+        for (id, mut r) in self.instances.drain() {
+            let Some(thread) = r.thread.take() else {
+                continue;
+            };
+            if r.in_hand.any() {
+                busy.push((instance::thread_name(&id), thread, r.inbox));
+            } else {
+                idle.inboxes.push(r.inbox);
+                idle.threads.push(thread);
+            }
+        }
+        self.awaited
+            .set(busy.iter().map(|(name, ..)| name.clone()).collect());
+        if !busy.is_empty() {
+            info!(
+                "shutdown: waiting for {} instance thread(s) with work in hand; {} idle left as they are",
+                busy.len(),
+                idle.threads.len()
+            );
+        }
+        for (name, thread, inbox) in busy {
+            if thread.join().is_err() {
+                error!("an instance thread panicked");
+            }
+            drop(inbox);
+            self.awaited.done(&name);
+        }
+        idle
+    }
+}
+
+/// The names of the instance threads a shutdown is waiting for (it joins
+/// them one by one); shared with whoever enforces the time limit.
+#[derive(Debug, Clone, Default)]
+pub struct Awaited(Arc<Mutex<Vec<String>>>);
+
+impl Awaited {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<String>> {
+        // A list of names: a poisoned lock still holds a usable one.
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn set(&self, names: Vec<String>) {
+        *self.lock() = names;
+    }
+
+    fn done(&self, name: &str) {
+        let mut l = self.lock();
+        if let Some(i) = l.iter().position(|n| n == name) {
+            l.swap_remove(i);
+        }
+    }
+
+    /// The threads still waited for, sorted.
+    pub fn names(&self) -> Vec<String> {
+        let mut v = self.lock().clone();
+        v.sort();
+        v
+    }
+}
+
+/// Instance threads that were idle at shutdown, still blocked in their
+/// `select!` (nothing they own is not on disk already). Dropping this closes
+/// their inboxes, so they end; [`IdleThreads::leave_to_process_exit`] keeps
+/// them blocked until the process ends.
+#[derive(Debug, Default)]
+pub struct IdleThreads {
+    inboxes: Vec<Sender<InstanceCmd>>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+impl IdleThreads {
+    pub fn len(&self) -> usize {
+        self.threads.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.threads.is_empty()
+    }
+
+    /// The daemon's way: the exit that follows ends these threads, without
+    /// one wake-up or join each.
+    pub fn leave_to_process_exit(self) {
+        std::mem::forget(self);
+    }
+
+    /// Lets them end and joins them (in-process users).
+    pub fn end_and_join(mut self) {
+        self.inboxes.clear();
+        for t in self.threads.drain(..) {
             if t.join().is_err() {
                 error!("an instance thread panicked");
             }

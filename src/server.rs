@@ -10,7 +10,7 @@
 use crossbeam_channel::{Receiver, Sender, select};
 use log::{debug, info, warn};
 
-use crate::instance::InstanceCmd;
+use crate::instance::{InstanceCmd, NewStart as InstanceNewStart};
 use crate::node::Never;
 use crate::node::NodeContext;
 use crate::overseer::OverseerReq;
@@ -110,7 +110,9 @@ impl Server {
         let p2016 = self.ctx.profile == Profile::P2016;
         let parsed = match c {
             Command::Start => {
-                start::parse_start(payload).map(|cfg| OverseerReq::Start(Box::new(cfg)))
+                // The state is encoded here, off the instance thread (see NewStart).
+                start::parse_start(payload)
+                    .map(|cfg| OverseerReq::Start(Box::new(InstanceNewStart::encode(cfg))))
             }
             Command::Stop => commands::parse_stop(payload).map(|id| OverseerReq::Command {
                 id,

@@ -83,6 +83,20 @@ pub struct StateFile {
     pub stopped: bool,
 }
 
+/// The sealed text of the state file of `config` with `stopped`.
+pub fn encode(config: &InstanceConfig, stopped: bool) -> Result<Vec<u8>, String> {
+    let yaml = serde_yaml::to_string(&StateView { config, stopped })
+        .map_err(|e| format!("cannot serialise state: {e}"))?;
+    Ok(seal(&yaml).into_bytes())
+}
+
+/// A [`StateFile`] borrowed for writing: the same fields, in the same order.
+#[derive(Serialize)]
+struct StateView<'a> {
+    config: &'a InstanceConfig,
+    stopped: bool,
+}
+
 /// Why a state operation failed.
 #[derive(Debug)]
 pub enum StateError {
@@ -240,12 +254,27 @@ impl Store {
     /// Writes the state of `id` atomically (see the module docs). The
     /// instance directory must exist.
     pub fn save(&self, id: &str, state: &StateFile) -> Result<(), StateError> {
+        self.save_config(id, &state.config, state.stopped)
+    }
+
+    /// [`Store::save`] of a [`StateFile`] made of `config` and `stopped`,
+    /// without copying the configuration into one first.
+    pub fn save_config(
+        &self,
+        id: &str,
+        config: &InstanceConfig,
+        stopped: bool,
+    ) -> Result<(), StateError> {
         let path = self.instance_dir(id)?.join(STATE_FILE);
-        let yaml = serde_yaml::to_string(state)
-            .map_err(|e| StateError::corrupt(&path, format!("cannot serialise state: {e}")))?;
-        let text = seal(&yaml);
+        let text = encode(config, stopped).map_err(|e| StateError::corrupt(&path, e))?;
+        self.save_encoded(id, &text)
+    }
+
+    /// Writes `text`, made by [`encode`], as the state of `id`.
+    pub fn save_encoded(&self, id: &str, text: &[u8]) -> Result<(), StateError> {
+        let path = self.instance_dir(id)?.join(STATE_FILE);
         let first = fs::symlink_metadata(&path).is_err();
-        write_atomic(&path, text.as_bytes(), STATE_MODE).map_err(|e| StateError::io(&path, e))?;
+        write_atomic(&path, text, STATE_MODE).map_err(|e| StateError::io(&path, e))?;
         if first {
             // The instance directory's own entry in instances/.
             sync_dir(&self.instances).map_err(|e| StateError::io(&self.instances, e))?;

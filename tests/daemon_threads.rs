@@ -13,7 +13,9 @@ use ciao_launcher::instance::InstanceState;
 use ciao_launcher::node::Never;
 use ciao_launcher::node::{ChannelOutbox, NodeContext};
 use ciao_launcher::nodestats::{FixedNodeStats, NodeFigures};
-use ciao_launcher::overseer::{Limits, Overseer, OverseerInputs, OverseerReq};
+use ciao_launcher::overseer::{
+    Awaited, IdleThreads, Limits, Overseer, OverseerInputs, OverseerReq,
+};
 use ciao_launcher::payloads::commands;
 use ciao_launcher::payloads::config::VmType;
 use ciao_launcher::payloads::outgoing;
@@ -49,7 +51,8 @@ struct TestNode {
     tick: Sender<Instant>,
     requests: Sender<OverseerReq>,
     overseer_shutdown: Option<Sender<Never>>,
-    overseer: Option<JoinHandle<()>>,
+    overseer: Option<JoinHandle<IdleThreads>>,
+    awaited: Awaited,
     dir: PathBuf,
 }
 
@@ -87,6 +90,7 @@ impl TestNode {
         )
         .with_usage_period(None);
         ovs.recover();
+        let awaited = ovs.awaited();
         let (requests, req_rx) = crossbeam_channel::bounded(64);
         let (tick, tick_rx) = crossbeam_channel::bounded(0);
         let (shutdown, shutdown_rx) = crossbeam_channel::bounded::<Never>(0);
@@ -108,6 +112,7 @@ impl TestNode {
             requests,
             overseer_shutdown: Some(shutdown),
             overseer: Some(overseer),
+            awaited,
             dir,
         }
     }
@@ -200,13 +205,23 @@ impl TestNode {
         self.command(Command::Start, payload);
     }
 
-    fn shutdown(&mut self) -> Duration {
+    /// Shuts the overseer down; returns how long that took and the idle
+    /// instance threads it left blocked.
+    fn shutdown_leaving_idle(&mut self) -> (Duration, IdleThreads) {
         let t = Instant::now();
         self.overseer_shutdown.take();
-        if let Some(o) = self.overseer.take() {
-            o.join().expect("overseer joined");
-        }
-        t.elapsed()
+        let idle = match self.overseer.take() {
+            Some(o) => o.join().expect("overseer joined"),
+            None => IdleThreads::default(),
+        };
+        (t.elapsed(), idle)
+    }
+
+    /// Shuts down and lets every idle thread end too.
+    fn shutdown(&mut self) -> Duration {
+        let (took, idle) = self.shutdown_leaving_idle();
+        idle.end_and_join();
+        took
     }
 }
 
@@ -554,7 +569,7 @@ fn recovery_restores_instances_and_skips_garbage() {
 }
 
 #[test]
-fn shutdown_with_1000_instances_joins_within_one_second() {
+fn shutdown_with_1000_idle_instances_wakes_none_of_them() {
     let mut n = TestNode::start(Profile::P2018, limits(2000));
     for i in 0..1000 {
         n.start_instance(&uuid_n(1000 + i));
@@ -562,10 +577,51 @@ fn shutdown_with_1000_instances_joins_within_one_second() {
     for i in 0..1000 {
         n.wait_state(&uuid_n(1000 + i), InstanceState::Running);
     }
-    let took = n.shutdown();
+    let (took, idle) = n.shutdown_leaving_idle();
     assert!(took < Duration::from_secs(1), "shutdown took {took:?}");
+    // Nothing in hand: none was waited for, all are left blocked.
+    assert_eq!(idle.len(), 1000);
+    assert!(n.awaited.names().is_empty());
     // Shutdown leaves instances running.
     assert_eq!(n.sim.running_count(), 1000);
+    // In-process, letting them go ends every one of them.
+    idle.end_and_join();
+}
+
+/// The shutdown waits for an instance thread in the middle of its START
+/// (and names it while it does), not for the idle ones.
+#[test]
+fn shutdown_waits_only_for_the_thread_with_work_in_hand() {
+    let mut n = TestNode::start(Profile::P2016, limits(64));
+    for i in 0..20 {
+        n.start_instance(&uuid_n(2000 + i));
+    }
+    for i in 0..20 {
+        n.wait_state(&uuid_n(2000 + i), InstanceState::Running);
+    }
+    let busy = uuid_n(2100);
+    let gate = n.sim.gate_image(&busy);
+    n.start_instance(&busy);
+    // Its thread is in the START (blocked on the gate) once the overseer
+    // lists it.
+    n.wait_state(&busy, InstanceState::Pending);
+    n.overseer_shutdown.take();
+    let overseer = n.overseer.take().expect("overseer");
+    // Named as awaited, alone, while its START is held.
+    let deadline = Instant::now() + WAIT;
+    while n.awaited.names().is_empty() {
+        assert!(Instant::now() < deadline, "the shutdown never began");
+        std::thread::yield_now();
+    }
+    assert_eq!(n.awaited.names(), vec![format!("instance-{}", &busy[..8])]);
+    assert!(!overseer.is_finished());
+    drop(gate);
+    let idle = overseer.join().expect("overseer joined");
+    assert!(n.awaited.names().is_empty());
+    assert_eq!(idle.len(), 20);
+    // The START it finished is durable.
+    assert!(!Store::new(&n.dir).load(&busy).expect("saved").stopped);
+    idle.end_and_join();
 }
 
 // ---- Reliability: each test below failed on the code before the fix ----

@@ -173,6 +173,13 @@ pub trait Virtualizer: Send + fmt::Debug {
     ) -> Result<Box<dyn Monitor>, VirtError>;
     /// Current usage.
     fn stats(&mut self) -> Usage;
+    /// Whether usage changes while the instance runs, so that it is worth
+    /// sampling on the usage tick. False lets an idle instance thread sleep
+    /// until something happens (each tick is a wake-up of the thread and of
+    /// the overseer it reports to).
+    fn usage_varies(&self) -> bool {
+        true
+    }
     /// Checks that the volume `id` can be attached at the next boot
     /// (AttachVolume while the instance is not running; a running one's
     /// monitor checks as it hot-plugs).

@@ -14,7 +14,8 @@
 //! host reboot.
 //!
 //! Usage figures follow ciao's simulation: a tenth of the configured memory,
-//! disk and vCPUs.
+//! disk and vCPUs. They never change, so a simulated instance is not
+//! sampled on the usage tick: an idle one does not wake at all.
 
 use std::collections::{HashMap, HashSet};
 use std::path::Path;
@@ -147,7 +148,7 @@ impl VirtualizerFactory for SimFactory {
     fn create(&self, cfg: &InstanceConfig) -> Box<dyn Virtualizer> {
         Box::new(Sim {
             id: cfg.instance_uuid.clone(),
-            cfg: cfg.clone(),
+            usage: Sim::usage_of(cfg),
             control: self.control.clone(),
         })
     }
@@ -157,8 +158,20 @@ impl VirtualizerFactory for SimFactory {
 #[derive(Debug)]
 pub struct Sim {
     id: String,
-    cfg: InstanceConfig,
+    /// All a simulated instance needs of its configuration (no copy of the
+    /// rest is kept: the instance thread has it).
+    usage: Usage,
     control: SimControl,
+}
+
+impl Sim {
+    fn usage_of(cfg: &InstanceConfig) -> Usage {
+        Usage {
+            memory_mb: Some((cfg.mem_mb / 10) as i64),
+            disk_mb: Some((cfg.disk_mb / 10) as i64),
+            cpu_percent: Some(i64::from(cfg.vcpus / 10)),
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -194,8 +207,11 @@ impl Drop for SimMonitor {
 
 impl Virtualizer for Sim {
     fn init(&mut self, cfg: &InstanceConfig, _dir: &Path) {
-        self.cfg = cfg.clone();
-        self.id = cfg.instance_uuid.clone();
+        // The factory made it from this configuration: nothing to copy again.
+        if self.id != cfg.instance_uuid {
+            self.id = cfg.instance_uuid.clone();
+        }
+        self.usage = Sim::usage_of(cfg);
     }
 
     fn ensure_backing_image(&mut self) -> Result<(), VirtError> {
@@ -254,12 +270,13 @@ impl Virtualizer for Sim {
         }))
     }
 
+    /// A fixed share of the configuration: never sampled again.
+    fn usage_varies(&self) -> bool {
+        false
+    }
+
     fn stats(&mut self) -> Usage {
-        Usage {
-            memory_mb: Some((self.cfg.mem_mb / 10) as i64),
-            disk_mb: Some((self.cfg.disk_mb / 10) as i64),
-            cpu_percent: Some(i64::from(self.cfg.vcpus / 10)),
-        }
+        self.usage
     }
 }
 
