@@ -19,7 +19,8 @@ use std::time::{Duration, Instant};
 use ciao_launcher::payloads::config::{Firmware, InstanceConfig, VmType};
 use ciao_launcher::virt::VirtualizerFactory;
 use ciao_launcher::virt::qemu::{
-    AccelChoice, ChildUsers, ImageCache, Nic, QemuFactory, Ui, choose_accel, mac_text, quit_vm,
+    AccelChoice, ChildUser, ChildUsers, ImageCache, Nic, QemuFactory, Ui, choose_accel, mac_text,
+    quit_vm,
 };
 use common::*;
 
@@ -160,6 +161,22 @@ fn tun_fds(pid: i32) -> usize {
 
 #[test]
 fn vm_gets_a_real_tap_by_descriptor_and_pings_through_it() {
+    tap_vm(0, None);
+}
+
+/// The same with QEMU dropping to a child user (and -sandbox where this
+/// QEMU takes it): the tap was opened by root, the VM uses it as the user.
+#[test]
+fn vm_of_a_child_user_gets_its_tap_too() {
+    let nobody = ChildUser::lookup("nobody").expect("user nobody");
+    let uid = nobody.uid;
+    let qemu = tap_vm(2, Some(nobody));
+    assert_eq!(qemu, uid, "the uid QEMU ran as");
+}
+
+/// Boots a VM with a tap of namespace `cnq-<pid>-<n>` (the tap is
+/// `cnq-<pid>-<n+1>`), run as `child` if given; returns the uid QEMU ran as.
+fn tap_vm(n: u32, child: Option<ChildUser>) -> u32 {
     require_qemu();
     require(&[(&["ip"], "iproute2"), (&["busybox"], "busybox-static")]);
     assert!(
@@ -169,8 +186,8 @@ fn vm_gets_a_real_tap_by_descriptor_and_pings_through_it() {
     let image = guest_image();
     let pid = std::process::id();
     // Declared before the environment: dropped after it, once its VM is killed.
-    let ns = Netns::create(format!("cnq-{pid}-0"));
-    let tap = format!("cnq-{pid}-1");
+    let ns = Netns::create(format!("cnq-{pid}-{n}"));
+    let tap = format!("cnq-{pid}-{}", n + 1);
     ns.ip(&["tuntap", "add", "dev", &tap, "mode", "tap", "multi_queue"]);
     ns.ip(&["addr", "add", &format!("{HOST_IP}/24"), "dev", &tap]);
     ns.ip(&["link", "set", &tap, "up"]);
@@ -191,7 +208,7 @@ fn vm_gets_a_real_tap_by_descriptor_and_pings_through_it() {
         ui: Ui::None,
         stop_timeout: Duration::from_secs(10),
         images: ImageCache::default(),
-        child_users: Arc::new(ChildUsers::new(None)),
+        child_users: Arc::new(ChildUsers::new(child)),
         confinement: Arc::default(),
         user_net: false,
     };
@@ -227,6 +244,13 @@ fn vm_gets_a_real_tap_by_descriptor_and_pings_through_it() {
         .ok()
         .and_then(|p| p.trim().parse().ok())
         .expect("qemu.pid");
+    let uid = fs::read_to_string(format!("/proc/{qemu}/status"))
+        .ok()
+        .and_then(|s| {
+            let line = s.lines().find(|l| l.starts_with("Uid:"))?.to_string();
+            line.split_whitespace().nth(1)?.parse().ok()
+        })
+        .expect("QEMU's uid");
     // QEMU holds the tap; the launcher's copy is closed.
     assert_eq!(tun_fds(qemu), 1, "QEMU's descriptors of /dev/net/tun");
     assert!(
@@ -266,4 +290,5 @@ fn vm_gets_a_real_tap_by_descriptor_and_pings_through_it() {
             .any(|l| l.split_whitespace().next() == Some(&name)),
         "namespace {name} left behind"
     );
+    uid
 }
