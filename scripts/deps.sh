@@ -11,12 +11,14 @@
 # - what scripts/build-guest-image.sh needs to build the tiny test guest
 #   (a kernel from linux-source-6.1, fetched by that script itself);
 # - dpkg-dev for the package test (dpkg-deb itself is in dpkg), systemd for
-#   systemd-analyze, which checks the unit.
+#   systemd-analyze, which checks the unit;
+# - iproute2 (ip netns, ip tuntap) for the tests that make network namespaces,
+#   taps and ping in them (busybox-static's ping).
 CIAO_TEST_PACKAGES=(docker.io busybox-static curl
                     qemu-system-x86 qemu-utils ovmf xorriso
                     build-essential bc bison flex libelf-dev libssl-dev cpio xz-utils
                     isolinux syslinux-common mtools
-                    dpkg-dev systemd)
+                    dpkg-dev systemd iproute2)
 
 deps_missing() {
     local p

@@ -186,7 +186,7 @@ pub enum LcCommand {
         #[arg(value_name = "VOLUME")]
         volume: String,
     },
-    /// List the instances of every connected launcher (from their last STATS).
+    /// List the instances of every connected launcher (from their last STATS): state, memory, disk, CPU and the SSH address reported (for a --user-net VM, the 127.0.0.1 port forwarded to its port 22).
     List {
         #[command(flatten)]
         target: Target,

@@ -1286,7 +1286,7 @@ pub struct LaunchSpec<'a> {
 
 /// The QEMU command line (with explicit devices: the root disk first and
 /// bootable, the volumes, the config drive, then the NIC if there is one;
-/// see docs/protocol.md, "QEMU command line").
+/// see docs/architecture.md, "Virtualizers").
 pub fn command_line(s: &LaunchSpec<'_>) -> Vec<OsString> {
     confined_command_line(s, None)
 }
