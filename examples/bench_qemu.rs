@@ -552,6 +552,7 @@ fn bare_one(
         volumes: &[],
         ovmf: None,
         ui: None,
+        nic: &ciao_launcher::virt::qemu::Nic::None,
     });
     let made = t.elapsed();
     let mut qemu = Command::new("qemu-system-x86_64");

@@ -23,10 +23,22 @@
 #   * serial console (ttyS0, 115200) prints, in this order:
 #       GUEST-BOOTED uuid=<uuid> hostname=<hostname>
 #       GUEST-PERSIST[ <file> ...]     (sorted names found in /persist)
+#       GUEST-NIC <ifname> mac=<mac>   (one per NIC; none without a NIC)
 #       ... output of the runcmd entries ...
 #       GUEST-RUNCMD-DONE rc=<N>       (0, or the status of the last failing entry)
 #     and on the ACPI power button (QMP system_powerdown):
 #       GUEST-POWERDOWN
+#   * networking: each virtio-net-pci NIC appears as eth0, eth1, ... (IPv4
+#     only: TCP, UDP, ICMP, packet sockets). lo and every NIC are up before
+#     runcmd; each NIC gets ONE short DHCP attempt in the background (~3 s;
+#     QEMU user networking answers it) which, when it succeeds, prints
+#       GUEST-DHCP <ifname> <ip>/<prefix>
+#     at some point after GUEST-BOOTED and never removes other addresses.
+#     With no server, runcmd sets the address itself, e.g.
+#       - ip addr add 10.1.2.3/24 dev eth0
+#     busybox applets: ip, ifconfig, route, ping, nc (server: nc -ll -p PORT
+#     -e PROG), udhcpc (its event script is at the default path), arping,
+#     brctl.
 #   * /persist is a VFAT partition (label GUESTDATA) appended to the image;
 #     /root is a symlink to it and runcmd runs with cwd /persist, so files
 #     written there survive a reboot from the same qcow2 overlay.
@@ -394,8 +406,35 @@ if [ -n "$pdev" ] && mount -t vfat -o rw,noatime "$pdev" /persist; then
 else
   echo "GUEST-WARNING no writable $PERSIST_LABEL partition, /persist is RAM only" >/dev/console
 fi
+
+# Network: loopback up, every NIC up, and one short DHCP attempt per NIC in
+# the background so boot is not delayed. A server answers under QEMU user
+# networking; on a bare tap nobody does and udhcpc gives up after ~3 s,
+# leaving the NIC to runcmd (its event script never removes addresses).
+ip link set lo up
+for sys in /sys/class/net/*; do
+  ifc=${sys##*/}
+  [ "$ifc" = lo ] && continue
+  ip link set "$ifc" up
+  udhcpc -i "$ifc" -n -q -t 3 -T 1 </dev/null >/dev/null 2>&1 &
+done
 EOF
   } | put "$IRD/rcS" 0755
+
+  # udhcpc event script (its default path): configure what the server gave,
+  # never flush, so an address set by runcmd stays.
+  put "$IRD/udhcpc.script" 0755 <<'EOF'
+#!/bin/sh
+# shellcheck disable=SC2154 # interface, ip, mask, router come from udhcpc
+case "$1" in
+  deconfig) ip link set "$interface" up ;;
+  bound|renew)
+    ip addr replace "$ip/${mask:-24}" dev "$interface"
+    [ -n "$router" ] && ip route replace default via "${router%% *}" dev "$interface"
+    echo "GUEST-DHCP $interface $ip/${mask:-24}" >/dev/console ;;
+esac
+exit 0
+EOF
 
   # guest-boot: the "once" job. Prints the status lines and runs user data.
   put "$IRD/guest-boot" 0755 <<'EOF'
@@ -406,6 +445,11 @@ echo "GUEST-BOOTED uuid=$GUEST_UUID hostname=$GUEST_HOSTNAME"
 # shellcheck disable=SC2012 # plain names for the status line are wanted
 files=$(cd /persist && ls -A 2>/dev/null | sort | tr '\n' ' ' | sed 's/ *$//')
 echo "GUEST-PERSIST${files:+ $files}"
+for sys in /sys/class/net/*; do
+  ifc=${sys##*/}
+  [ "$ifc" = lo ] && continue
+  echo "GUEST-NIC $ifc mac=$(cat "$sys/address")"
+done
 
 ud=/mnt/config/openstack/latest/user_data
 script=/run/user-data.sh
@@ -529,6 +573,7 @@ dir /etc 0755 0 0
 dir /etc/init.d 0755 0 0
 dir /etc/acpi 0755 0 0
 dir /etc/acpi/PWRF 0755 0 0
+dir /etc/udhcpc 0755 0 0
 file /bin/busybox $BUSYBOX 0755 0 0
 file /init $IRD/init 0755 0 0
 file /etc/inittab $IRD/inittab 0644 0 0
@@ -536,6 +581,7 @@ file /etc/init.d/rcS $IRD/rcS 0755 0 0
 file /etc/init.d/guest-boot $IRD/guest-boot 0755 0 0
 file /etc/runcmd-to-sh $IRD/runcmd-to-sh 0755 0 0
 file /etc/acpi/PWRF/00000080 $IRD/pwrf 0755 0 0
+file /etc/udhcpc/default.script $IRD/udhcpc.script 0755 0 0
 file /etc/passwd $IRD/passwd 0644 0 0
 file /etc/group $IRD/group 0644 0 0
 EOF
@@ -547,6 +593,10 @@ EOF
   } | put "$IRLIST" 0644
   grep -q '^slink /sbin/init ' "$IRLIST" || die "busybox has no init applet"
   grep -q '^slink /sbin/acpid ' "$IRLIST" || die "busybox has no acpid applet"
+  local applet
+  for applet in ip ifconfig route ping nc udhcpc arping brctl; do
+    grep -qE "^slink /(usr/)?s?bin/$applet " "$IRLIST" || die "busybox has no $applet applet"
+  done
 }
 
 # ------------------------------------------------------------------ kernel
@@ -619,6 +669,20 @@ CONFIG_NLS_CODEPAGE_437=y
 CONFIG_NLS_ISO8859_1=y
 CONFIG_HOTPLUG_PCI=y
 CONFIG_HOTPLUG_PCI_ACPI=y
+# Networking for the NIC tests: IPv4 (ping, nc, the ARP the bridge tests
+# need), packet sockets (udhcpc), unix sockets, the virtio NIC. Nothing else:
+# no IPv6, no wireless, no other NIC drivers, so the kernel stays small.
+CONFIG_NET=y
+CONFIG_PACKET=y
+CONFIG_UNIX=y
+CONFIG_INET=y
+# CONFIG_IPV6 is not set
+# CONFIG_WIRELESS is not set
+# CONFIG_WLAN is not set
+CONFIG_NETDEVICES=y
+CONFIG_NET_CORE=y
+# CONFIG_ETHERNET is not set
+CONFIG_VIRTIO_NET=y
 EOF
 }
 

@@ -12,8 +12,9 @@
 #   (a kernel from linux-source-6.1, fetched by that script itself);
 # - dpkg-dev for the package test (dpkg-deb itself is in dpkg), systemd for
 #   systemd-analyze, which checks the unit;
-# - iproute2 (ip netns) and iptables for the network namespace tests
-#   (tests/network_ns.rs) and the FORWARD rule of tenant bridges.
+# - iproute2 (ip netns, ip tuntap) and iptables for the network namespace
+#   tests (tests/network_ns.rs, tests/qemu_tap.rs) and the FORWARD rule of
+#   tenant bridges.
 CIAO_TEST_PACKAGES=(docker.io busybox-static curl
                     qemu-system-x86 qemu-utils ovmf xorriso
                     build-essential bc bison flex libelf-dev libssl-dev cpio xz-utils

@@ -155,6 +155,11 @@ pub struct LauncherCli {
           default_missing_value = "cn", action = ArgAction::Set, ignore_case = true, help_heading = NODE)]
     pub network: NetworkMode,
 
+    /// Give every virtual machine a QEMU user-mode NIC for single-node use: the guest can reach nothing outside QEMU (restrict=on), and its SSH port 22 is forwarded from a free port on 127.0.0.1, which STATS reports as the instance's ssh_ip and ssh_port (ciao-lc list shows it). Only with --network none.
+    #[arg(long, value_name = "BOOL", default_value = "false", num_args = 0..=1, require_equals = true,
+          default_missing_value = "true", action = ArgAction::Set, value_parser = parse_go_bool, help_heading = NODE)]
+    pub user_net: bool,
+
     /// Largest number of instances the node accepts; a START beyond it is refused with full_cn (default: 32 with --protocol 2016, the open-file limit / 5 with 2018).
     #[arg(long, value_name = "N", help_heading = NODE)]
     pub max_vm: Option<u32>,
@@ -445,6 +450,8 @@ pub struct Config {
     pub data_dir: PathBuf,
     pub simulation: bool,
     pub network: NetworkMode,
+    /// `--user-net` (only with `network` none).
+    pub user_net: bool,
     /// At least 1; `None`: the profile's default (32 in 2016, the open-file
     /// limit / 5 in 2018, known only once the limit is raised).
     pub max_vm: Option<u32>,
@@ -639,6 +646,20 @@ impl LauncherCli {
             ));
         }
         let usage_interval = Duration::from_secs_f64(self.usage_interval);
+        // A user-mode NIC bypasses the tenant network: never both.
+        let user_net = match (self.user_net, self.network) {
+            (true, NetworkMode::None) | (false, _) => self.user_net,
+            (true, mode) => {
+                return Err(invalid(
+                    "--user-net",
+                    "true",
+                    format!(
+                        "is for single-node use without tenant networking, not with --network {}",
+                        format!("{mode:?}").to_lowercase()
+                    ),
+                ));
+            }
+        };
         // Go's default was "": an empty value means "not given".
         let child_user = match self.child_user.as_deref().map(str::trim) {
             None | Some("") => None,
@@ -689,6 +710,7 @@ impl LauncherCli {
                 .unwrap_or(self.protocol == Profile::P2018),
             simulation: self.simulation,
             network: self.network,
+            user_net,
             max_vm: self.max_vm,
             compute_net: parse_cidrs("--compute-net", self.compute_net)?,
             mgmt_net: parse_cidrs("--mgmt-net", self.mgmt_net)?,
@@ -1416,6 +1438,29 @@ mod tests {
         assert_eq!(net(&["--network", "cn"]), NetworkMode::Cn);
         assert_eq!(net(&["--network=NONE"]), NetworkMode::None);
         assert!(matches!(parse_err(&["-network=dual"]), CliError::Clap(_)));
+    }
+
+    #[test]
+    fn user_net_is_opt_in_and_only_without_tenant_networking() {
+        let user_net = |a: &[&str]| with_certs(a).user_net;
+        assert!(!user_net(&[]));
+        assert!(user_net(&["-user-net"]));
+        assert!(user_net(&["--user-net=true"]));
+        assert!(!user_net(&["-user-net=false"]));
+        assert!(user_net(&["-user-net", "-network=none"]));
+        for mode in ["-network=cn", "-network=nn", "-network"] {
+            let mut v = CERTS.to_vec();
+            v.extend_from_slice(&["-user-net", mode]);
+            match parse_err(&v) {
+                CliError::Invalid { flag, reason, .. } => {
+                    assert_eq!(flag, "--user-net");
+                    assert!(reason.contains("--network"), "{reason}");
+                }
+                e => panic!("{mode}: {e}"),
+            }
+        }
+        // Without --user-net, every mode is fine.
+        assert!(!user_net(&["-user-net=false", "-network=cn"]));
     }
 
     #[test]

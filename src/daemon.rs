@@ -112,6 +112,11 @@ fn run(cfg: Config) -> LauncherExit {
             cfg.network
         );
     }
+    if cfg.user_net {
+        info!(
+            "--user-net: virtual machines get a user-mode NIC that reaches nothing outside QEMU, with guest port 22 forwarded from a free port on 127.0.0.1"
+        );
+    }
     let nofile = raise_nofile();
     let max_vm = match (cfg.max_vm, cfg.protocol) {
         (Some(n), _) => n as usize,
@@ -348,6 +353,7 @@ fn qemu_factory(cfg: &Config) -> (qemu::QemuFactory, String) {
         images: qemu::ImageCache::default(),
         child_users: child_users(cfg),
         confinement: Arc::default(),
+        user_net: cfg.user_net,
     };
     (factory, why)
 }

@@ -196,6 +196,13 @@ pub enum InstanceUpdate {
         usage: Usage,
         volumes: Vec<String>,
     },
+    /// The SSH address STATS shows changed (a forward chosen for a boot);
+    /// sent once it is persisted.
+    Ssh {
+        id: String,
+        ip: String,
+        port: u16,
+    },
     /// Send a STATUS now (after a successful START).
     StatusNow,
     /// The instance's files are gone: forget it, free its allocations, send
@@ -487,6 +494,16 @@ impl Instance {
         });
     }
 
+    /// Tells the overseer the SSH address STATS shows (once persisted).
+    fn tell_ssh(&self) {
+        let (ip, port) = self.cfg.ssh_address();
+        self.update(InstanceUpdate::Ssh {
+            id: self.id.clone(),
+            ip,
+            port,
+        });
+    }
+
     /// Writes the state file with the `stopped` flag given.
     fn save(&self, stopped: bool) -> Result<(), StateError> {
         self.ctx.store.save_config(&self.id, &self.cfg, stopped)
@@ -626,6 +643,11 @@ impl Instance {
         if let Err(e) = self.vm.ensure_backing_image() {
             return self.start_failed(e.reason(Reason::ImageFailure), &e, false);
         }
+        // Chosen before the state is written, which records it.
+        match self.vm.choose_ssh_forward() {
+            Ok(a) => self.cfg.ssh_forward = a,
+            Err(e) => return self.start_failed(e.reason(Reason::LaunchFailure), &e, false),
+        }
         let t0 = Instant::now();
         let (made, saved) = self.create_image_and_save(state);
         if let Err(e) = made {
@@ -635,6 +657,9 @@ impl Instance {
         // that cannot be written is reported as the instance's image.
         if let Err(e) = saved {
             return self.start_failed(Reason::ImageFailure, &e, true);
+        }
+        if self.cfg.ssh_forward.is_some() {
+            self.tell_ssh();
         }
         if let Err(e) = self.vm.start() {
             return self.start_failed(e.reason(Reason::LaunchFailure), &e, true);
@@ -798,8 +823,17 @@ impl Instance {
             self.fail(ErrorKind::Restart, Reason::NoInstance, &why);
             return self.vanished(&why);
         }
+        let before = self.cfg.ssh_forward;
+        match self.vm.choose_ssh_forward() {
+            Ok(a) => self.cfg.ssh_forward = a,
+            Err(e) => return self.fail(ErrorKind::Restart, e.reason(Reason::LaunchFailure), &e),
+        }
         if let Err(e) = self.save(false) {
+            self.cfg.ssh_forward = before;
             return self.fail(ErrorKind::Restart, Reason::StateFailure, &e);
+        }
+        if self.cfg.ssh_forward != before {
+            self.tell_ssh();
         }
         if let Err(e) = self.vm.start() {
             if let Err(e) = self.save(true) {

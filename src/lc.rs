@@ -186,7 +186,7 @@ pub enum LcCommand {
         #[arg(value_name = "VOLUME")]
         volume: String,
     },
-    /// List the instances of every connected launcher (from their last STATS).
+    /// List the instances of every connected launcher (from their last STATS): state, memory, disk, CPU and the SSH address reported (for a --user-net VM, the 127.0.0.1 port forwarded to its port 22).
     List {
         #[command(flatten)]
         target: Target,
@@ -835,10 +835,19 @@ fn human_mb(mb: i64) -> String {
     }
 }
 
+/// `ssh_ip:ssh_port` of a STATS instance, `-` when it reports none.
+fn ssh_column(ip: &str, port: i64) -> String {
+    match (ip, port) {
+        ("", _) | (_, ..=0) => "-".into(),
+        (ip, port) if ip.contains(':') => format!("[{ip}]:{port}"),
+        (ip, port) => format!("{ip}:{port}"),
+    }
+}
+
 fn list_table(s: &ServeState) -> String {
     let mut out = format!(
-        "{:<36}  {:<36}  {:<8}  {:>10}  {:>10}  {:>4}\n",
-        "NODE", "INSTANCE", "STATE", "MEMORY", "DISK", "CPU%"
+        "{:<36}  {:<36}  {:<8}  {:>10}  {:>10}  {:>4}  {}\n",
+        "NODE", "INSTANCE", "STATE", "MEMORY", "DISK", "CPU%", "SSH"
     );
     for (u, n) in &s.nodes {
         let Some(stats) = &n.stats else { continue };
@@ -850,13 +859,14 @@ fn list_table(s: &ServeState) -> String {
             };
             let _ = writeln!(
                 out,
-                "{:<36}  {:<36}  {:<8}  {:>10}  {:>10}  {:>4}",
+                "{:<36}  {:<36}  {:<8}  {:>10}  {:>10}  {:>4}  {}",
                 uuid::Uuid::from_bytes(*u),
                 i.instance_uuid,
                 i.state,
                 human_mb(i.memory_usage_mb),
                 human_mb(i.disk_usage_mb),
-                cpu
+                cpu,
+                ssh_column(&i.ssh_ip, i.ssh_port)
             );
         }
     }
@@ -1155,4 +1165,19 @@ fn current_profile(target: &Target) -> Option<Profile> {
     conn.read_to_string(&mut text).ok()?;
     let r: Response = serde_yaml::from_str(&text).ok()?;
     r.message.trim().parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ssh_column;
+
+    #[test]
+    fn ssh_column_shows_the_reported_address_or_a_dash() {
+        assert_eq!(ssh_column("127.0.0.1", 40022), "127.0.0.1:40022");
+        assert_eq!(ssh_column("192.168.42.21", 35050), "192.168.42.21:35050");
+        assert_eq!(ssh_column("::1", 22), "[::1]:22");
+        assert_eq!(ssh_column("", 0), "-");
+        assert_eq!(ssh_column("", 35050), "-");
+        assert_eq!(ssh_column("192.168.42.21", 0), "-");
+    }
 }

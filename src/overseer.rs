@@ -162,13 +162,14 @@ struct Sizes {
 
 impl Sizes {
     fn of(cfg: &InstanceConfig) -> Sizes {
+        let (ssh_ip, ssh_port) = cfg.ssh_address();
         Sizes {
             volumes: cfg.volumes.iter().map(|v| v.uuid.clone()).collect(),
             vcpus: i64::from(cfg.vcpus),
             mem_mb: cfg.mem_mb as i64,
             disk_mb: cfg.disk_mb as i64,
-            ssh_ip: cfg.networking.concentrator_ip.clone(),
-            ssh_port: i64::from(cfg.ssh_port),
+            ssh_ip,
+            ssh_port: i64::from(ssh_port),
         }
     }
 }
@@ -556,6 +557,12 @@ impl Overseer {
                     self.mem_used += m1 - m0;
                     r.usage = usage;
                     r.sizes.volumes = volumes;
+                }
+            }
+            InstanceUpdate::Ssh { id, ip, port } => {
+                if let Some(r) = self.instances.get_mut(&id) {
+                    r.sizes.ssh_ip = ip;
+                    r.sizes.ssh_port = i64::from(port);
                 }
             }
             InstanceUpdate::StatusNow => self.report(false),

@@ -763,6 +763,7 @@ mod tests {
                 private_ip: "192.168.8.2".into(),
             },
             ssh_port: 35050,
+            ssh_forward: Some("127.0.0.1:40022".parse().unwrap()),
             volumes: vec![
                 Volume {
                     uuid: "69e84267-ed01-4738-b15f-b47de06b62e7".into(),

@@ -21,26 +21,6 @@ const IMAGE: &str = "7e57a9e0-0c1a-4000-8000-000000000001";
 /// Booting under TCG on two shared cores, several VMs at once.
 const BOOT: Duration = Duration::from_secs(240);
 
-/// The test guest, built (or found in its cache) once per test binary.
-fn guest_image() -> &'static Path {
-    static IMG: OnceLock<PathBuf> = OnceLock::new();
-    IMG.get_or_init(|| {
-        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/build-guest-image.sh");
-        let out = Command::new("bash")
-            .arg(script)
-            .stderr(std::process::Stdio::inherit())
-            .output()
-            .expect("run build-guest-image.sh");
-        assert!(
-            out.status.success(),
-            "scripts/build-guest-image.sh failed: the QEMU tests need the test guest"
-        );
-        let path = PathBuf::from(text(&out.stdout).lines().last().unwrap_or("").trim());
-        assert!(path.is_file(), "no guest image at {}", path.display());
-        path
-    })
-}
-
 fn setup(profile: &str, extra: &[&str]) -> (Env, Proc, std::net::SocketAddr, Proc) {
     // Before the guest is built or anything started: a missing QEMU is one line, at once.
     require_qemu();
@@ -829,4 +809,143 @@ fn efi_and_hotplug_as_child_user_2018() {
     env.wait_list("deleted", |l| state_of(l, &id).is_none());
     wait_dead(pid);
     assert_eq!(env.instance_dirs(), 0);
+}
+
+/// The SSH address `ciao-lc list` shows for `id` (its last column), once
+/// it shows one.
+fn wait_ssh(env: &Env, id: &str) -> std::net::SocketAddr {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let out = env.lc_ok(&["list"]);
+        let shown = out
+            .lines()
+            .find(|l| l.contains(id))
+            .and_then(|l| l.split_whitespace().last())
+            .and_then(|w| w.parse().ok());
+        if let Some(a) = shown {
+            return a;
+        }
+        assert!(Instant::now() < deadline, "no SSH address for {id}:\n{out}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// One line through `addr` and back.
+fn try_echo(addr: std::net::SocketAddr, what: &str) -> std::io::Result<()> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    let line = format!("{what}\n");
+    s.write_all(line.as_bytes())?;
+    let mut back = vec![0; line.len()];
+    s.read_exact(&mut back)?;
+    if back != line.as_bytes() {
+        return Err(std::io::Error::other(format!(
+            "sent {line:?}, got {:?}",
+            String::from_utf8_lossy(&back)
+        )));
+    }
+    Ok(())
+}
+
+/// Echoes a line through the forward, retrying (bounded) while the guest's
+/// listener is not up yet (QEMU accepts on the host side and closes).
+fn echo_through(addr: std::net::SocketAddr, what: &str) {
+    let deadline = Instant::now() + BOOT;
+    loop {
+        match try_echo(addr, what) {
+            Ok(()) => return,
+            Err(e) => assert!(
+                Instant::now() < deadline,
+                "no echo of {what:?} through {addr}: {e}"
+            ),
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// Local addresses (kernel hex form, e.g. 0100007F for 127.0.0.1) of the
+/// TCP listeners on `port` in this network namespace, IPv4 and IPv6.
+fn listeners(port: u16) -> Vec<String> {
+    let mut found = Vec::new();
+    for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
+        let t = std::fs::read_to_string(table).unwrap_or_default();
+        for line in t.lines().skip(1) {
+            let w: Vec<&str> = line.split_whitespace().collect();
+            let (Some(local), Some(state)) = (w.get(1), w.get(3)) else {
+                continue;
+            };
+            let Some((ip, p)) = local.split_once(':') else {
+                continue;
+            };
+            if *state == "0A" && u16::from_str_radix(p, 16) == Ok(port) {
+                found.push(ip.to_string());
+            }
+        }
+    }
+    found
+}
+
+/// `--user-net`: the guest's port 22 (a TCP echo server from runcmd here:
+/// the test guest has no sshd) is forwarded from a free 127.0.0.1 port that
+/// STATS reports as the instance's SSH address and `ciao-lc list` shows,
+/// bound to 127.0.0.1 only. The address is in the instance's state and
+/// stays the same across a launcher kill -9 and a STOP/RESTART; DELETE
+/// frees it.
+#[test]
+fn user_net_forwards_the_guest_ssh_port_from_loopback_only_2016() {
+    let (env, _serve, addr, first) = setup("2016", &["--user-net"]);
+    let id = start_vm(
+        &env,
+        false,
+        64,
+        "#cloud-config\nruncmd:\n  - nc -ll -p 22 -e /bin/cat &\n",
+    );
+    // QEMU's user-mode DHCP answered the guest.
+    wait_console(&env, &id, "GUEST-DHCP eth0 10.0.2.15/24", 1);
+    wait_console(&env, &id, "GUEST-RUNCMD-DONE rc=0", 1);
+    let ssh = wait_ssh(&env, &id);
+    assert_eq!(ssh.ip(), std::net::Ipv4Addr::LOCALHOST, "{ssh}");
+    echo_through(ssh, "first boot");
+    println!("guest port 22 reached through {ssh}");
+    // Bound to 127.0.0.1 only: no other listener on the port, and another
+    // loopback address of this host is refused.
+    assert_eq!(listeners(ssh.port()), ["0100007F"]);
+    let other = std::net::SocketAddr::from(([127, 0, 0, 2], ssh.port()));
+    match std::net::TcpStream::connect_timeout(&other, Duration::from_secs(2)) {
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {}
+        r => panic!("{other}: {r:?}"),
+    }
+    let state = std::fs::read_to_string(instance_dir(&env, &id).join("state")).expect("state");
+    assert!(state.contains(&format!("ssh_forward: {ssh}")), "{state}");
+
+    // kill -9 the launcher: the new one reports the same forward.
+    let old = env.peer().expect("connected");
+    first.kill9();
+    let _second = launcher(&env, addr, "2016", &["--user-net"]);
+    env.wait_reconnected(&old);
+    wait_log(&env, "1 instance(s) recovered");
+    env.wait_list("running after the restart", |l| {
+        state_of(l, &id) == Some("running")
+    });
+    assert_eq!(wait_ssh(&env, &id), ssh);
+    echo_through(ssh, "after the launcher restart");
+
+    // STOP and RESTART: the VM boots again behind the same port.
+    env.lc_ok(&["stop", &id]);
+    env.wait_list_within(BOOT, "exited", |l| state_of(l, &id) == Some("exited"));
+    env.lc_ok(&["restart", &id]);
+    wait_console(&env, &id, "GUEST-RUNCMD-DONE rc=0", 2);
+    env.wait_list_within(BOOT, "running again", |l| {
+        state_of(l, &id) == Some("running")
+    });
+    assert_eq!(wait_ssh(&env, &id), ssh);
+    echo_through(ssh, "after RESTART");
+
+    // DELETE: nothing listens there any more.
+    let pid = qemu_pid(&env, &id);
+    env.lc_ok(&["delete", &id]);
+    env.wait_list("deleted", |l| state_of(l, &id).is_none());
+    wait_dead(pid);
+    assert!(listeners(ssh.port()).is_empty());
 }

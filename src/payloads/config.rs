@@ -52,6 +52,18 @@ pub struct Volume {
     pub bootable: bool,
 }
 
+impl InstanceConfig {
+    /// The SSH address STATS reports (`ssh_ip`, `ssh_port`): the forward to
+    /// the guest when it has one, else the concentrator's address and the
+    /// port derived from the private IP.
+    pub fn ssh_address(&self) -> (String, u16) {
+        match self.ssh_forward {
+            Some(a) => (a.ip().to_string(), a.port()),
+            None => (self.networking.concentrator_ip.clone(), self.ssh_port),
+        }
+    }
+}
+
 /// Everything the launcher keeps about one instance.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(default)]
@@ -73,6 +85,11 @@ pub struct InstanceConfig {
     pub networking: Networking,
     /// 33000 + the last two octets of `private_ip` (0 for network nodes).
     pub ssh_port: u16,
+    /// The loopback address forwarded to the guest's port 22 (a VM with a
+    /// user-mode NIC, `--user-net`): what STATS reports as its SSH address
+    /// instead of the concentrator's, also after a launcher restart.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ssh_forward: Option<std::net::SocketAddr>,
     pub volumes: Vec<Volume>,
     /// 2018: START of an instance that ran elsewhere (echoed in StartFailure).
     pub restart: bool,

@@ -447,6 +447,8 @@ fn validate(raw: RawStart, split: SplitYaml) -> Result<InstanceConfig, PayloadEr
         privileged: raw.privileged,
         networking: raw.networking,
         ssh_port,
+        // Chosen by the launcher at boot, never by the scheduler.
+        ssh_forward: None,
         volumes,
         restart: raw.restart,
         user_data: split.user_data,
@@ -875,6 +877,7 @@ runcmd:
                 private_ip: "192.168.8.2".into(),
             },
             ssh_port: 35050,
+            ssh_forward: None,
             volumes: vec![Volume {
                 uuid: "73a86d7e-93c0-480e-9c41-ab42f69b7799".into(),
                 bootable: true,

@@ -18,6 +18,7 @@ pub mod qmp;
 pub mod sim;
 
 use std::fmt;
+use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -148,6 +149,21 @@ pub trait Monitor: Send + fmt::Debug {
 pub trait Virtualizer: Send + fmt::Debug {
     /// Remembers the configuration and directory; called first, also on recovery.
     fn init(&mut self, cfg: &InstanceConfig, dir: &Path);
+    /// Gives the next boot its network device (a tenant tap or macvtap that
+    /// the node's network made); the boot consumes it. Only VMs take one.
+    fn set_nic(&mut self, nic: qemu::Nic) -> Result<(), VirtError> {
+        match nic {
+            qemu::Nic::None => Ok(()),
+            _ => Err(VirtError::other("this virtualizer takes no QEMU NIC")),
+        }
+    }
+    /// Chooses, before each boot (START, RESTART), the host address
+    /// forwarded to the guest's SSH port (QEMU with `--user-net`), which
+    /// the caller persists in the instance's state before the boot and
+    /// reports in STATS; `None`: no forward.
+    fn choose_ssh_forward(&mut self) -> Result<Option<SocketAddr>, VirtError> {
+        Ok(None)
+    }
     /// Makes sure the root image exists (`image_failure` otherwise).
     fn ensure_backing_image(&mut self) -> Result<(), VirtError>;
     /// Creates the per-instance artefacts (`image_failure` otherwise).

@@ -40,6 +40,8 @@ use std::collections::BTreeSet;
 use std::ffi::OsString;
 use std::fs;
 use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::Arc;
@@ -235,6 +237,9 @@ pub struct QemuFactory {
     pub child_users: Arc<ChildUsers>,
     /// What QEMU offers to confine VMs of a child user, once learnt.
     pub confinement: Arc<Mutex<Option<Confinement>>>,
+    /// `--user-net`: VMs without a tenant NIC get a user-mode NIC whose
+    /// guest port 22 is forwarded from a free loopback port.
+    pub user_net: bool,
 }
 
 impl QemuFactory {
@@ -316,6 +321,7 @@ impl VirtualizerFactory for QemuFactory {
             pid: Arc::new(AtomicI32::new(0)),
             sampler: None,
             port: None,
+            nic: Nic::None,
         })
     }
 }
@@ -426,6 +432,8 @@ pub struct Qemu {
     sampler: Option<ProcessSampler>,
     /// Console port held while running with a UI.
     port: Option<u16>,
+    /// The NIC of the next boot (consumed by it), from [`Virtualizer::set_nic`].
+    nic: Nic,
 }
 
 impl Qemu {
@@ -484,6 +492,7 @@ impl Qemu {
         &self,
         ovmf: Option<&Ovmf>,
         confine: Option<&Confine>,
+        nic: &Nic,
     ) -> Result<Vec<OsString>, VirtError> {
         let (root, root_fmt) = self.root_disk()?;
         let mut extra = Vec::new();
@@ -510,6 +519,7 @@ impl Qemu {
                 volumes: &extra,
                 ovmf,
                 ui: self.port.map(|p| (self.f.ui, p)),
+                nic,
             },
             confine,
         ))
@@ -596,6 +606,15 @@ impl Qemu {
             }
         }
         check_socket_path(&self.socket())?;
+        // This boot's NIC; a tap's descriptors are closed (here) when it
+        // returns, QEMU keeps its own copies.
+        let nic = match std::mem::take(&mut self.nic) {
+            Nic::None => match (self.f.user_net, self.cfg.ssh_forward) {
+                (true, Some(ssh_forward)) => Nic::User { ssh_forward },
+                _ => Nic::None,
+            },
+            given => given,
+        };
         let tries = if self.f.ui == Ui::None { 1 } else { 10 };
         for attempt in 1..=tries {
             if self.f.ui != Ui::None {
@@ -607,7 +626,7 @@ impl Qemu {
                     );
                 }
             }
-            let args = self.args(ovmf.as_ref(), confine.as_ref())?;
+            let args = self.args(ovmf.as_ref(), confine.as_ref(), &nic)?;
             debug!(
                 "{}: {} {}",
                 self.cfg.instance_uuid,
@@ -619,6 +638,7 @@ impl Qemu {
             );
             let mut cmd = Command::new(&self.f.qemu);
             own_session(&mut cmd);
+            inherit_fds(&mut cmd, nic.inherited());
             let out = cmd
                 .args(&args)
                 .current_dir(&self.dir)
@@ -633,6 +653,12 @@ impl Qemu {
                 }
                 if let Some(p) = self.port {
                     info!("{}: console on 127.0.0.1:{p}", self.cfg.instance_uuid);
+                }
+                if let Nic::User { ssh_forward } = &nic {
+                    info!(
+                        "{}: user-mode NIC, guest port 22 forwarded from {ssh_forward}",
+                        self.cfg.instance_uuid
+                    );
                 }
                 return Ok(());
             }
@@ -1033,6 +1059,184 @@ pub struct Confine {
     pub sandbox: Option<String>,
 }
 
+/// The network device of a VM. The file descriptors are the launcher's
+/// copies: QEMU inherits them across exec (and only them, see
+/// [`inherit_fds`]), and the launcher closes its copies once QEMU runs (the
+/// value is consumed by the boot).
+#[derive(Debug, Default)]
+pub enum Nic {
+    /// No network device at all (`-network none`, the default).
+    #[default]
+    None,
+    /// A tenant VM's tap on this node's tenant bridge: one open queue of the
+    /// tap per descriptor (normally one), the guest's MAC (`vnic_mac`), and
+    /// whether QEMU should open `/dev/vhost-net` for it (only where it
+    /// exists; without it the tap works in userspace).
+    Tap {
+        fds: Vec<OwnedFd>,
+        mac: [u8; 6],
+        vhost: bool,
+    },
+    /// A CNCI VM's macvtap on the compute link: `/dev/tap<ifindex>` opened
+    /// once per queue; the MAC must be the macvtap's own.
+    Macvtap { fds: Vec<OwnedFd>, mac: [u8; 6] },
+    /// QEMU user-mode networking with `restrict=on` (the guest reaches
+    /// nothing outside QEMU) and the guest's TCP port 22 forwarded from
+    /// `ssh_forward`, a loopback address (`--user-net`).
+    User { ssh_forward: SocketAddr },
+}
+
+/// The id of the VM's `-netdev` (one NIC per VM).
+const NETDEV_ID: &str = "nic0";
+
+/// `aa:bb:cc:dd:ee:ff`, the form QEMU's `mac=` takes.
+pub fn mac_text(mac: &[u8; 6]) -> String {
+    mac.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
+impl Nic {
+    /// The descriptors QEMU must inherit.
+    pub fn inherited(&self) -> Vec<RawFd> {
+        match self {
+            Nic::Tap { fds, .. } | Nic::Macvtap { fds, .. } => {
+                fds.iter().map(AsRawFd::as_raw_fd).collect()
+            }
+            Nic::None | Nic::User { .. } => Vec::new(),
+        }
+    }
+
+    /// The `-netdev` and `-device` options. A tap (or macvtap) is passed
+    /// by descriptor number (`fds=`, the numbers are the same in QEMU as
+    /// here, see [`inherit_fds`]); several queues make the device
+    /// multi-queue with 2·queues + 2 MSI-X vectors. The NIC has no option
+    /// ROM (`romfile=`): the guest boots from its disk, never the network.
+    pub fn args(&self) -> Vec<String> {
+        let tap = |fds: &[OwnedFd], mac: &[u8; 6], vhost: bool| {
+            let list = fds
+                .iter()
+                .map(|f| f.as_raw_fd().to_string())
+                .collect::<Vec<_>>()
+                .join(":");
+            let mut netdev = format!("tap,id={NETDEV_ID},fds={list}");
+            if vhost {
+                netdev.push_str(",vhost=on");
+            }
+            let mut device = format!(
+                "virtio-net-pci,netdev={NETDEV_ID},mac={},romfile=",
+                mac_text(mac)
+            );
+            if fds.len() > 1 {
+                device.push_str(&format!(",mq=on,vectors={}", 2 * fds.len() + 2));
+            }
+            vec!["-netdev".into(), netdev, "-device".into(), device]
+        };
+        match self {
+            Nic::None => Vec::new(),
+            Nic::Tap { fds, mac, vhost } => tap(fds, mac, *vhost),
+            Nic::Macvtap { fds, mac } => tap(fds, mac, false),
+            Nic::User { ssh_forward } => {
+                let host = match ssh_forward.ip() {
+                    IpAddr::V4(ip) => ip.to_string(),
+                    IpAddr::V6(ip) => format!("[{ip}]"),
+                };
+                vec![
+                    "-netdev".into(),
+                    format!(
+                        "user,id={NETDEV_ID},restrict=on,hostfwd=tcp:{host}:{}-:22",
+                        ssh_forward.port()
+                    ),
+                    "-device".into(),
+                    format!("virtio-net-pci,netdev={NETDEV_ID},romfile="),
+                ]
+            }
+        }
+    }
+}
+
+/// Makes exactly `fds` survive the exec of `cmd`: the child clears their
+/// close-on-exec flag between fork and exec. Everything the launcher opens
+/// is close-on-exec (Rust's standard library opens everything so), so
+/// nothing else leaks into QEMU, and a QEMU started at the same time by
+/// another instance thread never inherits these: the flag is only cleared
+/// in this child's copy of the descriptor table. The numbers stay the same
+/// in the child, which is what [`Nic::args`] names.
+pub fn inherit_fds(cmd: &mut Command, fds: Vec<RawFd>) {
+    use std::os::unix::process::CommandExt;
+    if fds.is_empty() {
+        return;
+    }
+    // SAFETY: between fork and exec the closure only makes fcntl(2) calls on
+    // numbers copied in beforehand (iterating the vector does not
+    // allocate): async-signal-safe, no lock. The descriptors are open: the
+    // caller holds them until `cmd` has run.
+    unsafe {
+        cmd.pre_exec(move || {
+            for &fd in &fds {
+                let fd = std::os::fd::BorrowedFd::borrow_raw(fd);
+                nix::fcntl::fcntl(
+                    fd,
+                    nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::empty()),
+                )?;
+            }
+            Ok(())
+        });
+    }
+}
+
+/// Loopback ports forwarded to guests by this launcher (`--user-net`).
+static FORWARDS: Mutex<BTreeSet<u16>> = Mutex::new(BTreeSet::new());
+
+/// A loopback address for a VM's SSH forward: `keep` (the VM's address of
+/// before) when nobody else holds it, else a port the kernel has free now
+/// (bound to port 0 and closed again, and not forwarded to another VM of
+/// this launcher). The port is recorded until [`release_forward`].
+pub fn reserve_forward(keep: Option<SocketAddr>) -> Result<SocketAddr, VirtError> {
+    let mut used = FORWARDS
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    if let Some(a) = keep {
+        used.remove(&a.port());
+        if a.ip().is_loopback() && std::net::TcpListener::bind(a).is_ok() {
+            used.insert(a.port());
+            return Ok(a);
+        }
+    }
+    // The kernel hands out different ports in turn; a few tries step over
+    // one that another VM of ours holds but has not bound yet.
+    for _ in 0..16 {
+        let l = std::net::TcpListener::bind(("127.0.0.1", 0))
+            .map_err(|e| VirtError::launch(format!("no free loopback port for SSH: {e}")))?;
+        let a = l
+            .local_addr()
+            .map_err(|e| VirtError::launch(format!("no free loopback port for SSH: {e}")))?;
+        if used.insert(a.port()) {
+            return Ok(a);
+        }
+    }
+    Err(VirtError::launch(
+        "no free loopback port for SSH that no other VM uses",
+    ))
+}
+
+/// Records that `addr` is the SSH forward of a running VM (recovery).
+fn hold_forward(addr: SocketAddr) {
+    FORWARDS
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .insert(addr.port());
+}
+
+/// The VM of `addr` is gone: the port may go to another VM.
+pub fn release_forward(addr: SocketAddr) {
+    FORWARDS
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .remove(&addr.port());
+}
+
 /// Console ports in use by this launcher.
 static PORTS: Mutex<BTreeSet<u16>> = Mutex::new(BTreeSet::new());
 
@@ -1076,11 +1280,13 @@ pub struct LaunchSpec<'a> {
     pub ovmf: Option<&'a Ovmf>,
     /// Console UI and its port.
     pub ui: Option<(Ui, u16)>,
+    /// The network device.
+    pub nic: &'a Nic,
 }
 
-/// The QEMU command line (spec §7.3, with explicit devices: the root disk
-/// first and bootable, the volumes, the config drive; no network device
-/// while tenant networking is not implemented).
+/// The QEMU command line (with explicit devices: the root disk first and
+/// bootable, the volumes, the config drive, then the NIC if there is one;
+/// see docs/architecture.md, "Virtualizers").
 pub fn command_line(s: &LaunchSpec<'_>) -> Vec<OsString> {
     confined_command_line(s, None)
 }
@@ -1153,6 +1359,8 @@ pub fn confined_command_line(s: &LaunchSpec<'_>, confine: Option<&Confine>) -> V
         "-device",
         "virtio-blk-pci,drive=seed,id=device_seed",
     ]);
+    let nic = s.nic.args();
+    push(&nic.iter().map(String::as_str).collect::<Vec<_>>());
     let console_log = dir("console.log");
     match s.ui {
         Some((Ui::Nc, port)) => push(&[
@@ -1213,6 +1421,29 @@ impl Virtualizer for Qemu {
     fn init(&mut self, cfg: &InstanceConfig, dir: &Path) {
         self.cfg = cfg.clone();
         self.dir = dir.to_path_buf();
+        // A recovered VM still listens there: no other VM may get the port.
+        if let Some(a) = cfg.ssh_forward {
+            hold_forward(a);
+        }
+    }
+
+    fn set_nic(&mut self, nic: Nic) -> Result<(), VirtError> {
+        self.nic = nic;
+        Ok(())
+    }
+
+    fn choose_ssh_forward(&mut self) -> Result<Option<SocketAddr>, VirtError> {
+        let chosen = if self.f.user_net {
+            Some(reserve_forward(self.cfg.ssh_forward)?)
+        } else {
+            // Booted once with --user-net, now without: no forward any more.
+            if let Some(a) = self.cfg.ssh_forward {
+                release_forward(a);
+            }
+            None
+        };
+        self.cfg.ssh_forward = chosen;
+        Ok(chosen)
     }
 
     fn ensure_backing_image(&mut self) -> Result<(), VirtError> {
@@ -1285,6 +1516,9 @@ impl Virtualizer for Qemu {
     fn delete_image(&mut self) -> Result<(), VirtError> {
         // Everything lives in the instance directory, which the caller removes.
         self.release_port();
+        if let Some(a) = self.cfg.ssh_forward {
+            release_forward(a);
+        }
         Ok(())
     }
 
@@ -2038,6 +2272,7 @@ mod tests {
             volumes: &vols,
             ovmf: Some(&ovmf),
             ui: None,
+            nic: &Nic::None,
         });
         let s: Vec<String> = args
             .iter()
@@ -2067,6 +2302,7 @@ mod tests {
             volumes: &[],
             ovmf: None,
             ui: Some((Ui::Nc, 5901)),
+            nic: &Nic::None,
         });
         let s: Vec<String> = args
             .iter()
@@ -2093,6 +2329,187 @@ mod tests {
             volumes: &[],
             ovmf: None,
             ui: None,
+            nic: &Nic::None,
+        }
+    }
+
+    /// Open descriptors to stand in for tap queues.
+    fn fds(n: usize) -> Vec<OwnedFd> {
+        (0..n)
+            .map(|_| OwnedFd::from(fs::File::open("/dev/null").unwrap()))
+            .collect()
+    }
+
+    /// The `-netdev` and `-device` values of a command line, if any.
+    fn nic_of(args: &[String]) -> Option<(String, String)> {
+        let i = args.iter().position(|a| a == "-netdev")?;
+        assert_eq!(args[i + 2], "-device");
+        assert_eq!(
+            args.iter().filter(|a| *a == "-netdev").count(),
+            1,
+            "one NIC"
+        );
+        Some((args[i + 1].clone(), args[i + 3].clone()))
+    }
+
+    const MAC: [u8; 6] = [0x02, 0x00, 0xaa, 0x0b, 0xcd, 0xef];
+
+    #[test]
+    fn command_line_without_a_nic_has_no_network_device() {
+        let (dir, root) = (Path::new("/d/i"), Path::new("/d/i/image.qcow2"));
+        let s = strings(&command_line(&spec(dir, root)));
+        assert!(nic_of(&s).is_none());
+        assert!(
+            !s.iter()
+                .any(|a| a.starts_with("-net") || a.contains("virtio-net"))
+        );
+        assert!(
+            s.contains(&"-nodefaults".to_string()),
+            "no default NIC either"
+        );
+        assert!(Nic::None.inherited().is_empty());
+    }
+
+    #[test]
+    fn command_line_with_a_tap() {
+        let (dir, root) = (Path::new("/d/i"), Path::new("/d/i/image.qcow2"));
+        let tap = Nic::Tap {
+            fds: fds(1),
+            mac: MAC,
+            vhost: false,
+        };
+        let n = tap.inherited();
+        assert_eq!(n.len(), 1);
+        let s = strings(&command_line(&LaunchSpec {
+            nic: &tap,
+            ..spec(dir, root)
+        }));
+        let (netdev, device) = nic_of(&s).unwrap();
+        assert_eq!(netdev, format!("tap,id=nic0,fds={}", n[0]));
+        assert_eq!(
+            device,
+            "virtio-net-pci,netdev=nic0,mac=02:00:aa:0b:cd:ef,romfile="
+        );
+        // After the disks (the root disk keeps the first PCI slot), before
+        // the QMP socket; the rest as without a NIC.
+        let at = |x: &str| s.iter().position(|a| a == x).unwrap();
+        assert!(at("-netdev") > s.iter().position(|a| a.contains("seed.iso")).unwrap());
+        assert!(at("-netdev") < at("-qmp"));
+        assert_eq!(s.len(), strings(&command_line(&spec(dir, root))).len() + 4);
+
+        // vhost only when asked; two queues make a multi-queue device.
+        let tap = Nic::Tap {
+            fds: fds(2),
+            mac: MAC,
+            vhost: true,
+        };
+        let n = tap.inherited();
+        let s = strings(&command_line(&LaunchSpec {
+            nic: &tap,
+            ..spec(dir, root)
+        }));
+        let (netdev, device) = nic_of(&s).unwrap();
+        assert_eq!(
+            netdev,
+            format!("tap,id=nic0,fds={}:{},vhost=on", n[0], n[1])
+        );
+        assert!(device.ends_with(",romfile=,mq=on,vectors=6"), "{device}");
+    }
+
+    #[test]
+    fn command_line_with_a_macvtap() {
+        let (dir, root) = (Path::new("/d/i"), Path::new("/d/i/image.qcow2"));
+        let tap = Nic::Macvtap {
+            fds: fds(4),
+            mac: MAC,
+        };
+        let n = tap.inherited();
+        assert_eq!(n.len(), 4);
+        let s = strings(&command_line(&LaunchSpec {
+            nic: &tap,
+            ..spec(dir, root)
+        }));
+        let (netdev, device) = nic_of(&s).unwrap();
+        let list = n.iter().map(i32::to_string).collect::<Vec<_>>().join(":");
+        assert_eq!(netdev, format!("tap,id=nic0,fds={list}"));
+        assert_eq!(
+            device,
+            "virtio-net-pci,netdev=nic0,mac=02:00:aa:0b:cd:ef,romfile=,mq=on,vectors=10"
+        );
+    }
+
+    #[test]
+    fn command_line_with_a_user_mode_nic() {
+        let (dir, root) = (Path::new("/d/i"), Path::new("/d/i/image.qcow2"));
+        let user = Nic::User {
+            ssh_forward: "127.0.0.1:40022".parse().unwrap(),
+        };
+        assert!(user.inherited().is_empty());
+        let s = strings(&command_line(&LaunchSpec {
+            nic: &user,
+            ..spec(dir, root)
+        }));
+        let (netdev, device) = nic_of(&s).unwrap();
+        assert_eq!(
+            netdev,
+            "user,id=nic0,restrict=on,hostfwd=tcp:127.0.0.1:40022-:22"
+        );
+        assert_eq!(device, "virtio-net-pci,netdev=nic0,romfile=");
+        let v6 = Nic::User {
+            ssh_forward: "[::1]:40022".parse().unwrap(),
+        };
+        assert!(v6.args()[1].ends_with("hostfwd=tcp:[::1]:40022-:22"));
+    }
+
+    /// Exactly the NIC's descriptors survive exec: another descriptor of
+    /// this process (close-on-exec, as all of them) does not.
+    #[test]
+    fn only_the_nic_descriptors_are_inherited() {
+        let nic = Nic::Tap {
+            fds: fds(2),
+            mac: MAC,
+            vhost: false,
+        };
+        let other = fds(1);
+        let kept = nic.inherited();
+        let script = format!(
+            "for fd in {} {}; do [ -e /proc/$$/fd/$fd ] || exit 1; done; [ ! -e /proc/$$/fd/{} ]",
+            kept[0],
+            kept[1],
+            other[0].as_raw_fd()
+        );
+        let mut cmd = Command::new("sh");
+        cmd.args(["-c", &script]);
+        own_session(&mut cmd);
+        inherit_fds(&mut cmd, kept);
+        assert!(cmd.status().unwrap().success(), "{script}");
+        // Without inherit_fds nothing survives.
+        let mut cmd = Command::new("sh");
+        cmd.args([
+            "-c",
+            &format!("[ ! -e /proc/$$/fd/{} ]", nic.inherited()[0]),
+        ]);
+        assert!(cmd.status().unwrap().success());
+    }
+
+    #[test]
+    fn ssh_forwards_are_loopback_ports_no_two_vms_share() {
+        let a = reserve_forward(None).unwrap();
+        let b = reserve_forward(None).unwrap();
+        assert!(a.ip().is_loopback() && b.ip().is_loopback());
+        assert_ne!(a.port(), b.port());
+        // A VM booting again keeps its port while nobody listens there.
+        assert_eq!(reserve_forward(Some(a)).unwrap(), a);
+        // Taken by somebody else meanwhile: another one.
+        let squatter = std::net::TcpListener::bind(b).unwrap();
+        let c = reserve_forward(Some(b)).unwrap();
+        assert_ne!(c, b);
+        drop(squatter);
+        // A non-loopback address is never kept.
+        let d = reserve_forward(Some("0.0.0.0:40999".parse().unwrap())).unwrap();
+        assert!(d.ip().is_loopback());
+        for x in [a, c, d] {
+            release_forward(x);
         }
     }
 

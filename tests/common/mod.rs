@@ -370,6 +370,26 @@ pub fn require(needs: &[(&[&str], &str)]) {
     }
 }
 
+/// The test guest, built (or found in its cache) once per test binary.
+pub fn guest_image() -> &'static Path {
+    static IMG: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    IMG.get_or_init(|| {
+        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/build-guest-image.sh");
+        let out = Command::new("bash")
+            .arg(script)
+            .stderr(std::process::Stdio::inherit())
+            .output()
+            .expect("run build-guest-image.sh");
+        assert!(
+            out.status.success(),
+            "scripts/build-guest-image.sh failed: the QEMU tests need the test guest"
+        );
+        let path = PathBuf::from(text(&out.stdout).lines().last().unwrap_or("").trim());
+        assert!(path.is_file(), "no guest image at {}", path.display());
+        path
+    })
+}
+
 /// What the VM tests need on the host, checked before anything is built or started.
 pub fn require_qemu() {
     require(&[
