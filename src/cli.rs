@@ -433,6 +433,19 @@ pub struct LogConfig {
     pub stderr_threshold: LevelFilter,
 }
 
+impl LogConfig {
+    /// Standard error only, from `level` (`ciao-lc`): no log file.
+    pub fn stderr_only(level: LevelFilter) -> LogConfig {
+        LogConfig {
+            verbosity: level,
+            logtostderr: true,
+            alsologtostderr: false,
+            dir: PathBuf::new(),
+            stderr_threshold: level,
+        }
+    }
+}
+
 /// The launcher's validated configuration, every default resolved.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Config {

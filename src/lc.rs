@@ -249,7 +249,9 @@ pub fn main(args: impl IntoIterator<Item = OsString>) -> ExitCode {
             configuration,
             verbose,
         } => {
-            crate::logging::to_stderr(log::LevelFilter::Warn);
+            // Only what goes wrong: serve prints its own lines on standard output.
+            let _ =
+                crate::logging::init(&crate::cli::LogConfig::stderr_only(log::LevelFilter::Warn));
             serve(&certs, listen, protocol, configuration, verbose)
         }
         LcCommand::Start {
