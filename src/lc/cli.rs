@@ -72,33 +72,8 @@ pub enum LcCommand {
     Start {
         #[command(flatten)]
         target: Target,
-        /// A START payload (YAML, as a scheduler sends it); flags are ignored then.
-        #[arg(value_name = "FILE")]
-        file: Option<PathBuf>,
-        /// A simulated instance (for launchers run with -simulation): no image needed.
-        #[arg(long)]
-        sim: bool,
-        /// Backing image UUID of a VM (the file images/UUID in the node's data directory).
-        #[arg(long, value_name = "UUID")]
-        image: Option<String>,
-        /// Run a container of this image instead of a VM.
-        #[arg(long = "docker-image", value_name = "IMAGE")]
-        docker_image: Option<String>,
-        #[arg(long, value_name = "N", default_value_t = 1)]
-        vcpus: u32,
-        #[arg(long = "mem-mb", value_name = "MB", default_value_t = 128)]
-        mem_mb: u64,
-        #[arg(long = "disk-mb", value_name = "MB", default_value_t = 0)]
-        disk_mb: u64,
-        /// Boot the VM with legacy BIOS instead of EFI.
-        #[arg(long)]
-        legacy: bool,
-        /// cloud-init user data file (default: a #cloud-config with no commands).
-        #[arg(long = "user-data", value_name = "FILE")]
-        user_data: Option<PathBuf>,
-        /// Instance UUID (default: a new random one).
-        #[arg(long, value_name = "UUID")]
-        instance: Option<String>,
+        #[command(flatten)]
+        spec: StartArgs,
     },
     /// Stop an instance (2016: STOP, kept as exited; 2018: DELETE with stop).
     Stop {
@@ -155,4 +130,36 @@ pub enum LcCommand {
         #[command(flatten)]
         target: Target,
     },
+}
+
+/// The flags of `ciao-lc start`.
+#[derive(Debug, Args)]
+pub struct StartArgs {
+    /// A START payload (YAML, as a scheduler sends it); flags are ignored then.
+    #[arg(value_name = "FILE")]
+    pub file: Option<PathBuf>,
+    /// A simulated instance (for launchers run with -simulation): no image needed.
+    #[arg(long)]
+    pub sim: bool,
+    /// Backing image UUID of a VM (the file images/UUID in the node's data directory).
+    #[arg(long, value_name = "UUID")]
+    pub image: Option<String>,
+    /// Run a container of this image instead of a VM.
+    #[arg(long = "docker-image", value_name = "IMAGE")]
+    pub docker_image: Option<String>,
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    pub vcpus: u32,
+    #[arg(long = "mem-mb", value_name = "MB", default_value_t = 128)]
+    pub mem_mb: u64,
+    #[arg(long = "disk-mb", value_name = "MB", default_value_t = 0)]
+    pub disk_mb: u64,
+    /// Boot the VM with legacy BIOS instead of EFI.
+    #[arg(long)]
+    pub legacy: bool,
+    /// cloud-init user data file (default: a #cloud-config with no commands).
+    #[arg(long = "user-data", value_name = "FILE")]
+    pub user_data: Option<PathBuf>,
+    /// Instance UUID (default: a new random one).
+    #[arg(long, value_name = "UUID")]
+    pub instance: Option<String>,
 }

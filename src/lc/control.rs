@@ -14,12 +14,11 @@
 use std::fs;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::UnixStream;
-use std::path::PathBuf;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use super::cli::Target;
+use super::cli::{StartArgs, Target};
 use super::{CONTROL_SOCKET, LcExit};
 use crate::payloads::canonical_uuid;
 use crate::payloads::config::{Firmware, VmType};
@@ -206,24 +205,9 @@ pub fn watch(target: &Target) -> LcExit {
     LcExit::Ok
 }
 
-/// The flags of `ciao-lc start`.
-#[derive(Debug)]
-pub struct StartSpec {
-    pub file: Option<PathBuf>,
-    pub sim: bool,
-    pub image: Option<String>,
-    pub docker_image: Option<String>,
-    pub vcpus: u32,
-    pub mem_mb: u64,
-    pub disk_mb: u64,
-    pub legacy: bool,
-    pub user_data: Option<PathBuf>,
-    pub instance: Option<String>,
-}
-
 /// `ciao-lc start`: builds the START (or reads it) and sends it.
-pub fn start(target: &Target, spec: StartSpec) -> LcExit {
-    let payload = match build_start(target, &spec) {
+pub fn start(target: &Target, spec: &StartArgs) -> LcExit {
+    let payload = match build_start(target, spec) {
         Ok(p) => p,
         Err(e) => {
             eprintln!("ciao-lc start: {e}");
@@ -237,7 +221,7 @@ pub fn start(target: &Target, spec: StartSpec) -> LcExit {
     call(target, &req)
 }
 
-fn build_start(target: &Target, spec: &StartSpec) -> Result<String, String> {
+fn build_start(target: &Target, spec: &StartArgs) -> Result<String, String> {
     if let Some(f) = &spec.file {
         return fs::read_to_string(f).map_err(|e| format!("{}: {e}", f.display()));
     }

@@ -89,33 +89,7 @@ pub fn main(args: impl IntoIterator<Item = OsString>) -> ExitCode {
                 crate::logging::init(&crate::cli::LogConfig::stderr_only(log::LevelFilter::Warn));
             serve::serve(&certs, listen, protocol, configuration, verbose)
         }
-        LcCommand::Start {
-            target,
-            file,
-            sim,
-            image,
-            docker_image,
-            vcpus,
-            mem_mb,
-            disk_mb,
-            legacy,
-            user_data,
-            instance,
-        } => {
-            let spec = control::StartSpec {
-                file,
-                sim,
-                image,
-                docker_image,
-                vcpus,
-                mem_mb,
-                disk_mb,
-                legacy,
-                user_data,
-                instance,
-            };
-            control::start(&target, spec)
-        }
+        LcCommand::Start { target, spec } => control::start(&target, &spec),
         LcCommand::Stop { target, instance } => {
             call(&target, |node| Request::Stop { node, instance })
         }
