@@ -1,7 +1,8 @@
 //! Writes the man pages: `cargo run --example gen-man`.
 //!
 //! `man/ciao-launcher.8` and `man/ciao-lc.1` are rendered from the clap
-//! commands plus the hand-written sections in `src/cli.rs`;
+//! commands plus the hand-written prose beside them (`man/*.roff`,
+//! `man/ciao-lc.about`, `man/ciao-lc.description`);
 //! `tests/man_pages.rs` fails when the committed files are out of date.
 
 #[path = "support/man_render.rs"]

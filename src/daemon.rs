@@ -1,6 +1,22 @@
-//! The `ciao-launcher` main thread: command line, the data directory's lock,
-//! logging, hard reset, RLIMIT_NOFILE, then the [`Launcher`] and the signal
-//! wait with the 1-second rule.
+//! The `ciao-launcher` main thread. [`run`] is the launcher's life as a
+//! list of steps, each a function; the first that fails ends it with a
+//! [`DaemonError`], which maps to the documented exit code
+//! ([`LauncherExit`], through `From`):
+//!
+//! 1. create the data directory and take its lock ([`LauncherExit::Locked`]
+//!    when another launcher holds it, [`LauncherExit::DataDir`] when it is
+//!    unusable);
+//! 2. logging ([`crate::logging::init`], the set-up `ciao-lc` shares);
+//! 3. `-hard-reset`: remove every instance and stop here;
+//! 4. raise RLIMIT_NOFILE (it decides the 2018 profile's `-max-vm`);
+//! 5. the certificates: readable, ours valid now and an agent or netagent
+//!    ([`LauncherExit::Certificates`]);
+//! 6. the node UUID, the virtualizers (the start-up checks), the SSNTP
+//!    client's settings;
+//! 7. the signal thread, then the [`Launcher`]; `READY=1` to systemd;
+//! 8. wait for a signal, or for the client to stop for good
+//!    ([`LauncherExit::Security`]); stop with the 1-second rule
+//!    ([`LauncherExit::Stuck`]).
 //!
 //! Threads: main (this module), `signals`, and what [`Launcher`] starts
 //! (`server`, `ssntp-io`, `overseer`, `instance-…`). On the first SIGTERM,
@@ -14,8 +30,10 @@
 //! [`LauncherExit::Stuck`]. Later signals are ignored.
 
 use std::ffi::OsString;
+use std::fmt;
 use std::fs::{self, File, OpenOptions};
-use std::path::Path;
+use std::io;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
@@ -24,18 +42,21 @@ use crossbeam_channel::select;
 use log::{debug, error, info, warn};
 
 use crate::capabilities::{Capabilities, Probe};
-use crate::cli::{self, Config, LogConfig, Mode, NetworkMode};
+use crate::cli::{self, Config, Mode, NetworkMode};
 use crate::launcher::{Ended, Launcher, Settings};
-use crate::logging::GlogLogger;
+use crate::logging::{self, LoggingError};
 use crate::nodestats::ProcNodeStats;
 use crate::overseer::Limits;
 use crate::payloads::config::VmType;
-use crate::ssntp::client::{self, ClientConfig};
-use crate::ssntp::{Profile, Role, tls};
-use crate::state::Store;
+use crate::signals::SignalThread;
+use crate::ssntp::client::{self, ClientConfig, NodeUuid};
+use crate::ssntp::tls::{CertificateDer, Identity, TlsError};
+use crate::ssntp::{Profile, Role, StartError, tls};
+use crate::state::{StateError, Store};
+use crate::virt::docker::DockerFactory;
 use crate::virt::docker_api::{DockerApi, DockerError};
-use crate::virt::qemu;
 use crate::virt::sim::SimFactory;
+use crate::virt::{NodeFactory, VirtualizerFactory, qemu};
 
 /// Exit codes of `ciao-launcher` (documented in the man page).
 #[repr(u8)]
@@ -66,6 +87,134 @@ impl From<LauncherExit> for ExitCode {
     }
 }
 
+/// Why `ciao-launcher` stopped before (or instead of) a normal exit. Each
+/// maps to one exit code ([`LauncherExit::from`]); [`DaemonError::report`]
+/// says what happened, on standard error before logging is up and in the log
+/// afterwards.
+#[derive(Debug)]
+pub enum DaemonError {
+    /// The data directory (or its lock file) cannot be created or opened.
+    DataDir { path: PathBuf, source: io::Error },
+    /// Another launcher holds the data directory's lock.
+    Locked { data_dir: PathBuf },
+    /// The log directory or file cannot be opened.
+    Logging(LoggingError),
+    /// The CA certificate or our own certificate cannot be used; `defaults`:
+    /// one of them is the Go launcher's default path (a hint to give them).
+    Certificates { error: TlsError, defaults: bool },
+    /// Our certificate has expired or is not valid yet.
+    Expired(TlsError),
+    /// Our certificate proves neither the agent nor the netagent role.
+    NotAnAgent { cert: PathBuf, role: Role },
+    /// The node UUID cannot be kept in the data directory.
+    NodeUuid {
+        data_dir: PathBuf,
+        source: io::Error,
+    },
+    /// Signal handlers cannot be installed.
+    Signals(io::Error),
+    /// The launcher's directories or threads cannot be made.
+    Launcher(StartError),
+    /// A hard reset could not remove every instance's files.
+    HardReset(StateError),
+    /// The SSNTP client stopped for good: a security failure.
+    Security(String),
+    /// Threads still alive [`SHUTDOWN_GRACE`] after the signal (their names).
+    Stuck(Vec<String>),
+}
+
+impl From<&DaemonError> for LauncherExit {
+    fn from(e: &DaemonError) -> LauncherExit {
+        match e {
+            DaemonError::Locked { .. } => LauncherExit::Locked,
+            DaemonError::Signals(_) => LauncherExit::Usage,
+            DaemonError::Certificates { .. }
+            | DaemonError::Expired(_)
+            | DaemonError::NotAnAgent { .. } => LauncherExit::Certificates,
+            DaemonError::Security(_) => LauncherExit::Security,
+            DaemonError::DataDir { .. }
+            | DaemonError::Logging(_)
+            | DaemonError::NodeUuid { .. }
+            | DaemonError::Launcher(_)
+            | DaemonError::HardReset(_) => LauncherExit::DataDir,
+            DaemonError::Stuck(_) => LauncherExit::Stuck,
+        }
+    }
+}
+
+impl From<LoggingError> for DaemonError {
+    fn from(e: LoggingError) -> DaemonError {
+        DaemonError::Logging(e)
+    }
+}
+
+impl From<StartError> for DaemonError {
+    fn from(e: StartError) -> DaemonError {
+        DaemonError::Launcher(e)
+    }
+}
+
+impl fmt::Display for DaemonError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            DaemonError::DataDir { path, source } => write!(f, "{}: {source}", path.display()),
+            DaemonError::Locked { data_dir } => write!(
+                f,
+                "another launcher is running with data directory {}",
+                data_dir.display()
+            ),
+            DaemonError::Logging(e) => write!(f, "{e}"),
+            DaemonError::Certificates { error, .. } | DaemonError::Expired(error) => {
+                write!(f, "{error}")
+            }
+            DaemonError::NotAnAgent { cert, role } => write!(
+                f,
+                "{}: role {role} is neither agent nor netagent",
+                cert.display()
+            ),
+            DaemonError::NodeUuid { data_dir, source } => write!(
+                f,
+                "{}: cannot keep the node UUID: {source}",
+                data_dir.display()
+            ),
+            DaemonError::Signals(e) => write!(f, "cannot install signal handlers: {e}"),
+            DaemonError::Launcher(e) => write!(f, "{e}"),
+            DaemonError::HardReset(e) => write!(f, "hard reset: {e}"),
+            DaemonError::Security(e) => write!(f, "{e}"),
+            DaemonError::Stuck(threads) => write!(
+                f,
+                "threads still in the middle of something {SHUTDOWN_GRACE:?} after the signal: {}",
+                threads.join(", ")
+            ),
+        }
+    }
+}
+
+impl std::error::Error for DaemonError {}
+
+impl DaemonError {
+    /// Says what happened where the operator looks: standard error while
+    /// there is no log yet, the log (errors also reach standard error) after.
+    fn report(&self) {
+        match self {
+            DaemonError::DataDir { .. } | DaemonError::Locked { .. } | DaemonError::Logging(_) => {
+                eprintln!("ciao-launcher: {self}")
+            }
+            DaemonError::Certificates { defaults: true, .. } => {
+                error!("{self}");
+                error!(
+                    "(give the certificates with -cacert and -cert; these are the Go launcher's default paths)"
+                );
+            }
+            DaemonError::HardReset(_) => {
+                error!("{self}");
+                eprintln!("ciao-launcher: {self}");
+            }
+            _ => error!("{self}"),
+        }
+    }
+}
+
 /// The lock file inside the data directory.
 pub const LOCK_FILE: &str = "ciao-launcher.lock";
 /// How long threads get after a signal.
@@ -80,33 +229,75 @@ pub fn main(args: impl IntoIterator<Item = OsString>) -> ExitCode {
             return ExitCode::from(e.exit_code());
         }
     };
-    run(cfg).into()
+    let exit = match run(&cfg) {
+        Ok(()) => LauncherExit::Ok,
+        Err(e) => {
+            e.report();
+            LauncherExit::from(&e)
+        }
+    };
+    log::logger().flush();
+    exit.into()
 }
 
-fn run(cfg: Config) -> LauncherExit {
-    if let Err(e) = fs::create_dir_all(&cfg.data_dir) {
-        eprintln!("ciao-launcher: {}: {e}", cfg.data_dir.display());
-        return LauncherExit::DataDir;
-    }
+/// The launcher's life as a list of steps; the first that fails ends it.
+fn run(cfg: &Config) -> Result<(), DaemonError> {
     // One launcher per data directory; the lock lives as long as the process.
-    let _lock = match lock(&cfg.data_dir) {
-        Ok(l) => l,
-        Err(code) => return code,
+    let _lock = lock_data_dir(&cfg.data_dir)?;
+    logging::init(&cfg.log)?;
+    warn_about_ignored_flags(cfg);
+    let (cacert, cert) = match &cfg.mode {
+        Mode::HardReset => return hard_reset(cfg),
+        Mode::Run { cacert, cert } => (cacert, cert),
     };
-    if let Err(e) = init_logging(&cfg.log) {
-        eprintln!("ciao-launcher: {e}");
-        return LauncherExit::DataDir;
+    let max_vm = max_instances(cfg, raise_nofile());
+    let (ca, identity) = load_certificates(cacert, cert)?;
+    let node = client::node_uuid(&cfg.data_dir, identity.role).map_err(|source| {
+        DaemonError::NodeUuid {
+            data_dir: cfg.data_dir.clone(),
+            source,
+        }
+    })?;
+    let factory = virtualizers(cfg, &node);
+    let client = client_config(cfg, identity, ca, &node, max_vm);
+    // Signals before the launcher: a signal during start-up is not lost.
+    let signals = crate::signals::spawn().map_err(DaemonError::Signals)?;
+    let launcher = Launcher::start(settings(cfg, client, factory, max_vm))?;
+    serve_until_signal(launcher, &signals)
+}
+
+/// Creates the data directory and takes its lock.
+fn lock_data_dir(data_dir: &Path) -> Result<File, DaemonError> {
+    let io_error = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| DaemonError::DataDir { path, source }
+    };
+    fs::create_dir_all(data_dir).map_err(io_error(data_dir))?;
+    let path = data_dir.join(LOCK_FILE);
+    let file = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(io_error(&path))?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => Err(DaemonError::Locked {
+            data_dir: data_dir.to_path_buf(),
+        }),
+        Err(std::fs::TryLockError::Error(e)) => Err(io_error(&path)(e)),
     }
+}
+
+/// Flags accepted for compatibility but not acted on, and tenant
+/// networking, which is not implemented yet.
+fn warn_about_ignored_flags(cfg: &Config) {
     for flag in &cfg.ignored {
         warn!(
             "{flag}: glog flag accepted for compatibility and ignored (-v sets the verbosity of every module)"
         );
     }
-    let (cacert, cert) = match &cfg.mode {
-        Mode::HardReset => return hard_reset(&cfg),
-        Mode::Run { cacert, cert } => (cacert.clone(), cert.clone()),
-    };
-    if cfg.network != NetworkMode::None {
+    if cfg.mode != Mode::HardReset && cfg.network != NetworkMode::None {
         warn!(
             "tenant networking ({:?}) is not implemented yet: running with -network none",
             cfg.network
@@ -117,75 +308,85 @@ fn run(cfg: Config) -> LauncherExit {
             "--user-net: virtual machines get a user-mode NIC that reaches nothing outside QEMU, with guest port 22 forwarded from a free port on 127.0.0.1"
         );
     }
-    let nofile = raise_nofile();
-    let max_vm = match (cfg.max_vm, cfg.protocol) {
+}
+
+/// `-max-vm`, else the profile's default given the open-file limit.
+fn max_instances(cfg: &Config, nofile: u64) -> usize {
+    match (cfg.max_vm, cfg.protocol) {
         (Some(n), _) => n as usize,
         (None, Profile::P2016) => 32,
         // ciao master: one instance per five descriptors (QMP socket, files, …).
         (None, Profile::P2018) => (nofile / 5).max(1) as usize,
-    };
+    }
+}
 
-    let (ca, identity) = match (tls::load_ca(&cacert), tls::load_identity(&cert)) {
+/// The CA and our identity, checked now: expired (or not yet valid) is said
+/// here, naming the file, as the peer would only answer with an anonymous
+/// TLS alert, on every attempt.
+fn load_certificates(
+    cacert: &Path,
+    cert: &Path,
+) -> Result<(Vec<CertificateDer<'static>>, Identity), DaemonError> {
+    let (ca, identity) = match (tls::load_ca(cacert), tls::load_identity(cert)) {
         (Ok(ca), Ok(id)) => (ca, id),
-        (Err(e), _) | (_, Err(e)) => {
-            error!("{e}");
-            if cacert.as_os_str() == cli::DEFAULT_CACERT || cert.as_os_str() == cli::DEFAULT_CERT {
-                error!(
-                    "(give the certificates with -cacert and -cert; these are the Go launcher's default paths)"
-                );
-            }
-            return LauncherExit::Certificates;
+        (Err(error), _) | (_, Err(error)) => {
+            let defaults =
+                cacert.as_os_str() == cli::DEFAULT_CACERT || cert.as_os_str() == cli::DEFAULT_CERT;
+            return Err(DaemonError::Certificates { error, defaults });
         }
     };
-    // Expired (or not yet valid) is said here, naming the file: the peer
-    // would only answer with an anonymous TLS alert, on every attempt.
-    if let Err(e) = tls::check_own_validity(
+    tls::check_own_validity(
         &identity,
         &cert.display().to_string(),
         std::time::SystemTime::now(),
-    ) {
-        error!("{e}");
-        return LauncherExit::Certificates;
-    }
+    )
+    .map_err(DaemonError::Expired)?;
     if !identity.role.intersects(Role::AGENT.union(Role::NETAGENT)) {
-        error!(
-            "{}: role {} is neither agent nor netagent",
-            cert.display(),
-            identity.role
-        );
-        return LauncherExit::Certificates;
-    }
-    let node = match client::node_uuid(&cfg.data_dir, identity.role) {
-        Ok(n) => n,
-        Err(e) => {
-            error!("{}: cannot keep the node UUID: {e}", cfg.data_dir.display());
-            return LauncherExit::DataDir;
-        }
-    };
-    let factory: Arc<dyn crate::virt::VirtualizerFactory> = if cfg.simulation {
-        info!("simulation: instances are pretend, no virtualizer is checked or used");
-        Arc::new(SimFactory::default())
-    } else {
-        let (qemu, accel_why) = qemu_factory(&cfg);
-        // What this node can serve, one line per virtualizer; it runs with what it has.
-        let caps = Capabilities::probe(&Probe {
-            qemu: cfg.qemu.clone(),
-            qemu_img: cfg.qemu_img.clone(),
-            ovmf: cfg.ovmf.clone(),
-            accel: (qemu.accel, accel_why),
-            docker_socket: cfg.docker_socket.clone(),
+        return Err(DaemonError::NotAnAgent {
+            cert: cert.to_path_buf(),
+            role: identity.role,
         });
-        caps.log();
-        Arc::new(crate::virt::NodeFactory {
-            caps: Some(Arc::new(caps)),
-            docker: crate::virt::docker::DockerFactory {
-                socket: cfg.docker_socket.clone(),
-                stop_timeout: cfg.stop_timeout,
-                node: node.uuid.to_string(),
-            },
-            qemu,
-        })
-    };
+    }
+    Ok((ca, identity))
+}
+
+/// The virtualizers this node serves: pretend ones with `-simulation`,
+/// else QEMU and Docker as far as the start-up checks find them (one log
+/// line per virtualizer; the node runs with what it has).
+fn virtualizers(cfg: &Config, node: &NodeUuid) -> Arc<dyn VirtualizerFactory> {
+    if cfg.simulation {
+        info!("simulation: instances are pretend, no virtualizer is checked or used");
+        return Arc::new(SimFactory::default());
+    }
+    let (qemu, accel_why) = qemu_factory(cfg);
+    let caps = Capabilities::probe(&Probe {
+        qemu: cfg.qemu.clone(),
+        qemu_img: cfg.qemu_img.clone(),
+        ovmf: cfg.ovmf.clone(),
+        accel: (qemu.accel, accel_why),
+        docker_socket: cfg.docker_socket.clone(),
+    });
+    caps.log();
+    Arc::new(NodeFactory {
+        caps: Some(Arc::new(caps)),
+        docker: DockerFactory {
+            socket: cfg.docker_socket.clone(),
+            stop_timeout: cfg.stop_timeout,
+            node: node.uuid.to_string(),
+        },
+        qemu,
+    })
+}
+
+/// The SSNTP client's settings; logs the start-up line naming the node and
+/// the schedulers it dials.
+fn client_config(
+    cfg: &Config,
+    identity: Identity,
+    ca: Vec<CertificateDer<'static>>,
+    node: &NodeUuid,
+    max_vm: usize,
+) -> ClientConfig {
     let servers = client::server_list(cfg.server.as_deref(), &ca, client::DEFAULT_PORT);
     info!(
         "ciao-launcher {} starting: node {} ({}), {} profile, up to {max_vm} instances, dialling {}",
@@ -202,10 +403,19 @@ fn run(cfg: Config) -> LauncherExit {
              role can pose as the scheduler"
         );
     }
-    let mut client_cfg = ClientConfig::new(identity, ca, *node.uuid.as_bytes(), servers);
-    client_cfg.profile = cfg.protocol;
-    client_cfg.verify_hostname = cfg.verify_hostname;
+    let mut client = ClientConfig::new(identity, ca, *node.uuid.as_bytes(), servers);
+    client.profile = cfg.protocol;
+    client.verify_hostname = cfg.verify_hostname;
+    client
+}
 
+/// Everything [`Launcher::start`] needs, from the configuration.
+fn settings(
+    cfg: &Config,
+    client: ClientConfig,
+    factory: Arc<dyn VirtualizerFactory>,
+    max_vm: usize,
+) -> Settings {
     let store = Store::new(&cfg.data_dir);
     let limits = Limits {
         max_instances: max_vm,
@@ -217,8 +427,8 @@ fn run(cfg: Config) -> LauncherExit {
         disk_refuse_mb: (cfg.disk_limit_mb / 2) as i64,
         mem_refuse_mb: (cfg.mem_limit_mb * 512 / 1000) as i64,
     };
-    let settings = Settings {
-        client: client_cfg,
+    Settings {
+        client,
         profile: cfg.protocol,
         data_dir: cfg.data_dir.clone(),
         limits,
@@ -229,22 +439,12 @@ fn run(cfg: Config) -> LauncherExit {
         // The virtualizer escalates within its own timeout; allow it that and more.
         stop_wait: cfg.stop_timeout + Duration::from_secs(30),
         usage_period: Some(cfg.usage_interval),
-    };
-    // Signals before the launcher: a signal during start-up is not lost.
-    let signals = match crate::signals::spawn() {
-        Ok(s) => s,
-        Err(e) => {
-            error!("cannot install signal handlers: {e}");
-            return LauncherExit::Usage;
-        }
-    };
-    let launcher = match Launcher::start(settings) {
-        Ok(l) => l,
-        Err(e) => {
-            error!("{e}");
-            return LauncherExit::DataDir;
-        }
-    };
+    }
+}
+
+/// Tells systemd the node serves, waits for a signal (or for the client to
+/// stop for good), then stops the launcher within [`SHUTDOWN_GRACE`].
+fn serve_until_signal(launcher: Launcher, signals: &SignalThread) -> Result<(), DaemonError> {
     info!("running ({} instance(s) recovered)", launcher.recovered);
     sd_notify(&format!(
         "READY=1\nSTATUS=serving, {} instance(s) recovered\nMAINPID={}",
@@ -259,37 +459,27 @@ fn run(cfg: Config) -> LauncherExit {
         }
         recv(launcher.done()) -> e => e.ok(),
     };
-    let result = match ended {
+    // The client's own failure, or how the stop went.
+    let ended = match ended {
         Some(Ended::ClientFailed(e)) => {
-            error!("{e}");
             if let Ok(s) = launcher.stop(SHUTDOWN_GRACE) {
                 s.idle.leave_to_process_exit();
             }
-            LauncherExit::Security
+            Ended::ClientFailed(e)
         }
-        _ => match launcher.stop(SHUTDOWN_GRACE) {
-            Ok(s) => {
-                // The exit below ends them: no wake-up and join each.
-                s.idle.leave_to_process_exit();
-                match s.ended {
-                    Ended::ClientFailed(e) => {
-                        error!("{e}");
-                        LauncherExit::Security
-                    }
-                    Ended::Stopped => LauncherExit::Ok,
-                }
-            }
-            Err(stuck) => {
-                error!(
-                    "threads still in the middle of something {SHUTDOWN_GRACE:?} after the signal: {}",
-                    stuck.threads.join(", ")
-                );
-                LauncherExit::Stuck
-            }
-        },
+        _ => {
+            let s = launcher
+                .stop(SHUTDOWN_GRACE)
+                .map_err(|stuck| DaemonError::Stuck(stuck.threads))?;
+            // The exit below ends them: no wake-up and join each.
+            s.idle.leave_to_process_exit();
+            s.ended
+        }
     };
-    log::logger().flush();
-    result
+    match ended {
+        Ended::ClientFailed(e) => Err(DaemonError::Security(e)),
+        Ended::Stopped => Ok(()),
+    }
 }
 
 /// Tells systemd (`Type=notify`, `$NOTIFY_SOCKET`) how we are; a failure
@@ -299,33 +489,6 @@ fn sd_notify(state: &str) {
         Ok(true) => debug!("told systemd {:?}", state.replace('\n', " ")),
         Ok(false) => {}
         Err(e) => warn!("cannot notify systemd: {e}"),
-    }
-}
-
-fn lock(data_dir: &Path) -> Result<File, LauncherExit> {
-    let path = data_dir.join(LOCK_FILE);
-    let file = OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&path)
-        .map_err(|e| {
-            eprintln!("ciao-launcher: {}: {e}", path.display());
-            LauncherExit::DataDir
-        })?;
-    match file.try_lock() {
-        Ok(()) => Ok(file),
-        Err(std::fs::TryLockError::WouldBlock) => {
-            eprintln!(
-                "ciao-launcher: another launcher is running with data directory {}",
-                data_dir.display()
-            );
-            Err(LauncherExit::Locked)
-        }
-        Err(std::fs::TryLockError::Error(e)) => {
-            eprintln!("ciao-launcher: {}: {e}", path.display());
-            Err(LauncherExit::DataDir)
-        }
     }
 }
 
@@ -371,7 +534,7 @@ fn child_users(cfg: &Config) -> Arc<qemu::ChildUsers> {
 
 /// `-hard-reset`: ends every instance (VMs quit through QMP, containers
 /// force-removed), then removes their files.
-fn hard_reset(cfg: &Config) -> LauncherExit {
+fn hard_reset(cfg: &Config) -> Result<(), DaemonError> {
     let data_dir = &cfg.data_dir;
     let store = Store::new(data_dir);
     for (id, state) in store.scan().into_iter().flatten() {
@@ -395,22 +558,14 @@ fn hard_reset(cfg: &Config) -> LauncherExit {
             }
         }
     }
-    match store.hard_reset() {
-        Ok(n) => {
-            info!("hard reset: removed {n} instance(s)");
-            println!(
-                "hard reset: removed {n} instance(s) from {}",
-                store.instances_dir().display()
-            );
-            let _ = fs::remove_file(data_dir.join("maintenance"));
-            LauncherExit::Ok
-        }
-        Err(e) => {
-            error!("hard reset: {e}");
-            eprintln!("ciao-launcher: hard reset: {e}");
-            LauncherExit::DataDir
-        }
-    }
+    let n = store.hard_reset().map_err(DaemonError::HardReset)?;
+    info!("hard reset: removed {n} instance(s)");
+    println!(
+        "hard reset: removed {n} instance(s) from {}",
+        store.instances_dir().display()
+    );
+    let _ = fs::remove_file(data_dir.join("maintenance"));
+    Ok(())
 }
 
 /// Lets the launcher hold a descriptor per instance connection and file;
@@ -431,31 +586,4 @@ fn raise_nofile() -> u64 {
             1024
         }
     }
-}
-
-/// glog's behaviour: a log file in the log directory, and on standard error
-/// what reaches the threshold (everything with -logtostderr, which also
-/// disables the file). Lines in glog's shape, repeated identical lines
-/// rate-limited ([`crate::logging`]).
-fn init_logging(log: &LogConfig) -> Result<(), String> {
-    let file = if log.logtostderr {
-        None
-    } else {
-        fs::create_dir_all(&log.dir).map_err(|e| format!("{}: {e}", log.dir.display()))?;
-        let path = log.dir.join("ciao-launcher.log");
-        let file = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&path)
-            .map_err(|e| format!("{}: {e}", path.display()))?;
-        Some((log.verbosity, file))
-    };
-    let stderr_level = if log.logtostderr || log.alsologtostderr {
-        log.verbosity
-    } else {
-        log.verbosity.min(log.stderr_threshold)
-    };
-    // Fails only if a logger is already set (tests): keep that one.
-    GlogLogger::new(file, stderr_level).install();
-    Ok(())
 }

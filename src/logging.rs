@@ -11,6 +11,9 @@
 //! line, `]` and the message. Each line is one `write(2)` to each
 //! destination, so lines from different threads never interleave.
 //!
+//! [`init`] is the one set-up of both binaries: `ciao-launcher` logs to a
+//! file and standard error as glog's flags say, `ciao-lc` to standard error.
+//!
 //! Repeated lines are rate-limited ([`RateLimited`]): of identical lines
 //! (same level, thread and text) at most [`BURST`] are written per
 //! [`WINDOW`]; the rest are counted, and once the window is over one line
@@ -21,12 +24,15 @@
 //! not a gigabyte a day.
 
 use std::collections::HashMap;
-use std::fs::File;
+use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use log::{Level, LevelFilter, Log, Metadata, Record};
+
+use crate::cli::LogConfig;
 
 /// Where lines go and from which level.
 #[derive(Debug)]
@@ -145,11 +151,59 @@ fn civil_from_days(z: i64) -> (i64, u32, u32) {
     (year, month, day)
 }
 
-/// Logs to standard error only (`ciao-lc`), rate-limited. A second call
-/// is a no-op.
-pub fn to_stderr(level: LevelFilter) {
-    GlogLogger::new(None, level).install();
+/// The log file could not be opened.
+#[derive(Debug)]
+pub struct LoggingError {
+    pub path: PathBuf,
+    pub source: io::Error,
 }
+
+impl std::fmt::Display for LoggingError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.path.display(), self.source)
+    }
+}
+
+impl std::error::Error for LoggingError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&self.source)
+    }
+}
+
+/// The one logging set-up of both binaries, glog's behaviour: a log file in
+/// the log directory, and on standard error what reaches the threshold
+/// (everything with `-logtostderr`, which also disables the file). Lines in
+/// glog's shape, identical lines rate-limited. `ciao-lc` asks for standard
+/// error only ([`LogConfig::stderr_only`]). A second call keeps the first
+/// logger (tests start several launchers in one process).
+pub fn init(log: &LogConfig) -> Result<(), LoggingError> {
+    let file = if log.logtostderr {
+        None
+    } else {
+        let err = |path: &Path| {
+            let path = path.to_path_buf();
+            move |source| LoggingError { path, source }
+        };
+        fs::create_dir_all(&log.dir).map_err(err(&log.dir))?;
+        let path = log.dir.join(LOG_FILE);
+        let file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .map_err(err(&path))?;
+        Some((log.verbosity, file))
+    };
+    let stderr_level = if log.logtostderr || log.alsologtostderr {
+        log.verbosity
+    } else {
+        log.verbosity.min(log.stderr_threshold)
+    };
+    GlogLogger::new(file, stderr_level).install();
+    Ok(())
+}
+
+/// The log file's name in the log directory.
+pub const LOG_FILE: &str = "ciao-launcher.log";
 
 /// Identical lines written per window before the rest are only counted.
 pub const BURST: u32 = 5;

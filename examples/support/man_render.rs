@@ -3,16 +3,25 @@
 //! files are current): clap_mangen is a dev-dependency, so this cannot live
 //! in the library.
 
-use ciao_launcher::cli::{LAUNCHER_MAN_EXTRA, LC_ABOUT, LC_DESCRIPTION, LC_MAN_EXTRA, LauncherCli};
+use ciao_launcher::cli::LauncherCli;
 use ciao_launcher::lc::LcCli;
 use clap::CommandFactory;
 use clap_mangen::Man;
 
+/// The hand-written prose, in files beside the pages: the sections that
+/// follow what clap renders (roff source), and ciao-lc's own description
+/// (plain text; clap's bare `about` would take the crate's, which describes
+/// the daemon).
+const LAUNCHER_MAN_EXTRA: &str = include_str!("../../man/ciao-launcher.8.roff");
+const LC_MAN_EXTRA: &str = include_str!("../../man/ciao-lc.1.roff");
+const LC_ABOUT: &str = include_str!("../../man/ciao-lc.about");
+const LC_DESCRIPTION: &str = include_str!("../../man/ciao-lc.description");
+
 /// `(path relative to the crate root, page)` for every man page.
 pub fn render_man_pages() -> Vec<(&'static str, Vec<u8>)> {
-    // lc.rs's bare `about` attribute takes the crate's description, which
-    // describes the daemon; give ciao-lc's page its own, and a longer one.
-    let lc = LcCli::command().about(LC_ABOUT).long_about(LC_DESCRIPTION);
+    let lc = LcCli::command()
+        .about(LC_ABOUT.trim_end())
+        .long_about(LC_DESCRIPTION.trim_end());
     vec![
         (
             "man/ciao-launcher.8",
