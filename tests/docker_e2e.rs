@@ -101,12 +101,12 @@ fn container_lifecycle_2016() {
             .find(|l| l.contains(&id))
             .map(|l| l.split_whitespace().collect())
             .unwrap_or_default();
-        // NODE INSTANCE STATE <mem> MiB <disk> MiB <cpu%> ("-" when unknown).
+        // NODE INSTANCE STATE <mem> MiB <disk> MiB <cpu%> SSH ("-" when unknown).
         let number = |v: Option<&&str>| v.and_then(|v| v.parse::<u64>().ok());
         let disk = (row.get(6) == Some(&"MiB"))
             .then(|| number(row.get(5)))
             .flatten();
-        if number(row.get(3)).is_some() && number(row.last()).is_some() && disk >= Some(5) {
+        if number(row.get(3)).is_some() && number(row.get(7)).is_some() && disk >= Some(5) {
             eprintln!("{list}");
             break;
         }
