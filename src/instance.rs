@@ -648,6 +648,9 @@ impl Instance {
             Ok(a) => self.cfg.ssh_forward = a,
             Err(e) => return self.start_failed(e.reason(Reason::LaunchFailure), &e, false),
         }
+        // The server encoded the state before the forward was chosen: a VM
+        // with one has its state encoded here, with it.
+        let state = state.filter(|_| self.cfg.ssh_forward.is_none());
         let t0 = Instant::now();
         let (made, saved) = self.create_image_and_save(state);
         if let Err(e) = made {
