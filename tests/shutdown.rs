@@ -87,6 +87,20 @@ fn start_req(id: &str) -> StartRequest {
     }
 }
 
+/// Sends the START of `id` to the launcher `node`.
+fn send_start(server: &Server, node: &[u8; 16], id: &str) {
+    let op = PROFILE
+        .operand(Operation::Command(Command::Start))
+        .expect("operand");
+    let f = Frame::new(
+        FrameType::Command,
+        op,
+        server.uuid(),
+        start_payload(PROFILE, &start_req(id)),
+    );
+    send_patiently(|f| server.send(node, f), f, WAIT).expect("START sent");
+}
+
 fn wait_connected(server: &Server, log: &Path) -> [u8; 16] {
     let deadline = Instant::now() + WAIT;
     loop {
@@ -152,18 +166,9 @@ fn sigterm_mid_burst_keeps_every_acked_instance() {
     let dir = TmpDir::new("burst");
     let server = scheduler(&dir.0, PROFILE).expect("scheduler");
     let (mut first, node) = launch(&dir.0, &server, "first.log");
-    let op = PROFILE
-        .operand(Operation::Command(Command::Start))
-        .expect("operand");
     let ids: Vec<String> = (0..N).map(id_n).collect();
     for id in &ids {
-        let f = Frame::new(
-            FrameType::Command,
-            op,
-            server.uuid(),
-            start_payload(PROFILE, &start_req(id)),
-        );
-        send_patiently(|f| server.send(&node, f), f, WAIT).expect("START sent");
+        send_start(&server, &node, id);
     }
     // Acknowledged: seen in a STATS (an instance appears there only once its
     // state is on disk). SIGTERM once a tenth of the STARTs are acked.
@@ -326,18 +331,7 @@ fn stuck_thread_is_named_after_the_deadline() {
     let sim = SimControl::new();
     let launcher = Launcher::start(settings(&dir.0, &server, &sim)).expect("launcher");
     let node = wait_connected(&server, &dir.0.join("none"));
-    let op = PROFILE
-        .operand(Operation::Command(Command::Start))
-        .expect("operand");
-    let send = |id: &str| {
-        let f = Frame::new(
-            FrameType::Command,
-            op,
-            server.uuid(),
-            start_payload(PROFILE, &start_req(id)),
-        );
-        send_patiently(|f| server.send(&node, f), f, WAIT).expect("START sent");
-    };
+    let send = |id: &str| send_start(&server, &node, id);
     // Ten idle instances, then one whose START is held.
     let idle: Vec<String> = (0..10).map(|i| id_n(100 + i)).collect();
     idle.iter().for_each(|id| send(id));
