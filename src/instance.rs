@@ -644,13 +644,16 @@ impl Instance {
             return self.start_failed(e.reason(Reason::ImageFailure), &e, false);
         }
         // Chosen before the state is written, which records it.
+        let mut state = state;
         match self.vm.choose_ssh_forward() {
-            Ok(a) => self.cfg.ssh_forward = a,
+            Ok(a) if a != self.cfg.ssh_forward => {
+                self.cfg.ssh_forward = a;
+                // Encoded by the server before this choice: encode it anew.
+                state = None;
+            }
+            Ok(_) => {}
             Err(e) => return self.start_failed(e.reason(Reason::LaunchFailure), &e, false),
         }
-        // The server encoded the state before the forward was chosen: a VM
-        // with one has its state encoded here, with it.
-        let state = state.filter(|_| self.cfg.ssh_forward.is_none());
         let t0 = Instant::now();
         let (made, saved) = self.create_image_and_save(state);
         if let Err(e) = made {
