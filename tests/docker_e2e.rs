@@ -454,13 +454,19 @@ fn recovery_sees_a_vanished_container_for_what_it_is() {
     env.wait_connected();
     // The list can be empty before the recovered instance's thread has
     // looked at its container: wait for that look, then for the directory.
-    wait_for("the vanished container seen", &env, || {
-        env.log().contains("no longer exists")
-    });
+    env.wait_log_line(&[&id, "no longer exists"], WAIT);
     let dir = env.dir.join("data/instances").join(&id);
     wait_for("the phantom's directory removed", &env, || !dir.exists());
     env.wait_list("the phantom gone", |l| state_of(l, &id).is_none());
-    let out = env.lc(&["restart", &id]);
-    let shown = format!("{}{}", text(&out.stdout), text(&out.stderr));
-    assert!(!shown.contains("launch_failure"), "{shown}");
+    // A RESTART now finds no instance (before the fix: a launch_failure,
+    // forever). `ciao-lc restart` only sends: the outcome is in the log.
+    env.lc_ok(&["restart", &id]);
+    env.wait_log_line(&["RestartFailure for", &id, "no such instance"], WAIT);
+    assert!(
+        !env.log()
+            .lines()
+            .any(|l| l.contains(&id) && l.contains("launch_failure")),
+        "{}",
+        env.log()
+    );
 }
