@@ -659,19 +659,16 @@ impl LauncherCli {
         }
         let usage_interval = Duration::from_secs_f64(self.usage_interval);
         // A user-mode NIC bypasses the tenant network: never both.
-        let user_net = match (self.user_net, self.network) {
-            (true, NetworkMode::None) | (false, _) => self.user_net,
-            (true, mode) => {
-                return Err(invalid(
-                    "--user-net",
-                    "true",
-                    format!(
-                        "is for single-node use without tenant networking, not with --network {}",
-                        format!("{mode:?}").to_lowercase()
-                    ),
-                ));
-            }
-        };
+        if self.user_net && self.network != NetworkMode::None {
+            return Err(invalid(
+                "--user-net",
+                "true",
+                format!(
+                    "is for single-node use without tenant networking, not with --network {}",
+                    format!("{:?}", self.network).to_lowercase()
+                ),
+            ));
+        }
         // Go's default was "": an empty value means "not given".
         let child_user = match self.child_user.as_deref().map(str::trim) {
             None | Some("") => None,
@@ -722,7 +719,7 @@ impl LauncherCli {
                 .unwrap_or(self.protocol == Profile::P2018),
             simulation: self.simulation,
             network: self.network,
-            user_net,
+            user_net: self.user_net,
             max_vm: self.max_vm,
             compute_net: parse_cidrs("--compute-net", self.compute_net)?,
             mgmt_net: parse_cidrs("--mgmt-net", self.mgmt_net)?,

@@ -206,10 +206,6 @@ impl DaemonError {
                     "(give the certificates with -cacert and -cert; these are the Go launcher's default paths)"
                 );
             }
-            DaemonError::HardReset(_) => {
-                error!("{self}");
-                eprintln!("ciao-launcher: {self}");
-            }
             _ => error!("{self}"),
         }
     }

@@ -1,7 +1,7 @@
 //! `ciao-lc`, the operator's companion: makes ciao-style certificates, runs an
 //! embedded SSNTP scheduler (`serve`), and drives launchers through it from
-//! the command line (`start`, `stop`, `restart`, `delete`, `list`, `stats`,
-//! `watch`, `evacuate`, `restore`).
+//! the command line (`start`, `stop`, `restart`, `delete`, `attach`, `list`,
+//! `stats`, `watch`, `evacuate`, `restore`).
 //!
 //! Parts: [`cli`] (the command line), [`certs`] (`ciao-lc certs`),
 //! [`serve`] (the embedded scheduler, its threads and its view of every
@@ -20,10 +20,8 @@ use std::process::ExitCode;
 
 use clap::Parser;
 
-pub use certs::scheduler_names;
 pub use cli::{LcCli, LcCommand, Target};
-pub use control::{Request, Response};
-pub use serve::describe;
+pub use control::Request;
 
 /// Exit codes of `ciao-lc`.
 #[repr(u8)]
@@ -73,7 +71,7 @@ pub fn main(args: impl IntoIterator<Item = OsString>) -> ExitCode {
             let (hosts, ips) = if no_san {
                 (Vec::new(), Vec::new())
             } else {
-                scheduler_names(hosts, ips, all_addresses)
+                certs::scheduler_names(hosts, ips, all_addresses)
             };
             certs::certs(&dir, &org, hosts, ips)
         }

@@ -127,9 +127,12 @@ pub(super) fn serve(
         .name("lc-events".into())
         .spawn(move || {
             for ev in events.iter() {
-                let line = describe(profile, &ev, verbose);
-                println!("{line}");
                 let short = describe(profile, &ev, false);
+                if verbose {
+                    println!("{}", describe(profile, &ev, true));
+                } else {
+                    println!("{short}");
+                }
                 // A launcher that reconnects (same node UUID) replaces its old
                 // session, whose disconnection may be reported after the new
                 // connection: forget the node only if no session of it remains.
