@@ -236,6 +236,12 @@ fn forward_rules() -> String {
         .args(["-w", "-S", "FORWARD"])
         .output()
         .expect("iptables");
+    // An empty listing must not pass for "no rule of ours".
+    assert!(
+        out.status.success(),
+        "iptables -S: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
@@ -386,6 +392,7 @@ fn relearn_after_restart_and_delete_still_cleans_up() {
         let a3 = vm("a3", T_A, C_A, "10.99.0.21", "192.168.8.4");
         let g3 = net.create_vnic(&a3).expect("a3");
         assert_eq!(g3.tenant_added, None, "bridge re-learned: no TenantAdded");
+        let g3_name = g3.name.clone();
         // The re-learned VNIC of a1 gets a fresh fd on its persistent tap.
         let again = net.create_vnic(&a1).expect("a1 again");
         assert_eq!(again.fds.len(), 1);
@@ -395,7 +402,31 @@ fn relearn_after_restart_and_delete_still_cleans_up() {
         imposter.instance_uuid = "zz".into();
         let e = net.create_vnic(&imposter).expect_err("taken");
         assert_eq!(e.reason(), Reason::NetworkFailure);
+        // ... and its DELETE (its START was refused) leaves a1's VNIC alone.
+        let n = ours(&links()).len();
+        assert_eq!(net.delete_vnic(&imposter).expect("imposter's delete"), None);
+        assert_eq!(
+            ours(&links()).len(),
+            n,
+            "the imposter's DELETE removed a1's VNIC"
+        );
         drop((g3, again));
+        // A tap removed behind our back is not re-created by name (it would
+        // be on no bridge): the VM's next start is refused instead.
+        let tap = links()
+            .into_iter()
+            .find(|l| l.name == g3_name)
+            .expect("a3's tap");
+        Netlink::open()
+            .expect("netlink")
+            .delete_link(tap.index)
+            .expect("delete a3's tap");
+        let e = net.create_vnic(&a3).expect_err("tap gone");
+        assert_eq!(e.reason(), Reason::NetworkFailure);
+        assert!(
+            !links().iter().any(|l| l.name == g3_name),
+            "a tap was made again"
+        );
         assert_eq!(net.delete_vnic(&a1).expect("d1"), None);
         assert_eq!(net.delete_vnic(&a3).expect("d3"), None);
         assert!(net.delete_vnic(&a2).expect("d2").is_some());
@@ -551,14 +582,12 @@ fn cnci_vnic_is_a_macvtap_with_the_given_mac() {
         assert_eq!(g.tenant_added, None);
         assert_eq!(g.fds.len(), 4);
         let all = links();
-        let phys = all.iter().find(|l| l.name == "phys0").expect("phys0");
         let m = all.iter().find(|l| l.name == g.name).expect("macvtap");
         assert!(m.name.starts_with("svc_"));
         assert_eq!(m.kind.as_deref(), Some("macvtap"));
         assert_eq!(m.mac, "02:00:0a:63:00:15");
         assert_eq!(m.alias, format!("cncivnic_{T_A}_vu-1"));
         assert!(m.is_up);
-        let _ = phys;
         drop(g);
         let e = net
             .create_vnic(&VnicRequest {

@@ -19,8 +19,7 @@ use std::time::{Duration, Instant};
 use ciao_launcher::payloads::config::{Firmware, InstanceConfig, VmType};
 use ciao_launcher::virt::VirtualizerFactory;
 use ciao_launcher::virt::qemu::{
-    AccelChoice, ChildUser, ChildUsers, ImageCache, Nic, QemuFactory, Ui, choose_accel, mac_text,
-    quit_vm,
+    AccelChoice, ChildUser, ChildUsers, ImageCache, Nic, QemuFactory, Ui, choose_accel, quit_vm,
 };
 use common::*;
 
@@ -259,7 +258,13 @@ fn tap_vm(n: u32, child: Option<ChildUser>) -> u32 {
         "the launcher still holds the tap"
     );
     // The guest sees the MAC it was given, then reaches the namespace ...
-    wait_console(&dir, &format!("GUEST-NIC eth0 mac={}", mac_text(&MAC)));
+    wait_console(
+        &dir,
+        &format!(
+            "GUEST-NIC eth0 mac={}",
+            ciao_launcher::network::format_mac(&MAC)
+        ),
+    );
     let c = wait_console(&dir, "GUEST-RUNCMD-DONE");
     assert!(
         c.contains("GUEST-PINGED-HOST") && c.contains("GUEST-RUNCMD-DONE rc=0"),

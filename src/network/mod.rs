@@ -20,7 +20,9 @@
 //!
 //! # Creating a tenant VM's VNIC (compute node)
 //! 1. Parse MAC, subnet, concentrator ip, private ip (else `invalid_data`,
-//!    nothing touched); check the ids (else `network_failure`).
+//!    nothing touched); check the ids (else `network_failure`). A VNIC we
+//!    know already (a VM started again, or re-learned) gets a fresh queue
+//!    fd on its tap, if it is this instance's and its device still exists.
 //! 2. List the kernel's links (names in use; our devices still there).
 //! 3. If the subnet (tenant, subnet, concentrator uuid, concentrator ip) has
 //!    no bridge here: create bridge `sbr_…` + alias, tunnel `sgt_…` + alias
@@ -32,6 +34,9 @@
 //!    stays behind (ciao leaves it).
 //!
 //! # Wiring it in
+//! Not done yet: the launcher does not call this module (docs/networking.md,
+//! Status). The plan:
+//!
 //! * At network start-up: `NodeNetwork::init(NetConfig::new(compute, mgmt,
 //!   agent_uuid))`; on error log one line and refuse tenant STARTs with
 //!   `network_failure`. Put the object in a `SharedNetwork` handed to the

@@ -121,7 +121,8 @@ pub fn parse_mac(s: &str) -> Result<[u8; 6], NetError> {
     let mut parts = s.split(':');
     for byte in &mut out {
         let p = parts.next().ok_or_else(bad)?;
-        if p.len() != 2 {
+        // from_str_radix alone would take a sign ("+2").
+        if p.len() != 2 || !p.bytes().all(|b| b.is_ascii_hexdigit()) {
             return Err(bad());
         }
         *byte = u8::from_str_radix(p, 16).map_err(|_| bad())?;
@@ -392,6 +393,7 @@ mod tests {
             "02:00:c0:a8:08:02:01",
             "2:00:c0:a8:08:02",
             "02:00:c0:a8:08:0g",
+            "+2:00:c0:a8:08:02",
         ] {
             assert!(
                 matches!(parse_mac(bad), Err(NetError::InvalidData(_))),

@@ -353,11 +353,17 @@ impl NodeNetwork {
         )))
     }
 
+    /// One ioctl in this thread's namespace, not a dump of every link and
+    /// address (this runs under the node-wide lock, once per device made).
     fn index_of(&mut self, name: &str) -> Result<u32, NetError> {
-        self.nl
-            .link_by_name(name)?
-            .map(|l| l.index)
-            .ok_or_else(|| NetError::Invalid(format!("link {name} vanished right after creation")))
+        nix::net::if_::if_nametoindex(name).map_err(|e| {
+            NetError::Invalid(format!("link {name} vanished right after creation: {e}"))
+        })
+    }
+
+    /// Whether `owner` (if known) is someone other than `instance`.
+    fn owned_by_other(owner: Option<&str>, instance: &str) -> bool {
+        owner.is_some_and(|o| o != instance.trim())
     }
 
     fn rollback(&mut self, undo: Vec<Undo>) {
@@ -417,20 +423,25 @@ impl NodeNetwork {
 
         // An existing VNIC (a restarted VM, or the launcher restarted):
         // attach a fresh queue fd to the persistent tap.
-        if let Some(v) = self.vnics.get(&alias) {
-            if let Some(owner) = &v.owner
-                && owner != req.instance_uuid.trim()
-            {
+        if let Some(v) = self.vnics.get_mut(&alias) {
+            if Self::owned_by_other(v.owner.as_deref(), &req.instance_uuid) {
                 return Err(NetError::Invalid(format!(
-                    "VNIC for {vnic_ip} in subnet {} already belongs to instance {owner}",
-                    id.subnet
+                    "VNIC for {vnic_ip} in subnet {} already belongs to instance {}",
+                    id.subnet,
+                    v.owner.as_deref().unwrap_or_default()
+                )));
+            }
+            // Attaching by name would make a new, unbridged tap if ours had
+            // been removed behind our back: only attach to the same device.
+            if nix::net::if_::if_nametoindex(v.dev.name.as_str()).ok() != Some(v.dev.index) {
+                return Err(NetError::Invalid(format!(
+                    "VNIC {} of {vnic_ip} is gone from the kernel; DELETE the instance",
+                    v.dev.name
                 )));
             }
             let name = v.dev.name.clone();
             let fd = super::netlink::attach_tap(&name)?;
-            if let Some(v) = self.vnics.get_mut(&alias) {
-                v.owner = Some(req.instance_uuid.trim().to_string());
-            }
+            v.owner = Some(req.instance_uuid.trim().to_string());
             return Ok(granted(name, vec![fd], None));
         }
 
@@ -559,6 +570,13 @@ impl NodeNetwork {
         let alias = cnci_vnic_alias(tenant, vnic_uuid);
         let vhost = Path::new("/dev/vhost-net").exists();
         let dev = match self.vnics.get(&alias) {
+            Some(v) if Self::owned_by_other(v.owner.as_deref(), &req.instance_uuid) => {
+                return Err(NetError::Invalid(format!(
+                    "CNCI VNIC {} already belongs to instance {}",
+                    v.dev.name,
+                    v.owner.as_deref().unwrap_or_default()
+                )));
+            }
             Some(v) => v.dev.clone(),
             None => {
                 let lower = self
@@ -649,6 +667,10 @@ impl NodeNetwork {
         let Some(v) = self.vnics.get(&alias) else {
             return Ok(None);
         };
+        // Another instance's VNIC (this one's START was refused for it).
+        if Self::owned_by_other(v.owner.as_deref(), &req.instance_uuid) {
+            return Ok(None);
+        }
         self.nl.delete_link(v.dev.index)?;
         self.vnics.remove(&alias);
         let Some(id) = id else { return Ok(None) };

@@ -1089,14 +1089,6 @@ pub enum Nic {
 /// The id of the VM's `-netdev` (one NIC per VM).
 const NETDEV_ID: &str = "nic0";
 
-/// `aa:bb:cc:dd:ee:ff`, the form QEMU's `mac=` takes.
-pub fn mac_text(mac: &[u8; 6]) -> String {
-    mac.iter()
-        .map(|b| format!("{b:02x}"))
-        .collect::<Vec<_>>()
-        .join(":")
-}
-
 impl Nic {
     /// The descriptors QEMU must inherit.
     pub fn inherited(&self) -> Vec<RawFd> {
@@ -1126,7 +1118,7 @@ impl Nic {
             }
             let mut device = format!(
                 "virtio-net-pci,netdev={NETDEV_ID},mac={},romfile=",
-                mac_text(mac)
+                crate::network::format_mac(mac)
             );
             if fds.len() > 1 {
                 device.push_str(&format!(",mq=on,vectors={}", 2 * fds.len() + 2));
