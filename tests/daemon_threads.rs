@@ -155,17 +155,22 @@ impl TestNode {
     }
 
     /// Drives one stats tick and returns (STATUS, STATS payload).
+    /// The STATUS and STATS of one tick. A STATUS an instance asked for
+    /// earlier (`StatusNow`, STATUS only) may still be queued before them:
+    /// the tick's own STATUS is the one right before its STATS.
     fn tick(&self) -> (Status, outgoing::Stats) {
         self.tick.send(Instant::now()).expect("tick");
-        let status = loop {
+        let mut status = None;
+        loop {
             match self.next() {
-                (Operation::Status(s), _) => break s,
-                _ => continue,
+                (Operation::Status(s), _) => status = Some(s),
+                (Operation::Command(Command::Stats), p) => {
+                    let stats = outgoing::parse_stats(&p).expect("stats");
+                    return (status.expect("a STATUS before the STATS"), stats);
+                }
+                _ => {}
             }
-        };
-        let stats =
-            outgoing::parse_stats(&self.expect(Operation::Command(Command::Stats))).expect("stats");
-        (status, stats)
+        }
     }
 
     fn list(&self) -> Vec<(String, InstanceState)> {
@@ -248,6 +253,36 @@ fn request(id: &str) -> StartRequest {
         user_data: "#cloud-config\nruncmd:\n- [touch, /etc/bootdone]\n".into(),
         meta_data: "{\"uuid\": \"ciao\", \"hostname\": \"ciao\"}".into(),
     }
+}
+
+/// This process's threads named `prefix…`: how many, how many asleep
+/// (state S), and their voluntary context switches summed (/proc).
+fn instance_threads(prefix: &str) -> (usize, usize, u64) {
+    let (mut threads, mut asleep, mut switches) = (0, 0, 0);
+    let tasks = std::fs::read_dir("/proc/self/task").expect("/proc/self/task");
+    for t in tasks.flatten() {
+        let comm = std::fs::read_to_string(t.path().join("comm")).unwrap_or_default();
+        if !comm.starts_with(prefix) {
+            continue;
+        }
+        let status = std::fs::read_to_string(t.path().join("status")).unwrap_or_default();
+        let field = |name: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(name))
+                .map(str::trim)
+                .unwrap_or("")
+                .to_string()
+        };
+        threads += 1;
+        if field("State:").starts_with('S') {
+            asleep += 1;
+        }
+        switches += field("voluntary_ctxt_switches:")
+            .parse::<u64>()
+            .unwrap_or(0);
+    }
+    (threads, asleep, switches)
 }
 
 fn uuid_n(n: u32) -> String {
@@ -570,15 +605,36 @@ fn recovery_restores_instances_and_skips_garbage() {
 
 #[test]
 fn shutdown_with_1000_idle_instances_wakes_none_of_them() {
+    // Ids no other test uses, so their threads' names (cut to 15 bytes by
+    // the kernel: "instance-0010xx") are this test's alone.
+    const FIRST: u32 = 0x0010_0000;
     let mut n = TestNode::start(Profile::P2018, limits(2000));
     for i in 0..1000 {
-        n.start_instance(&uuid_n(1000 + i));
+        n.start_instance(&uuid_n(FIRST + i));
     }
     for i in 0..1000 {
-        n.wait_state(&uuid_n(1000 + i), InstanceState::Running);
+        n.wait_state(&uuid_n(FIRST + i), InstanceState::Running);
     }
+    // Every one asleep in its inbox, then: no thread woken by the shutdown.
+    let deadline = Instant::now() + WAIT;
+    let before = loop {
+        let (threads, asleep, switches) = instance_threads("instance-0010");
+        if threads == 1000 && asleep == 1000 {
+            break switches;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{asleep} of {threads} instance threads asleep"
+        );
+        std::thread::yield_now();
+    };
     let (took, idle) = n.shutdown_leaving_idle();
     assert!(took < Duration::from_secs(1), "shutdown took {took:?}");
+    let (_, _, after) = instance_threads("instance-0010");
+    assert_eq!(
+        after, before,
+        "idle instance threads were woken by the shutdown"
+    );
     // Nothing in hand: none was waited for, all are left blocked.
     assert_eq!(idle.len(), 1000);
     assert!(n.awaited.names().is_empty());
