@@ -29,7 +29,8 @@
 //! 1. Requests still queued are answered (step 4 above).
 //! 2. The node's [`Closing`] flag is set, then the instances' shutdown
 //!    channel is closed: that wakes only the threads waiting inside a command
-//!    (a stopping instance), never an idle one.
+//!    (a stopping instance) or handing back commands after their `Gone`,
+//!    never an idle one.
 //! 3. The update receiver is dropped, so that no exiting instance can block
 //!    on it.
 //! 4. Every instance thread with work in hand ([`InHand`]: a command, its

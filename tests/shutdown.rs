@@ -225,6 +225,19 @@ fn sigterm_mid_burst_keeps_every_acked_instance() {
     // 0, or 6 if a START was still being written after the second allowed
     // (then the process exit ends it, as a power cut would).
     assert!(matches!(code, Some(0 | 6)), "exit {code:?}");
+    if code == Some(6) {
+        // Only instance threads in the middle of a START may be named.
+        let log = std::fs::read_to_string(dir.0.join("first.log")).expect("first.log");
+        let line = log
+            .lines()
+            .find(|l| l.contains("threads still in the middle of something"))
+            .unwrap_or_else(|| panic!("exit 6 without naming threads:\n{log}"));
+        let named = line.rsplit(": ").next().unwrap_or("");
+        assert!(
+            named.split(", ").all(|t| t.starts_with("instance-")),
+            "{line}"
+        );
+    }
     assert!(
         failed.is_disjoint(&acked),
         "refused and acked: {:?}",

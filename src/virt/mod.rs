@@ -149,8 +149,9 @@ pub trait Monitor: Send + fmt::Debug {
 pub trait Virtualizer: Send + fmt::Debug {
     /// Remembers the configuration and directory; called first, also on recovery.
     fn init(&mut self, cfg: &InstanceConfig, dir: &Path);
-    /// Gives the next boot its network device (a tenant tap or macvtap that
-    /// the node's network made); the boot consumes it. Only VMs take one.
+    /// Gives the next boot its network device (a tenant tap or macvtap);
+    /// the boot consumes it. Only VMs take one. Not called by the instance
+    /// threads yet (tenant networking is not wired in: docs/networking.md).
     fn set_nic(&mut self, nic: qemu::Nic) -> Result<(), VirtError> {
         match nic {
             qemu::Nic::None => Ok(()),
