@@ -23,6 +23,7 @@ use clap::error::ErrorKind;
 use clap::{ArgAction, CommandFactory, FromArgMatches, Parser, ValueEnum};
 use log::LevelFilter;
 
+use crate::network::TunnelKind;
 use crate::ssntp::Profile;
 use crate::virt::qemu::ChildUser;
 
@@ -147,7 +148,7 @@ pub struct LauncherCli {
           default_missing_value = "true", action = ArgAction::Set, value_parser = parse_go_bool)]
     pub hard_reset: bool,
 
-    /// Tenant networking: none, cn (compute node) or nn (network node). -network=false means none, -network=true or a bare -network means cn. Tenant networking is not implemented yet, so the default is none.
+    /// Tenant networking: none, cn (compute node: a bridge and a GRE tunnel to the concentrator per tenant subnet, a tap for every VM) or nn (network node: a macvtap for every concentrator VM). -network=false means none, -network=true or a bare -network means cn.
     // No require_equals: the 2016 launcher's string flag was written `-network nn`,
     // and with no positional arguments a following word can only be its value.
     #[arg(long, value_name = "MODE", default_value = "none", num_args = 0..=1,
@@ -166,6 +167,10 @@ pub struct LauncherCli {
     /// Compute (tenant) network of this node; repeat the flag for several.
     #[arg(long, value_name = "CIDR", action = ArgAction::Append, help_heading = NODE)]
     pub compute_net: Vec<String>,
+
+    /// The device that carries a tenant subnet to its concentrator: gretap (production), or veth, a stand-in that carries nothing, for test nodes whose kernel has no GRE.
+    #[arg(long, value_name = "KIND", default_value = "gretap", help_heading = NODE)]
+    pub tunnel_kind: TunnelKindArg,
 
     /// Management network of this node; repeat the flag for several.
     #[arg(long, value_name = "CIDR", action = ArgAction::Append, help_heading = NODE)]
@@ -289,6 +294,15 @@ pub enum NetworkMode {
     Cn,
     /// Network node: hosts the tenants' concentrator instances (CNCIs).
     Nn,
+}
+
+/// Tunnel device of the tenant subnets (`--tunnel-kind`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum TunnelKindArg {
+    /// Keyed Ethernet over GRE, as ciao.
+    Gretap,
+    /// A veth stand-in (tests on kernels without GRE).
+    Veth,
 }
 
 /// How virtual machines are displayed (`--with-ui`).
@@ -469,6 +483,7 @@ pub struct Config {
     pub max_vm: Option<u32>,
     pub compute_net: Vec<Cidr>,
     pub mgmt_net: Vec<Cidr>,
+    pub tunnel_kind: TunnelKind,
     pub disk_limit: bool,
     /// FULL when less disk than this is available (MB), if `disk_limit`.
     pub disk_limit_mb: u64,
@@ -723,6 +738,10 @@ impl LauncherCli {
             max_vm: self.max_vm,
             compute_net: parse_cidrs("--compute-net", self.compute_net)?,
             mgmt_net: parse_cidrs("--mgmt-net", self.mgmt_net)?,
+            tunnel_kind: match self.tunnel_kind {
+                TunnelKindArg::Gretap => TunnelKind::GreTap,
+                TunnelKindArg::Veth => TunnelKind::VethStandIn,
+            },
             disk_limit: self.disk_limit,
             disk_limit_mb: self.disk_limit_mb,
             mem_limit: self.mem_limit,

@@ -45,6 +45,7 @@ use crate::capabilities::{Capabilities, Probe};
 use crate::cli::{self, Config, Mode, NetworkMode};
 use crate::launcher::{Ended, Launcher, Settings};
 use crate::logging::{self, LoggingError};
+use crate::network::{NetSetup, TenantNetwork};
 use crate::nodestats::ProcNodeStats;
 use crate::overseer::Limits;
 use crate::payloads::config::VmType;
@@ -255,10 +256,11 @@ fn run(cfg: &Config) -> Result<(), DaemonError> {
         }
     })?;
     let factory = virtualizers(cfg, &node);
+    let network = tenant_network(cfg, &node);
     let client = client_config(cfg, identity, ca, &node, max_vm);
     // Signals before the launcher: a signal during start-up is not lost.
     let signals = crate::signals::spawn().map_err(DaemonError::Signals)?;
-    let launcher = Launcher::start(settings(cfg, client, factory, max_vm))?;
+    let launcher = Launcher::start(settings(cfg, client, factory, network, max_vm))?;
     serve_until_signal(launcher, &signals)
 }
 
@@ -285,18 +287,12 @@ fn lock_data_dir(data_dir: &Path) -> Result<File, DaemonError> {
     }
 }
 
-/// Flags accepted for compatibility but not acted on, and tenant
-/// networking, which is not implemented yet.
+/// Flags accepted for compatibility but not acted on, and what
+/// `--user-net` means.
 fn warn_about_ignored_flags(cfg: &Config) {
     for flag in &cfg.ignored {
         warn!(
             "{flag}: glog flag accepted for compatibility and ignored (-v sets the verbosity of every module)"
-        );
-    }
-    if cfg.mode != Mode::HardReset && cfg.network != NetworkMode::None {
-        warn!(
-            "tenant networking ({:?}) is not implemented yet: running with -network none",
-            cfg.network
         );
     }
     if cfg.user_net {
@@ -374,6 +370,22 @@ fn virtualizers(cfg: &Config, node: &NodeUuid) -> Arc<dyn VirtualizerFactory> {
     })
 }
 
+/// The node's tenant networking: off with `-network none`; else up, or
+/// down with one error line (the node serves anyway, tenant STARTs are
+/// refused with `network_failure`).
+fn tenant_network(cfg: &Config, node: &NodeUuid) -> Arc<TenantNetwork> {
+    if cfg.network == NetworkMode::None {
+        return TenantNetwork::off();
+    }
+    let text = |l: &[cli::Cidr]| l.iter().map(ToString::to_string).collect();
+    TenantNetwork::start(NetSetup {
+        compute_nets: text(&cfg.compute_net),
+        mgmt_nets: text(&cfg.mgmt_net),
+        agent_uuid: node.uuid.to_string(),
+        tunnel: cfg.tunnel_kind,
+    })
+}
+
 /// The SSNTP client's settings; logs the start-up line naming the node and
 /// the schedulers it dials.
 fn client_config(
@@ -410,6 +422,7 @@ fn settings(
     cfg: &Config,
     client: ClientConfig,
     factory: Arc<dyn VirtualizerFactory>,
+    network: Arc<TenantNetwork>,
     max_vm: usize,
 ) -> Settings {
     let store = Store::new(&cfg.data_dir);
@@ -435,6 +448,7 @@ fn settings(
         // The virtualizer escalates within its own timeout; allow it that and more.
         stop_wait: cfg.stop_timeout + Duration::from_secs(30),
         usage_period: Some(cfg.usage_interval),
+        network,
     }
 }
 
@@ -529,7 +543,8 @@ fn child_users(cfg: &Config) -> Arc<qemu::ChildUsers> {
 }
 
 /// `-hard-reset`: ends every instance (VMs quit through QMP, containers
-/// force-removed), then removes their files.
+/// force-removed), removes our tenant network devices and FORWARD rules,
+/// then the instances' files.
 fn hard_reset(cfg: &Config) -> Result<(), DaemonError> {
     let data_dir = &cfg.data_dir;
     let store = Store::new(data_dir);
@@ -553,6 +568,16 @@ fn hard_reset(cfg: &Config) -> Result<(), DaemonError> {
                 }
             }
         }
+    }
+    // Our tenant devices by alias and kind (never another aliased link),
+    // whatever -network says now: the node may have run with it before.
+    match crate::network::hard_reset(cfg.tunnel_kind.link_kind()) {
+        Ok(gone) if gone.is_empty() => {}
+        Ok(gone) => {
+            info!("hard reset: removed network devices {}", gone.join(" "));
+            println!("hard reset: removed network devices {}", gone.join(" "));
+        }
+        Err(e) => warn!("hard reset: tenant network: {e}"),
     }
     let n = store.hard_reset().map_err(DaemonError::HardReset)?;
     info!("hard reset: removed {n} instance(s)");

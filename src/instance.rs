@@ -78,12 +78,14 @@ use std::time::Instant;
 use crossbeam_channel::{Receiver, Sender, select};
 use log::{debug, error, info, warn};
 
+use crate::network::VnicRequest;
 use crate::node::{Never, NodeContext};
 use crate::payloads::Reason;
 use crate::payloads::config::{InstanceConfig, VmType, Volume};
 use crate::payloads::outgoing::ErrorKind;
 use crate::ssntp::Profile;
 use crate::state::{StateError, StateFile};
+use crate::virt::qemu::Nic;
 use crate::virt::{Monitor, MonitorEvent, Usage, VirtError, Virtualizer};
 
 /// Commands queued in an instance's inbox before the overseer answers "busy".
@@ -351,6 +353,7 @@ fn run(
         cfg,
         vm,
         life: Life::Creating,
+        vnic_made: false,
         mon_tx,
         mon_rx,
         updates: w.updates,
@@ -460,6 +463,9 @@ struct Instance {
     cfg: InstanceConfig,
     vm: Box<dyn Virtualizer>,
     life: Life,
+    /// This START made (or re-opened) the instance's tenant VNIC: a
+    /// failure from here on removes it again.
+    vnic_made: bool,
     mon_tx: Sender<MonitorEvent>,
     mon_rx: Receiver<MonitorEvent>,
     updates: Sender<InstanceUpdate>,
@@ -502,6 +508,67 @@ impl Instance {
             ip,
             port,
         });
+    }
+
+    /// Gives the next boot its tenant NIC (networking on, see
+    /// `network::tenant`): the VNIC is made, or re-opened for a RESTART,
+    /// under the node lock; TenantAdded is sent when this made the subnet's
+    /// bridge and tunnel here. Err: the failure's reason and cause.
+    fn plug_vnic(&mut self) -> Result<(), (Reason, String)> {
+        if !self.ctx.network.is_on() {
+            return Ok(());
+        }
+        if self.cfg.vm_type == VmType::Docker {
+            return Err((
+                Reason::NetworkFailure,
+                "tenant networking for containers is not implemented yet".into(),
+            ));
+        }
+        let granted = self
+            .ctx
+            .network
+            .create_vnic(&VnicRequest::of(&self.cfg))
+            .map_err(|e| (e.reason(), e.to_string()))?;
+        self.vnic_made = true;
+        if let Some(ev) = &granted.tenant_added {
+            self.ctx.send_tenant_event(true, ev);
+        }
+        info!(
+            "{}: VNIC {} with MAC {}",
+            self.id,
+            granted.name,
+            crate::network::format_mac(&granted.mac)
+        );
+        let nic = if self.cfg.network_node {
+            Nic::Macvtap {
+                fds: granted.fds,
+                mac: granted.mac,
+            }
+        } else {
+            Nic::Tap {
+                fds: granted.fds,
+                mac: granted.mac,
+                vhost: granted.vhost,
+            }
+        };
+        self.vm
+            .set_nic(nic)
+            .map_err(|e| (e.reason(Reason::NetworkFailure), e.to_string()))
+    }
+
+    /// Removes the VNIC of an instance that goes (idempotent; none: no-op).
+    /// A failure is logged only: the instance goes anyway, as in ciao.
+    fn unplug_vnic(&mut self) {
+        // An instance without networking fields never had a VNIC.
+        if !self.ctx.network.is_on() || self.cfg.networking.vnic_mac.trim().is_empty() {
+            return;
+        }
+        self.vnic_made = false;
+        match self.ctx.network.delete_vnic(&VnicRequest::of(&self.cfg)) {
+            Ok(Some(ev)) => self.ctx.send_tenant_event(false, &ev),
+            Ok(None) => {}
+            Err(e) => warn!("{}: VNIC not removed: {e}", self.id),
+        }
     }
 
     /// Writes the state file with the `stopped` flag given.
@@ -580,6 +647,11 @@ impl Instance {
 
     fn recover(&mut self, stopped: bool) {
         self.vm.init(&self.cfg, &self.dir);
+        if self.ctx.network.is_on() && !self.cfg.networking.vnic_mac.is_empty() {
+            // Ownership is not in the kernel: re-learned devices get it back
+            // here, so no other START can take this instance's VNIC.
+            self.ctx.network.claim_vnic(&VnicRequest::of(&self.cfg));
+        }
         self.report_usage();
         if !stopped {
             return self.watch(true);
@@ -642,6 +714,11 @@ impl Instance {
         self.vm.init(&self.cfg, &self.dir);
         if let Err(e) = self.vm.ensure_backing_image() {
             return self.start_failed(e.reason(Reason::ImageFailure), &e, false);
+        }
+        // Before the image, as ciao: TenantAdded reaches the concentrator
+        // before the instance boots.
+        if let Err((reason, cause)) = self.plug_vnic() {
+            return self.start_failed(reason, &cause, false);
         }
         // Chosen before the state is written, which records it.
         let mut state = state;
@@ -721,6 +798,9 @@ impl Instance {
         if made && let Err(e) = self.vm.delete_image() {
             warn!("{}: clean-up after the failed START: {e}", self.id);
         }
+        if self.vnic_made {
+            self.unplug_vnic();
+        }
         if let Err(e) = self.ctx.store.remove(&self.id) {
             // No usable state is left in it: recovery removes the rest.
             warn!("{}: clean-up after the failed START: {e}", self.id);
@@ -732,6 +812,8 @@ impl Instance {
     /// of a deletion), then the rest of the instance directory.
     fn remove_all(&mut self) -> Result<(), String> {
         self.vm.delete_image().map_err(|e| e.to_string())?;
+        // The instance is gone from the virtualizer: its VNIC can go.
+        self.unplug_vnic();
         self.ctx
             .store
             .remove_state(&self.id)
@@ -828,6 +910,10 @@ impl Instance {
         if let Some(why) = self.vm.vanished() {
             self.fail(ErrorKind::Restart, Reason::NoInstance, &why);
             return self.vanished(&why);
+        }
+        // The VNIC outlives a stop (persistent tap): re-opened for the boot.
+        if let Err((reason, cause)) = self.plug_vnic() {
+            return self.fail(ErrorKind::Restart, reason, &cause);
         }
         let before = self.cfg.ssh_forward;
         match self.vm.choose_ssh_forward() {

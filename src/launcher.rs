@@ -23,6 +23,7 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{Receiver, Sender};
 use log::{info, warn};
 
+use crate::network::TenantNetwork;
 use crate::node::Never;
 use crate::node::{LinkOutbox, NodeContext};
 use crate::nodestats::NodeStatsSource;
@@ -43,6 +44,8 @@ pub struct Settings {
     pub factory: Arc<dyn VirtualizerFactory>,
     pub node_stats: Box<dyn NodeStatsSource>,
     pub instance_stack: usize,
+    /// The node's tenant networking, started by the caller.
+    pub network: Arc<TenantNetwork>,
     pub stop_wait: Duration,
     /// Per-instance usage sampling period (None: never, for deterministic tests).
     pub usage_period: Option<Duration>,
@@ -108,6 +111,7 @@ impl Launcher {
             factory: s.factory,
             stop_wait: s.stop_wait,
             instance_stack: s.instance_stack,
+            network: s.network,
         };
         let mut overseer = Overseer::new(
             ctx.clone(),

@@ -17,8 +17,8 @@
 //! * [`instance`]: one instance's state machine and virtualizer;
 //! * [`virt`]: the virtualizers (simulation, Docker, QEMU) and their monitors;
 //! * [`ssntp`]: the protocol, usable on its own;
-//! * [`network`]: tenant networking (bridges, tunnels, VNICs) under one node-wide lock
-//!   (a library so far: the launcher does not call it yet);
+//! * [`network`]: tenant networking (bridges, tunnels, VNICs) under one node-wide lock,
+//!   called by the instance threads (VMs; containers are refused on `-network cn|nn`);
 //! * [`notify`]: readiness for systemd (`Type=notify`);
 //! * [`capabilities`]: start-up checks of QEMU, its tools and the Docker engine.
 //!

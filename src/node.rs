@@ -7,10 +7,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crossbeam_channel::Sender;
-use log::{debug, warn};
+use log::{debug, info, warn};
 
+use crate::network::TenantNetwork;
 use crate::payloads::Reason;
-use crate::payloads::outgoing::{self, ErrorKind};
+use crate::payloads::outgoing::{self, ErrorKind, TenantEvent};
 use crate::ssntp::conn::{Link, SendError};
 use crate::ssntp::frame::Uuid16;
 use crate::ssntp::{ErrorCode, Event, Frame, Operation, Profile};
@@ -79,6 +80,8 @@ pub struct NodeContext {
     pub stop_wait: Duration,
     /// Stack size of instance threads.
     pub instance_stack: usize,
+    /// The node's tenant networking (off with `-network none`).
+    pub network: Arc<TenantNetwork>,
 }
 
 impl NodeContext {
@@ -111,6 +114,29 @@ impl NodeContext {
     }
 
     /// Sends InstanceDeleted, or InstanceStopped where the profile has it.
+    /// TenantAdded (`added`) or TenantRemoved for the concentrator.
+    /// Fire and forget, as ciao: not connected means not sent.
+    pub fn send_tenant_event(&self, added: bool, ev: &TenantEvent) {
+        let (event, payload) = if added {
+            (Event::TenantAdded, outgoing::tenant_added_payload(ev))
+        } else {
+            (Event::TenantRemoved, outgoing::tenant_removed_payload(ev))
+        };
+        info!(
+            "{} for tenant {} subnet {} (concentrator {}, key {})",
+            if added {
+                "TenantAdded"
+            } else {
+                "TenantRemoved"
+            },
+            ev.tenant_uuid,
+            ev.tenant_subnet,
+            ev.concentrator_ip,
+            ev.subnet_key
+        );
+        self.outbox.send(Operation::Event(event), payload);
+    }
+
     pub fn send_gone_event(&self, instance: &str, stopped: bool) {
         let stopped_exists = self
             .profile

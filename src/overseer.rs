@@ -664,6 +664,7 @@ impl Overseer {
 
     fn node_status(&self) -> NodeStatus {
         let f = self.last_figures;
+        let (hostname, networks) = self.ctx.network.reported();
         NodeStatus {
             node_uuid: self.ctx.node_uuid.clone(),
             mem_total_mb: f.mem_total_mb,
@@ -672,8 +673,8 @@ impl Overseer {
             disk_available_mb: f.disk_available_mb,
             load: f.load,
             cpus_online: f.cpus_online,
-            hostname: String::new(),
-            networks: Vec::new(),
+            hostname,
+            networks,
         }
     }
 

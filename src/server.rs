@@ -71,6 +71,9 @@ impl Server {
                         Ok(c) => {
                             info!("cluster configuration: {c}");
                             crate::virt::qemu::cluster_child_user(&c.child_user);
+                            self.ctx
+                                .network
+                                .cluster_configured(&c.compute_net, &c.mgmt_net);
                             self.cluster = Some(c);
                         }
                         Err(e) => warn!("cluster configuration ignored: {e}"),

@@ -10,6 +10,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use ciao_launcher::instance::InstanceState;
+use ciao_launcher::network::TenantNetwork;
 use ciao_launcher::node::Never;
 use ciao_launcher::node::{ChannelOutbox, NodeContext};
 use ciao_launcher::nodestats::{FixedNodeStats, NodeFigures};
@@ -81,6 +82,7 @@ impl TestNode {
             }),
             stop_wait: Duration::from_secs(60),
             instance_stack: 128 * 1024,
+            network: TenantNetwork::off(),
         };
         let mut ovs = Overseer::new(
             ctx.clone(),
@@ -252,6 +254,7 @@ fn request(id: &str) -> StartRequest {
         restart: false,
         user_data: "#cloud-config\nruncmd:\n- [touch, /etc/bootdone]\n".into(),
         meta_data: "{\"uuid\": \"ciao\", \"hostname\": \"ciao\"}".into(),
+        ..StartRequest::default()
     }
 }
 

@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex};
 
 use ciao_launcher::network::{
     DeviceRole, GreTap, Link, NameSource, NetConfig, NetError, Netlink, NodeNetwork, TunnelMaker,
-    VnicRequest, device_name, hard_reset, is_device_name, parse_alias,
+    VnicRequest, device_name, format_mac, hard_reset, is_device_name, parse_alias,
 };
 use ciao_launcher::payloads::Reason;
 use ciao_launcher::payloads::outgoing::TenantEvent;
@@ -271,7 +271,7 @@ fn one_bridge_per_subnet_events_once_and_clean_teardown() {
         let g1 = net.create_vnic(&a1).expect("a1");
         assert_eq!(g1.tenant_added, Some(event(T_A, C_A, "10.99.0.21")));
         assert_eq!(g1.fds.len(), 1);
-        assert_eq!(g1.mac, "02:00:c0:a8:08:02");
+        assert_eq!(format_mac(&g1.mac), "02:00:c0:a8:08:02");
         assert!(!g1.vhost, "this kernel has no /dev/vhost-net");
         assert_eq!(g1.gateway, Some(Ipv4Addr::new(192, 168, 8, 1)));
         let g2 = net.create_vnic(&a2).expect("a2");
@@ -319,7 +319,11 @@ fn one_bridge_per_subnet_events_once_and_clean_teardown() {
             .chain([0u8; 46])
             .collect();
         let rx_before = bridge.rx_packets;
-        std::io::Write::write_all(&mut &g1.fds[0], &frame).expect("write to the tap fd");
+        std::io::Write::write_all(
+            &mut std::fs::File::from(g1.fds[0].try_clone().expect("dup")),
+            &frame,
+        )
+        .expect("write to the tap fd");
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
         loop {
             let now = links()

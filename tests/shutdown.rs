@@ -334,6 +334,7 @@ fn settings(dir: &Path, server: &Server, sim: &SimControl) -> Settings {
         instance_stack: 128 * 1024,
         stop_wait: Duration::from_secs(60),
         usage_period: None,
+        network: ciao_launcher::network::TenantNetwork::off(),
     }
 }
 

@@ -73,7 +73,7 @@ pub enum LcCommand {
         #[command(flatten)]
         target: Target,
         #[command(flatten)]
-        spec: StartArgs,
+        spec: Box<StartArgs>,
     },
     /// Stop an instance (2016: STOP, kept as exited; 2018: DELETE with stop).
     Stop {
@@ -162,4 +162,32 @@ pub struct StartArgs {
     /// Instance UUID (default: a new random one).
     #[arg(long, value_name = "UUID")]
     pub instance: Option<String>,
+    /// Tenant UUID (default: a new random one); instances of one tenant
+    /// subnet share its bridge on the node.
+    #[arg(long, value_name = "UUID")]
+    pub tenant: Option<String>,
+    /// Tenant networking: the instance's subnet (e.g. 172.16.0.0/24); needs
+    /// --private-ip, --vnic-mac, --concentrator-uuid and --concentrator-ip
+    /// (for launchers run with -network cn).
+    #[arg(long, value_name = "CIDR", requires_all = ["private_ip", "vnic_mac", "concentrator_uuid", "concentrator_ip"])]
+    pub subnet: Option<String>,
+    /// The instance's address in --subnet.
+    #[arg(long = "private-ip", value_name = "IP", requires = "subnet")]
+    pub private_ip: Option<String>,
+    /// The guest's MAC address (tenant VNIC, or a CNCI's macvtap).
+    #[arg(long = "vnic-mac", value_name = "MAC")]
+    pub vnic_mac: Option<String>,
+    /// The VNIC's UUID (default: a new random one when --vnic-mac is given).
+    #[arg(long = "vnic-uuid", value_name = "UUID")]
+    pub vnic_uuid: Option<String>,
+    /// The subnet's concentrator (CNCI) instance UUID.
+    #[arg(long = "concentrator-uuid", value_name = "UUID", requires = "subnet")]
+    pub concentrator_uuid: Option<String>,
+    /// The concentrator's address on the compute network (the tunnel's far end).
+    #[arg(long = "concentrator-ip", value_name = "IP", requires = "subnet")]
+    pub concentrator_ip: Option<String>,
+    /// Start a concentrator (CNCI) VM: for launchers run with -network nn;
+    /// needs --vnic-mac.
+    #[arg(long, requires = "vnic_mac", conflicts_with = "subnet")]
+    pub cnci: bool,
 }

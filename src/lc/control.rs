@@ -21,7 +21,7 @@ use serde::{Deserialize, Serialize};
 use super::cli::{StartArgs, Target};
 use super::{CONTROL_SOCKET, LcExit};
 use crate::payloads::canonical_uuid;
-use crate::payloads::config::{Firmware, VmType};
+use crate::payloads::config::{Firmware, Networking, VmType};
 use crate::payloads::start::{StartRequest, start_payload};
 use crate::ssntp::Profile;
 
@@ -254,9 +254,27 @@ fn build_start(target: &Target, spec: &StartArgs) -> Result<String, String> {
     };
     // The profile decides the START shape; ask serve which one it runs.
     let profile = current_profile(target).unwrap_or_default();
+    let tenant = match &spec.tenant {
+        Some(t) => canonical_uuid(t).ok_or_else(|| format!("{t:?} is not a tenant UUID"))?,
+        None => uuid::Uuid::new_v4().to_string(),
+    };
+    let given = |v: &Option<String>| v.clone().unwrap_or_default();
+    let networking = Networking {
+        vnic_mac: given(&spec.vnic_mac),
+        // A VNIC needs an identity; one is made up when a MAC is given.
+        vnic_uuid: match (&spec.vnic_uuid, &spec.vnic_mac) {
+            (Some(v), _) => v.clone(),
+            (None, Some(_)) => uuid::Uuid::new_v4().to_string(),
+            (None, None) => String::new(),
+        },
+        concentrator_uuid: given(&spec.concentrator_uuid),
+        concentrator_ip: given(&spec.concentrator_ip),
+        subnet: given(&spec.subnet),
+        private_ip: given(&spec.private_ip),
+    };
     let req = StartRequest {
         instance_uuid: instance.clone(),
-        tenant_uuid: uuid::Uuid::new_v4().to_string(),
+        tenant_uuid: tenant,
         image_uuid: image,
         docker_image: docker,
         vm_type,
@@ -272,6 +290,8 @@ fn build_start(target: &Target, spec: &StartArgs) -> Result<String, String> {
         restart: false,
         user_data,
         meta_data: format!("{{\n  \"uuid\": \"{instance}\",\n  \"hostname\": \"{instance}\"\n}}"),
+        networking,
+        network_node: spec.cnci,
     };
     String::from_utf8(start_payload(profile, &req)).map_err(|e| e.to_string())
 }

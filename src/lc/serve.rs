@@ -429,6 +429,20 @@ pub fn describe(profile: Profile, ev: &ServerEvent, verbose: bool) -> String {
                         .map(|i| format!(": {i}"))
                         .unwrap_or_default()
                 }
+                Ok(Operation::Event(Event::TenantAdded | Event::TenantRemoved)) => {
+                    outgoing::parse_tenant_event(&frame.payload)
+                        .map(|(_, t)| {
+                            format!(
+                                ": tenant {} subnet {} key {} from {} to {}",
+                                t.tenant_uuid,
+                                t.tenant_subnet,
+                                t.subnet_key,
+                                t.agent_ip,
+                                t.concentrator_ip
+                            )
+                        })
+                        .unwrap_or_default()
+                }
                 Ok(Operation::Command(Command::Stats)) => outgoing::parse_stats(&frame.payload)
                     .map(|s| format!(": {} instance(s)", s.instances.len()))
                     .unwrap_or_default(),

@@ -33,28 +33,32 @@
 //!    removed, nothing recorded) and returns the error; nothing half-built
 //!    stays behind (ciao leaves it).
 //!
-//! # Wiring it in
-//! Not done yet: the launcher does not call this module (docs/networking.md,
-//! Status). The plan:
-//!
-//! * At network start-up: `NodeNetwork::init(NetConfig::new(compute, mgmt,
-//!   agent_uuid))`; on error log one line and refuse tenant STARTs with
-//!   `network_failure`. Put the object in a `SharedNetwork` handed to the
-//!   instance threads; `node_networks()` fills READY/STATS `networks`.
-//! * START: `lock().create_vnic(&req)`; send `tenant_added` (if any) with
-//!   `payloads::outgoing::tenant_added_payload` *before* launching; pass
-//!   `granted.fds` to QEMU (`-netdev tap,fds=…`, `vhost=on` only if
-//!   `granted.vhost`), then drop them. If the launch fails, call
-//!   `delete_vnic` and send the TenantRemoved it returns.
-//! * DELETE (after the VM is gone): `lock().delete_vnic(&req)` with the
-//!   request rebuilt from the instance state; send the TenantRemoved.
-//! * `-hard-reset`: [`hard_reset`].
+//! # How the launcher uses it
+//! [`TenantNetwork`] (`tenant.rs`) holds the one [`NodeNetwork`] in the
+//! launcher's `NodeContext`:
+//! 1. Start-up (`-network cn|nn`): `TenantNetwork::start` discovers the
+//!    node's addresses and re-learns our devices; a failure leaves the
+//!    networking *down* (one error line; tenant STARTs get
+//!    `network_failure`). The cluster configuration's CIDRs (CONNECTED)
+//!    re-run it when the command line gave none.
+//! 2. START (instance thread, before the image is made): `create_vnic`;
+//!    TenantAdded sent if the subnet is new here; the descriptors go to
+//!    QEMU (`Virtualizer::set_nic`), which inherits them; the launcher's
+//!    copies close after the launch. A START that fails later removes the
+//!    VNIC again (TenantRemoved if it was the last).
+//! 3. RESTART (2016): `create_vnic` re-opens the persistent tap.
+//! 4. Recovery: `claim_vnic` gives a recovered instance its VNIC back.
+//! 5. DELETE, a 2018 exit, a vanished instance: `delete_vnic` once the
+//!    instance is gone from its virtualizer; TenantRemoved after the last.
+//! 6. `-hard-reset`: [`hard_reset`]; shutdown leaves every device.
+//! 7. READY/STATS: the compute addresses and the host name.
 
 mod discovery;
 mod firewall;
 mod names;
 mod netlink;
 mod node;
+mod tenant;
 
 use std::fmt;
 use std::io;
@@ -72,6 +76,7 @@ pub use node::{
     GreTap, NameSource, NetConfig, NodeNetwork, RandomNames, TunnelMaker, VnicGranted, VnicRequest,
     hard_reset,
 };
+pub use tenant::{NetSetup, TenantNetwork, TunnelKind, VethStandIn};
 
 /// The node's one network object behind its one lock.
 pub type SharedNetwork = Arc<Mutex<NodeNetwork>>;

@@ -5,6 +5,7 @@ use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::fmt;
 use std::fs::File;
 use std::net::Ipv4Addr;
+use std::os::fd::OwnedFd;
 use std::path::Path;
 
 use log::{info, warn};
@@ -13,8 +14,8 @@ use super::NetError;
 use super::discovery::{NodeAddresses, choose_addresses};
 use super::firewall;
 use super::names::{
-    Cidr, DeviceRole, ParsedAlias, SubnetId, cnci_vnic_alias, device_name, format_mac, parse_alias,
-    parse_ip, parse_mac, subnet_key,
+    Cidr, DeviceRole, ParsedAlias, SubnetId, cnci_vnic_alias, device_name, parse_alias, parse_ip,
+    parse_mac, subnet_key,
 };
 use super::netlink::{Link, Netlink, create_persistent_tap, open_macvtap};
 use crate::payloads::outgoing::{NetworkInfo, TenantEvent};
@@ -128,9 +129,9 @@ pub struct VnicGranted {
     pub name: String,
     /// One fd per queue (tap: 1; macvtap: 4). QEMU inherits them; drop
     /// them after the launch.
-    pub fds: Vec<File>,
-    /// The guest MAC (`vnic_mac`, canonical).
-    pub mac: String,
+    pub fds: Vec<OwnedFd>,
+    /// The guest MAC (`vnic_mac`).
+    pub mac: [u8; 6],
     /// Whether `/dev/vhost-net` exists (else QEMU must run `vhost=off`).
     pub vhost: bool,
     /// Tenant VM only: the subnet's gateway (network + 1).
@@ -412,10 +413,10 @@ impl NodeNetwork {
         };
         let alias = id.vnic_alias(vnic_ip);
         let vhost = Path::new("/dev/vhost-net").exists();
-        let granted = |name: String, fds, tenant_added| VnicGranted {
+        let granted = |name: String, fds: Vec<File>, tenant_added| VnicGranted {
             name,
-            fds,
-            mac: format_mac(&mac),
+            fds: fds.into_iter().map(OwnedFd::from).collect(),
+            mac,
             vhost,
             gateway: Some(cidr.gateway()),
             tenant_added,
@@ -634,36 +635,59 @@ impl NodeNetwork {
         );
         Ok(VnicGranted {
             name: dev.name,
-            fds,
-            mac: format_mac(&mac),
+            fds: fds.into_iter().map(OwnedFd::from).collect(),
+            mac,
             vhost,
             gateway: None,
             tenant_added: None,
         })
     }
 
+    /// The alias of `req`'s VNIC, and its subnet (none for a CNCI's).
+    fn alias_of(req: &VnicRequest) -> Result<(String, Option<SubnetId>), NetError> {
+        if req.network_node {
+            return Ok((
+                cnci_vnic_alias(req.tenant_uuid.trim(), req.vnic_uuid.trim()),
+                None,
+            ));
+        }
+        // Validated like at create, so a bad state file is reported.
+        Cidr::parse(req.subnet.trim())?;
+        let conc_ip = parse_ip(req.concentrator_ip.trim(), "concentrator ip")?;
+        let vnic_ip = parse_ip(req.private_ip.trim(), "private ip")?;
+        let id = SubnetId {
+            tenant: req.tenant_uuid.trim().to_string(),
+            subnet: req.subnet.trim().to_string(),
+            concentrator_uuid: req.concentrator_uuid.trim().to_string(),
+            concentrator_ip: conc_ip.to_string(),
+        };
+        Ok((id.vnic_alias(vnic_ip), Some(id)))
+    }
+
+    /// After a launcher restart: the recovered instance of `req` owns its
+    /// re-learned VNIC again (ownership is not in the kernel), so a START
+    /// of another instance for the same address cannot take it. Returns
+    /// whether the VNIC is known.
+    pub fn claim_vnic(&mut self, req: &VnicRequest) -> bool {
+        let Ok((alias, _)) = Self::alias_of(req) else {
+            return false;
+        };
+        match self.vnics.get_mut(&alias) {
+            Some(v) => {
+                if v.owner.is_none() {
+                    v.owner = Some(req.instance_uuid.trim().to_string());
+                }
+                true
+            }
+            None => false,
+        }
+    }
+
     /// Deletes an instance's VNIC (after its VM is gone). Unknown: nothing
     /// to do. Returns the TenantRemoved body when this was the subnet's last
     /// VNIC on the node (tunnel, rule and bridge are then gone too).
     pub fn delete_vnic(&mut self, req: &VnicRequest) -> Result<Option<TenantEvent>, NetError> {
-        let (alias, id) = if req.network_node {
-            (
-                cnci_vnic_alias(req.tenant_uuid.trim(), req.vnic_uuid.trim()),
-                None,
-            )
-        } else {
-            // Validated like at create, so a bad state file is reported.
-            Cidr::parse(req.subnet.trim())?;
-            let conc_ip = parse_ip(req.concentrator_ip.trim(), "concentrator ip")?;
-            let vnic_ip = parse_ip(req.private_ip.trim(), "private ip")?;
-            let id = SubnetId {
-                tenant: req.tenant_uuid.trim().to_string(),
-                subnet: req.subnet.trim().to_string(),
-                concentrator_uuid: req.concentrator_uuid.trim().to_string(),
-                concentrator_ip: conc_ip.to_string(),
-            };
-            (id.vnic_alias(vnic_ip), Some(id))
-        };
+        let (alias, id) = Self::alias_of(req)?;
         let Some(v) = self.vnics.get(&alias) else {
             return Ok(None);
         };

@@ -504,6 +504,10 @@ pub struct StartRequest {
     pub user_data: String,
     /// JSON meta data.
     pub meta_data: String,
+    /// Tenant networking (empty strings: none).
+    pub networking: Networking,
+    /// A CNCI: runs on a network node with a macvtap VNIC.
+    pub network_node: bool,
 }
 
 fn write_start_document(profile: Profile, req: &StartRequest) -> String {
@@ -533,33 +537,38 @@ fn write_start_document(profile: Profile, req: &StartRequest) -> String {
         },
     );
     if profile == Profile::P2016 {
-        let resources = [
+        let mut resources = vec![
             ("vcpus", u64::from(req.vcpus)),
             ("mem_mb", req.mem_mb),
             ("disk_mb", req.disk_mb),
         ];
+        let estimated = resources.clone();
+        if req.network_node {
+            resources.push(("network_node", 1));
+        }
         e.map_list(1, "requested_resources", &resources, |e, l, (t, v)| {
             e.str(l, "type", t);
-            e.int(l, "value", v);
+            e.int(l, "value", *v);
             e.bool(l, "mandatory", true);
         });
-        e.map_list(1, "estimated_resources", &resources, |e, l, (t, v)| {
+        e.map_list(1, "estimated_resources", &estimated, |e, l, (t, v)| {
             e.str(l, "type", t);
-            e.int(l, "value", v);
+            e.int(l, "value", *v);
         });
     }
     e.open(1, "networking");
-    for key in [
-        "vnic_mac",
-        "vnic_uuid",
-        "concentrator_uuid",
-        "concentrator_ip",
-        "subnet",
-        "subnet_key",
-        "subnet_uuid",
-        "private_ip",
+    let n = &req.networking;
+    for (key, value) in [
+        ("vnic_mac", &n.vnic_mac),
+        ("vnic_uuid", &n.vnic_uuid),
+        ("concentrator_uuid", &n.concentrator_uuid),
+        ("concentrator_ip", &n.concentrator_ip),
+        ("subnet", &n.subnet),
+        ("subnet_key", &String::new()),
+        ("subnet_uuid", &String::new()),
+        ("private_ip", &n.private_ip),
     ] {
-        e.str(2, key, "");
+        e.str(2, key, value);
     }
     e.bool(2, "public_ip", false);
     // `storage` is omitempty in Go.
@@ -575,6 +584,9 @@ fn write_start_document(profile: Profile, req: &StartRequest) -> String {
         e.int(2, "vcpus", req.vcpus);
         if req.disk_mb != 0 {
             e.int(2, "disk_mb", req.disk_mb);
+        }
+        if req.network_node {
+            e.bool(2, "network_node", true);
         }
         e.bool(1, "restart", req.restart);
     } else if req.restart {
@@ -1300,6 +1312,7 @@ start:
             restart: false,
             user_data: CLOUD_INIT.into(),
             meta_data: META.into(),
+            ..StartRequest::default()
         }
     }
 
@@ -1318,6 +1331,9 @@ start:
             restart: req.restart,
             user_data: req.user_data.clone(),
             meta_data: req.meta_data.clone(),
+            networking: req.networking.clone(),
+            network_node: req.network_node,
+            ssh_port: ssh_port(req.network_node, &req.networking.private_ip),
             ..InstanceConfig::default()
         }
     }
@@ -1349,8 +1365,34 @@ start:
             restart: true,
             ..request()
         };
+        let tenant_net = StartRequest {
+            networking: Networking {
+                vnic_mac: "02:00:c0:a8:08:02".into(),
+                vnic_uuid: "67d86208-b46c-0000-9018-fe14087d415f".into(),
+                concentrator_uuid: "67d86208-b46c-4465-0000-fe14087d415f".into(),
+                concentrator_ip: "192.168.42.21".into(),
+                subnet: "192.168.8.0/21".into(),
+                private_ip: "192.168.8.2".into(),
+            },
+            ..request()
+        };
+        let cnci = StartRequest {
+            networking: Networking {
+                vnic_mac: "02:00:8c:ba:f9:45".into(),
+                vnic_uuid: "67d86208-b46c-0000-9018-fe14087d4150".into(),
+                ..Networking::default()
+            },
+            network_node: true,
+            ..request()
+        };
         for profile in Profile::ALL {
-            for req in [request(), container.clone(), volumes.clone()] {
+            for req in [
+                request(),
+                container.clone(),
+                volumes.clone(),
+                tenant_net.clone(),
+                cnci.clone(),
+            ] {
                 let payload = start_payload(profile, &req);
                 let text = String::from_utf8(payload.clone()).expect("utf8");
                 let cfg =

@@ -214,6 +214,12 @@ impl Virtualizer for Sim {
         self.usage = Sim::usage_of(cfg);
     }
 
+    /// A pretend instance takes any NIC and lets its descriptors go (a
+    /// tenant tap stays on its bridge: it is persistent).
+    fn set_nic(&mut self, _nic: super::qemu::Nic) -> Result<(), VirtError> {
+        Ok(())
+    }
+
     fn ensure_backing_image(&mut self) -> Result<(), VirtError> {
         let gate = self.control.lock().gates.remove(&self.id);
         if let Some(gate) = gate {

@@ -62,6 +62,22 @@ impl Drop for Proc {
 
 pub struct Env {
     pub dir: PathBuf,
+    /// Run `serve` and the launcher in this network namespace (`ip netns
+    /// exec`, which keeps the PID); `ciao-lc` reaches `serve` through its
+    /// unix control socket from anywhere.
+    pub netns: Option<String>,
+}
+
+/// `program`, inside `netns` when given.
+fn command_in(netns: &Option<String>, program: &str) -> Command {
+    match netns {
+        Some(ns) => {
+            let mut c = Command::new("ip");
+            c.args(["netns", "exec", ns, program]);
+            c
+        }
+        None => Command::new(program),
+    }
 }
 
 impl Env {
@@ -77,7 +93,14 @@ impl Env {
             .output()
             .expect("certs");
         assert!(out.status.success(), "{out:?}");
-        Env { dir }
+        Env { dir, netns: None }
+    }
+
+    /// An environment whose `serve` and launchers run in namespace `netns`.
+    pub fn in_netns(netns: &str) -> Env {
+        let mut env = Env::new();
+        env.netns = Some(netns.to_string());
+        env
     }
 
     pub fn certs(&self) -> PathBuf {
@@ -86,7 +109,13 @@ impl Env {
 
     /// Starts `ciao-lc serve` and returns it with the address it listens on.
     pub fn serve(&self, listen: &str, profile: &str) -> (Proc, SocketAddr) {
-        let mut child = Command::new(LC)
+        self.serve_with(listen, profile, &[])
+    }
+
+    /// [`Env::serve`] with `extra` flags (e.g. `--verbose`: every frame's
+    /// payload in [`Env::serve_log`]).
+    pub fn serve_with(&self, listen: &str, profile: &str, extra: &[&str]) -> (Proc, SocketAddr) {
+        let mut child = command_in(&self.netns, LC)
             .args([
                 "serve",
                 "--listen",
@@ -96,6 +125,7 @@ impl Env {
                 "--certs",
             ])
             .arg(self.certs())
+            .args(extra)
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()
@@ -109,8 +139,22 @@ impl Env {
             .nth(1)
             .and_then(|a| a.parse().ok())
             .unwrap_or_else(|| panic!("no address in {first:?}"));
-        // Keep draining its output so it never blocks on a full pipe.
-        std::thread::spawn(move || for _ in lines.iter() {});
+        // Keep draining its output (into serve.log: what the scheduler
+        // side saw, e.g. events) so it never blocks on a full pipe.
+        let path = self.dir.join("serve.log");
+        std::thread::spawn(move || {
+            use std::io::Write;
+            let mut log = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .ok();
+            for l in lines.iter() {
+                if let Some(f) = log.as_mut() {
+                    let _ = writeln!(f, "{l}");
+                }
+            }
+        });
         (
             Proc {
                 child,
@@ -142,7 +186,7 @@ impl Env {
             .append(true)
             .open(self.dir.join("launcher.log"))
             .expect("log");
-        let child = Command::new(LAUNCHER)
+        let child = command_in(&self.netns, LAUNCHER)
             .arg("-cacert")
             .arg(self.certs().join("CAcert.pem"))
             .arg("-cert")
@@ -288,6 +332,11 @@ impl Env {
 
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.join("launcher.log")).unwrap_or_default()
+    }
+
+    /// What `serve` printed so far (one line per event it saw).
+    pub fn serve_log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("serve.log")).unwrap_or_default()
     }
 
     /// Waits (bounded by `limit`) for a launcher log line containing every
@@ -555,4 +604,69 @@ pub fn private_engine() -> Engine {
         started.elapsed()
     );
     Engine { dir, socket }
+}
+
+/// A private network namespace, deleted (with every link in it) on drop,
+/// also after a failed assertion.
+pub struct Netns {
+    pub name: String,
+}
+
+impl Netns {
+    pub fn create(name: &str) -> Netns {
+        require(&[(&["ip"], "iproute2")]);
+        let out = Command::new("ip")
+            .args(["netns", "add", name])
+            .output()
+            .expect("run ip netns add");
+        assert!(
+            out.status.success(),
+            "ip netns add {name}: {}",
+            text(&out.stderr)
+        );
+        let ns = Netns {
+            name: name.to_string(),
+        };
+        ns.ip(&["link", "set", "lo", "up"]);
+        ns
+    }
+
+    /// A node whose compute link is the bridge `phys0` holding `ip`/24 (the
+    /// discovery takes a bridge not named docker*/virbr* for a real NIC).
+    pub fn compute_node(name: &str, ip: &str) -> Netns {
+        let ns = Netns::create(name);
+        ns.ip(&["link", "add", "phys0", "type", "bridge"]);
+        ns.ip(&["addr", "add", &format!("{ip}/24"), "dev", "phys0"]);
+        ns.ip(&["link", "set", "phys0", "up"]);
+        ns
+    }
+
+    /// `ip -n <ns> <args>`, which must succeed.
+    pub fn ip(&self, args: &[&str]) {
+        self.ip_out(args);
+    }
+
+    /// `ip -n <ns> <args>`'s output; it must succeed.
+    pub fn ip_out(&self, args: &[&str]) -> String {
+        let out = Command::new("ip")
+            .args(["-n", &self.name])
+            .args(args)
+            .output()
+            .expect("run ip");
+        assert!(
+            out.status.success(),
+            "ip -n {} {args:?}: {}",
+            self.name,
+            text(&out.stderr)
+        );
+        text(&out.stdout)
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .output();
+    }
 }
