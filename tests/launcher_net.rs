@@ -2,9 +2,10 @@
 //! `ciao-launcher -network cn|nn` run inside a network namespace the test
 //! creates (`lnt-<pid>-<n>`, with a bridge `phys0` as the node's compute
 //! link) and removes on drop, also after a failure; the host's links are
-//! never seen. Instances are simulated here (the QEMU side is in
-//! `launcher_net_vms.rs`): what is real is every kernel device, the
-//! iptables rule, the events on the wire and the launcher's restarts.
+//! never seen. Most instances are simulated: what is real there is every
+//! kernel device, the iptables rule, the events on the wire and the
+//! launcher's restarts. One test boots three real test-guest VMs on the
+//! tenant bridges and has them ping each other (and not the other tenant).
 //!
 //! This kernel has no GRE, so the launcher runs with `--tunnel-kind veth`
 //! (a stand-in); one test runs the real gretap and sees it fail cleanly.
@@ -80,13 +81,14 @@ impl Node {
     }
 
     fn launcher(&self, extra: &[&str]) -> Proc {
-        let mut args = vec![
-            "-simulation",
-            "--compute-net",
-            "10.9.0.0/24",
-            "--mgmt-net",
-            "10.9.0.0/24",
-        ];
+        let mut args = vec!["-simulation"];
+        args.extend_from_slice(extra);
+        self.real_launcher(&args)
+    }
+
+    /// A launcher with real virtualizers (no `-simulation`).
+    fn real_launcher(&self, extra: &[&str]) -> Proc {
+        let mut args = vec!["--compute-net", "10.9.0.0/24", "--mgmt-net", "10.9.0.0/24"];
         args.extend_from_slice(extra);
         let p = self.env.launcher_with(self.addr, "2016", &args);
         self.env.wait_connected();
@@ -95,9 +97,14 @@ impl Node {
 
     /// A simulated instance of `tenant` with private address `ip`; returns its id.
     fn start(&self, tenant: &str, conc: &str, ip: &str, mac: &str) -> String {
-        let out = self.env.lc_ok(&[
-            "start",
-            "--sim",
+        self.start_with(&["--sim"], tenant, conc, ip, mac)
+    }
+
+    /// An instance of `tenant` at `ip`, with `what` saying what to run.
+    fn start_with(&self, what: &[&str], tenant: &str, conc: &str, ip: &str, mac: &str) -> String {
+        let mut args = vec!["start"];
+        args.extend_from_slice(what);
+        args.extend_from_slice(&[
             "--tenant",
             tenant,
             "--subnet",
@@ -111,6 +118,7 @@ impl Node {
             "--concentrator-ip",
             "10.9.0.200",
         ]);
+        let out = self.env.lc_ok(&args);
         out.split_whitespace()
             .nth(1)
             .expect("instance id")
@@ -330,4 +338,187 @@ fn a_cnci_on_a_network_node_gets_a_macvtap_with_its_mac_on_the_compute_link() {
     node.env.lc_ok(&["delete", &id]);
     node.env.wait_list("deleted", |l| l.is_empty());
     assert!(our_links(&node.ns).is_empty());
+}
+
+/// The backing image's UUID in the VM test's data directory.
+const IMAGE: &str = "7e57a9e0-0c1a-4000-8000-000000000003";
+/// Booting under TCG on two shared cores, three VMs at once.
+const BOOT: Duration = Duration::from_secs(300);
+
+/// The VM's serial console so far.
+fn console(env: &Env, id: &str) -> String {
+    std::fs::read_to_string(env.dir.join("data/instances").join(id).join("console.log"))
+        .unwrap_or_default()
+        .replace('\r', "")
+}
+
+fn wait_console(env: &Env, id: &str, needle: &str) -> String {
+    let deadline = Instant::now() + BOOT;
+    loop {
+        let c = console(env, id);
+        if c.contains(needle) {
+            return c;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no {needle:?} on the console of {id}:\n{c}\nlauncher log:\n{}",
+            env.log()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// Guest commands: take `ip`, then report whether `peer` answers (tried
+/// for about a minute: the peer may boot later).
+fn guest_pings(ip: &str, peer: &str, tries: u32, tag: &str) -> String {
+    format!(
+        "#cloud-config\nruncmd:\n  - ip addr add {ip}/24 dev eth0\n  - \
+         i=0; until ping -c 1 -W 1 {peer} >/dev/null; do i=$((i+1)); \
+         [ $i -lt {tag_tries} ] || {{ echo {tag}-NO-ANSWER; exit 0; }}; done; echo {tag}-ANSWERED\n",
+        tag_tries = tries
+    )
+}
+
+fn ping_from(ns: &Netns, ip: &str) -> bool {
+    Command::new("ip")
+        .args([
+            "netns", "exec", &ns.name, "busybox", "ping", "-c", "1", "-W", "1", ip,
+        ])
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+#[test]
+fn two_vms_of_a_subnet_ping_each_other_and_not_the_other_tenant_across_a_kill9() {
+    require_qemu();
+    require(&[(&["busybox"], "busybox-static")]);
+    let node = Node::new(5);
+    let images = node.env.dir.join("data/images");
+    std::fs::create_dir_all(&images).expect("images dir");
+    std::fs::copy(guest_image(), images.join(IMAGE)).expect("install the guest image");
+    let net = [
+        "--network",
+        "cn",
+        "--tunnel-kind",
+        "veth",
+        "--stop-timeout",
+        "10",
+    ];
+    let launcher = node.real_launcher(&net);
+
+    let vm = |tenant: &str, conc: &str, ip: &str, mac: &str, user_data: String| {
+        let ud = node.env.dir.join(format!("ud-{ip}-{}", &tenant[..2]));
+        std::fs::write(&ud, user_data).expect("user data");
+        let what = [
+            "--image",
+            IMAGE,
+            "--legacy",
+            "--mem-mb",
+            "64",
+            "--user-data",
+            ud.to_str().expect("path"),
+        ];
+        node.start_with(&what, tenant, conc, ip, mac)
+    };
+    let a1 = vm(
+        T_A,
+        C_A,
+        "172.16.0.2",
+        "02:00:ac:10:00:02",
+        guest_pings("172.16.0.2", "172.16.0.3", 90, "A1"),
+    );
+    let a2 = vm(
+        T_A,
+        C_A,
+        "172.16.0.3",
+        "02:00:ac:10:00:03",
+        guest_pings("172.16.0.3", "172.16.0.2", 90, "A2"),
+    );
+    // The other tenant, same CIDR: it must not reach tenant A's VMs.
+    let b1 = vm(
+        T_B,
+        C_B,
+        "172.16.0.4",
+        "02:00:ac:10:00:14",
+        guest_pings("172.16.0.4", "172.16.0.2", 5, "B1"),
+    );
+
+    let c = wait_console(&node.env, &a1, "GUEST-NIC eth0 mac=02:00:ac:10:00:02");
+    assert!(c.contains("GUEST-BOOTED"), "{c}");
+    assert!(
+        wait_console(&node.env, &a1, "A1-").contains("A1-ANSWERED"),
+        "A1 reached A2"
+    );
+    assert!(
+        wait_console(&node.env, &a2, "A2-").contains("A2-ANSWERED"),
+        "A2 reached A1"
+    );
+    let b = wait_console(&node.env, &b1, "B1-");
+    assert!(
+        b.contains("B1-NO-ANSWER"),
+        "tenant B reached tenant A:\n{b}"
+    );
+    let added = node.wait_events("Tenant Added", 2);
+    assert_eq!(added.len(), 2, "{added:?}");
+
+    // kill -9 with the VMs running; the new launcher re-learns the devices
+    // and the VMs keep their network.
+    let links = our_links(&node.ns);
+    let old = node.env.peer().expect("connected");
+    launcher.kill9();
+    let _launcher = node.real_launcher(&net);
+    node.env.wait_reconnected(&old);
+    node.env
+        .wait_log_line(&["tenant networking up", "2 tenant subnet(s)"], WAIT);
+    assert_eq!(our_links(&node.ns), links);
+    node.env.wait_list("three running", |l| {
+        [&a1, &a2, &b1]
+            .iter()
+            .all(|i| state_of(l, i) == Some("running"))
+    });
+
+    // A probe on tenant A's bridge reaches both of its VMs, not B's.
+    let bridges = node
+        .ns
+        .ip_out(&["-o", "-d", "link", "show", "type", "bridge"]);
+    let a_bridge = bridges
+        .lines()
+        .find(|l| l.contains(&format!("br_{T_A}")))
+        .and_then(|l| l.split(':').nth(1))
+        .map(|n| n.trim().to_string())
+        .unwrap_or_else(|| panic!("no bridge of tenant A:\n{bridges}"));
+    node.ns.ip(&[
+        "link", "add", "prb0", "type", "veth", "peer", "name", "prb1",
+    ]);
+    node.ns.ip(&["link", "set", "prb1", "master", &a_bridge]);
+    node.ns.ip(&["addr", "add", "172.16.0.9/24", "dev", "prb0"]);
+    node.ns.ip(&["link", "set", "prb1", "up"]);
+    node.ns.ip(&["link", "set", "prb0", "up"]);
+    for ip in ["172.16.0.2", "172.16.0.3"] {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !ping_from(&node.ns, ip) {
+            assert!(
+                Instant::now() < deadline,
+                "{ip} unreachable after the restart"
+            );
+        }
+    }
+    assert!(
+        !ping_from(&node.ns, "172.16.0.4"),
+        "tenant B on tenant A's bridge"
+    );
+    node.ns.ip(&["link", "del", "prb0"]);
+
+    for id in [&a1, &a2, &b1] {
+        node.env.lc_ok(&["delete", id]);
+    }
+    node.wait_events("Tenant Removed", 2);
+    node.env.wait_list("all gone", |l| l.is_empty());
+    assert!(node.env.vm_pids().is_empty(), "QEMU left running");
+    assert_eq!(
+        our_links(&node.ns),
+        Vec::<String>::new(),
+        "nothing of ours left"
+    );
+    assert_eq!(forward_rules(&node.ns), 0);
 }
