@@ -101,7 +101,7 @@ fn container_lifecycle_2016() {
             .find(|l| l.contains(&id))
             .map(|l| l.split_whitespace().collect())
             .unwrap_or_default();
-        // NODE INSTANCE STATE <mem> MiB <disk> MiB <cpu%> SSH ("-" when unknown).
+        // NODE INSTANCE STATE <mem> MiB <disk> MiB <cpu%> SSH VNIC ("-" when unknown).
         let number = |v: Option<&&str>| v.and_then(|v| v.parse::<u64>().ok());
         let disk = (row.get(6) == Some(&"MiB"))
             .then(|| number(row.get(5)))

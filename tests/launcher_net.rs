@@ -181,6 +181,11 @@ fn vnics_bridges_and_events_follow_the_instances_across_a_kill9() {
             .iter()
             .all(|i| state_of(l, i) == Some("running"))
     });
+    let list = node.env.lc_ok(&["list"]);
+    assert!(
+        list.contains("172.16.0.3 02:00:ac:10:00:03"),
+        "list shows the VNIC:\n{list}"
+    );
     let added = node.wait_events("Tenant Added", 2);
     assert_eq!(added.len(), 2, "one TenantAdded per subnet: {added:?}");
     assert!(added.iter().any(|l| l.contains(T_A)) && added.iter().any(|l| l.contains(T_B)));

@@ -811,8 +811,8 @@ fn efi_and_hotplug_as_child_user_2018() {
     assert_eq!(env.instance_dirs(), 0);
 }
 
-/// The SSH address `ciao-lc list` shows for `id` (its last column), once
-/// it shows one.
+/// The SSH address `ciao-lc list` shows for `id` (the column before the
+/// VNIC's `-`: this VM has no tenant VNIC), once it shows one.
 fn wait_ssh(env: &Env, id: &str) -> std::net::SocketAddr {
     let deadline = Instant::now() + WAIT;
     loop {
@@ -820,7 +820,7 @@ fn wait_ssh(env: &Env, id: &str) -> std::net::SocketAddr {
         let shown = out
             .lines()
             .find(|l| l.contains(id))
-            .and_then(|l| l.split_whitespace().last())
+            .and_then(|l| l.split_whitespace().rev().nth(1))
             .and_then(|w| w.parse().ok());
         if let Some(a) = shown {
             return a;

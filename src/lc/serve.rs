@@ -42,6 +42,8 @@ struct ServeState {
     profile: Profile,
     nodes: BTreeMap<Uuid16, NodeView>,
     watchers: Vec<Sender<String>>,
+    /// Instance → (private IP, MAC) of the STARTs sent (for `list`).
+    vnics: BTreeMap<String, (String, String)>,
 }
 
 type Shared = Arc<Mutex<ServeState>>;
@@ -119,6 +121,7 @@ pub(super) fn serve(
         profile,
         nodes: BTreeMap::new(),
         watchers: Vec::new(),
+        vnics: BTreeMap::new(),
     }));
 
     let events = server.events().clone();
@@ -308,12 +311,22 @@ fn execute(req: &Request, state: &Shared, server: &Server) -> Result<String, Str
     let p2016 = profile == Profile::P2016;
     let (cmd, payload, done) = match req {
         Request::Profile => return Ok(profile.to_string()),
-        Request::List => return Ok(list_table(&lock(state).nodes)),
+        Request::List => {
+            let s = lock(state);
+            return Ok(list_table(&s.nodes, &s.vnics));
+        }
         Request::Stats => return Ok(stats_table(&lock(state).nodes)),
         Request::Watch { .. } => return Err("watch streams; it has no single answer".into()),
         Request::Start { payload, .. } => {
             let cfg = crate::payloads::start::parse_start(payload.as_bytes())
                 .map_err(|e| e.to_string())?;
+            let n = &cfg.networking;
+            if !n.vnic_mac.is_empty() || !n.private_ip.is_empty() {
+                lock(state).vnics.insert(
+                    cfg.instance_uuid.clone(),
+                    (n.private_ip.clone(), n.vnic_mac.clone()),
+                );
+            }
             (
                 Command::Start,
                 payload.clone().into_bytes(),

@@ -25,10 +25,24 @@ fn ssh_column(ip: &str, port: i64) -> String {
     }
 }
 
-pub fn list_table(nodes: &BTreeMap<Uuid16, NodeView>) -> String {
+/// The VNIC column: `private_ip mac` of the START that `serve` sent (STATS
+/// do not carry them), `-` for an instance without tenant networking.
+fn vnic_column(vnics: &BTreeMap<String, (String, String)>, instance: &str) -> String {
+    match vnics.get(instance) {
+        Some((ip, mac)) if !ip.is_empty() => format!("{ip} {mac}"),
+        Some((_, mac)) if !mac.is_empty() => format!("- {mac}"),
+        _ => "-".into(),
+    }
+}
+
+/// `vnics`: instance → (private IP, MAC) of the STARTs sent.
+pub fn list_table(
+    nodes: &BTreeMap<Uuid16, NodeView>,
+    vnics: &BTreeMap<String, (String, String)>,
+) -> String {
     let mut out = format!(
-        "{:<36}  {:<36}  {:<8}  {:>10}  {:>10}  {:>4}  {}\n",
-        "NODE", "INSTANCE", "STATE", "MEMORY", "DISK", "CPU%", "SSH"
+        "{:<36}  {:<36}  {:<8}  {:>10}  {:>10}  {:>4}  {:<21}  {}\n",
+        "NODE", "INSTANCE", "STATE", "MEMORY", "DISK", "CPU%", "SSH", "VNIC"
     );
     for (u, n) in nodes {
         let Some(stats) = &n.stats else { continue };
@@ -40,14 +54,15 @@ pub fn list_table(nodes: &BTreeMap<Uuid16, NodeView>) -> String {
             };
             let _ = writeln!(
                 out,
-                "{:<36}  {:<36}  {:<8}  {:>10}  {:>10}  {:>4}  {}",
+                "{:<36}  {:<36}  {:<8}  {:>10}  {:>10}  {:>4}  {:<21}  {}",
                 uuid::Uuid::from_bytes(*u),
                 i.instance_uuid,
                 i.state,
                 human_mb(i.memory_usage_mb),
                 human_mb(i.disk_usage_mb),
                 cpu,
-                ssh_column(&i.ssh_ip, i.ssh_port)
+                ssh_column(&i.ssh_ip, i.ssh_port),
+                vnic_column(vnics, &i.instance_uuid)
             );
         }
     }
@@ -173,19 +188,29 @@ mod tests {
 
     #[test]
     fn list_has_a_header_and_a_row_per_instance() {
-        let text = list_table(&node(Some(stats())));
+        let none = BTreeMap::new();
+        let text = list_table(&node(Some(stats())), &none);
         let lines: Vec<&str> = text.lines().collect();
         assert_eq!(lines.len(), 2, "{text}");
         assert!(
-            lines[0].starts_with("NODE") && lines[0].ends_with("SSH"),
+            lines[0].starts_with("NODE") && lines[0].ends_with("SSH                    VNIC"),
             "{text}"
         );
-        let want = format!(
-            "{NODE_TEXT}  22222222-2222-2222-2222-222222222222  running      128 MiB           -     -  -"
+        let row = format!(
+            "{NODE_TEXT}  22222222-2222-2222-2222-222222222222  running      128 MiB           -     -  -                    "
         );
-        assert_eq!(lines[1], want);
+        assert_eq!(lines[1], format!("{row}  -"));
+        let vnics = BTreeMap::from([(
+            "22222222-2222-2222-2222-222222222222".to_string(),
+            ("172.16.0.2".to_string(), "02:00:ac:10:00:02".to_string()),
+        )]);
+        let text = list_table(&node(Some(stats())), &vnics);
+        assert_eq!(
+            text.lines().nth(1),
+            Some(format!("{row}  172.16.0.2 02:00:ac:10:00:02").as_str())
+        );
         // A launcher without STATS yet has no rows.
-        assert_eq!(list_table(&node(None)).lines().count(), 1);
+        assert_eq!(list_table(&node(None), &none).lines().count(), 1);
     }
 
     #[test]
