@@ -527,3 +527,53 @@ fn two_vms_of_a_subnet_ping_each_other_and_not_the_other_tenant_across_a_kill9()
     );
     assert_eq!(forward_rules(&node.ns), 0);
 }
+
+#[test]
+fn a_vm_start_failing_after_its_vnic_was_made_removes_it_again() {
+    require_qemu();
+    let node = Node::new(6);
+    let images = node.env.dir.join("data/images");
+    std::fs::create_dir_all(&images).expect("images dir");
+    std::fs::copy(guest_image(), images.join(IMAGE)).expect("install the guest image");
+    // A QEMU that passes the start-up checks but refuses to boot (the
+    // launch is not what this test is about): the START fails at launch,
+    // after the VNIC (and the subnet's bridge and tunnel) were made.
+    let qemu = in_path("qemu-system-x86_64").expect("qemu-system-x86_64");
+    let wrapper = node.env.dir.join("qemu-refuses-to-boot");
+    std::fs::write(
+        &wrapper,
+        format!(
+            "#!/bin/sh\ncase \"$*\" in *-daemonize*) echo 'no boot today' >&2; exit 1;; esac\nexec {} \"$@\"\n",
+            qemu.display()
+        ),
+    )
+    .expect("wrapper");
+    let exec = <std::fs::Permissions as std::os::unix::fs::PermissionsExt>::from_mode(0o755);
+    std::fs::set_permissions(&wrapper, exec).expect("chmod");
+    let wrapper = wrapper.to_str().expect("path").to_string();
+    let _launcher = node.real_launcher(&[
+        "--network",
+        "cn",
+        "--tunnel-kind",
+        "veth",
+        "--qemu",
+        &wrapper,
+    ]);
+    let what = ["--image", IMAGE, "--legacy"];
+    let id = node.start_with(&what, T_A, C_A, "172.16.0.2", "02:00:ac:10:00:02");
+    let line = node
+        .env
+        .wait_log_line(&["StartFailure", &id], Duration::from_secs(60));
+    assert!(line.contains("launch_failure"), "{line}");
+    let added = node.wait_events("Tenant Added", 1);
+    let removed = node.wait_events("Tenant Removed", 1);
+    assert!(added[0].contains(T_A) && removed[0].contains(T_A));
+    node.env.wait_list("failed START gone", |l| l.is_empty());
+    assert_eq!(
+        our_links(&node.ns),
+        Vec::<String>::new(),
+        "nothing of ours left"
+    );
+    assert_eq!(forward_rules(&node.ns), 0);
+    assert_eq!(node.env.instance_dirs(), 0);
+}
