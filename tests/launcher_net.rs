@@ -512,6 +512,26 @@ fn two_vms_of_a_subnet_ping_each_other_and_not_the_other_tenant_across_a_kill9()
         !ping_from(&node.ns, "172.16.0.4"),
         "tenant B on tenant A's bridge"
     );
+    // STOP + RESTART (2016): the same tap is opened again for the new boot.
+    node.env.lc_ok(&["stop", &a1]);
+    node.env
+        .wait_list("a1 exited", |l| state_of(l, &a1) == Some("exited"));
+    assert_eq!(our_links(&node.ns), links, "a stop keeps the VNIC");
+    node.env.lc_ok(&["restart", &a1]);
+    node.env
+        .wait_list("a1 running again", |l| state_of(l, &a1) == Some("running"));
+    let deadline = Instant::now() + BOOT;
+    while console(&node.env, &a1).matches("A1-ANSWERED").count() < 2 {
+        assert!(
+            Instant::now() < deadline,
+            "A1 did not reach A2 after its restart:\n{}",
+            console(&node.env, &a1)
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(ping_from(&node.ns, "172.16.0.2"), "probe reaches A1 again");
+    assert_eq!(our_links(&node.ns), links, "no new device for a restart");
+    assert_eq!(node.events("Tenant Added").len(), 2);
     node.ns.ip(&["link", "del", "prb0"]);
 
     for id in [&a1, &a2, &b1] {
