@@ -52,7 +52,14 @@
 //!    QEMU (`Virtualizer::set_nic`), which inherits them; the launcher's
 //!    copies close after the launch. A START that fails later removes the
 //!    VNIC again (TenantRemoved if it was the last).
-//! 3. RESTART (2016): `create_vnic` re-opens the persistent tap.
+//!    A container's START only checks the request first
+//!    ([`VnicRequest::check`]); once the container runs,
+//!    `plug_container_vnic` with its PID (TenantAdded if new). It fails the
+//!    START if that fails (container and VNIC go again).
+//! 3. RESTART (2016): `create_vnic` re-opens the persistent tap; a
+//!    container gets a new pair once it runs again. A container the monitor
+//!    reports running (recovery, the engine back after a restart) without
+//!    its `eth0` ([`ContainerNetns::has_nic`]) is plugged in again.
 //! 4. Recovery: `claim_vnic` gives a recovered instance its VNIC back.
 //! 5. DELETE, a 2018 exit, a vanished instance: `delete_vnic` once the
 //!    instance is gone from its virtualizer; TenantRemoved after the last.

@@ -126,6 +126,16 @@ pub struct VnicRequest {
     pub container: bool,
 }
 
+impl VnicRequest {
+    /// Step 1 of a tenant VNIC create alone: whether the fields parse
+    /// (`invalid_data`) and the ids are there (`network_failure`). A
+    /// container's START checks before its container is made, as its VNIC
+    /// can only be plugged once it runs.
+    pub fn check(&self) -> Result<(), NetError> {
+        NodeNetwork::parse_tenant(self).map(|_| ())
+    }
+}
+
 /// What the VM needs from its VNIC.
 #[derive(Debug)]
 pub struct VnicGranted {

@@ -208,6 +208,18 @@ impl TenantNetwork {
         }
     }
 
+    /// Whether a container's VNIC could be made from `req` (see
+    /// [`VnicRequest::check`]); networking down: `network_failure`.
+    pub fn check(&self, req: &VnicRequest) -> Result<(), NetError> {
+        match &*lock(&self.state) {
+            NetState::Up(_) => req.check(),
+            NetState::Down(why) => Err(NetError::Config(format!(
+                "tenant networking is down: {why}"
+            ))),
+            NetState::Off => Ok(()),
+        }
+    }
+
     /// Plugs a container's VNIC into the namespace of its process `pid`
     /// (see [`NodeNetwork::plug_container_vnic`]).
     pub fn plug_container_vnic(
