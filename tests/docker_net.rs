@@ -4,7 +4,8 @@
 //! as the compute link), removed on drop. The containers' own namespaces
 //! are made by dockerd (network mode `none`); the launcher plugs a veth end
 //! into each. The tunnel is the veth stand-in (no GRE in this kernel).
-//! Pings and `ip` run inside the containers (`docker exec`, busybox).
+//! Pings and `ip` run inside the containers (`docker exec`, busybox). One
+//! test adds a real test-guest VM on the same subnet.
 
 mod common;
 
@@ -350,4 +351,95 @@ fn bad_container_networking_is_invalid_data_and_creates_nothing() {
         assert!(!docker(&engine, &["inspect", id]).status.success(), "{id}");
     }
     assert_eq!(node.events("Tenant Added"), 0);
+}
+
+/// The test guest's image name in the node's image directory.
+const GUEST: &str = "7e57a9e0-0c1a-4000-8000-000000000004";
+const BOOT: Duration = Duration::from_secs(300);
+
+fn console(env: &Env, id: &str) -> String {
+    std::fs::read_to_string(env.dir.join("data/instances").join(id).join("console.log"))
+        .unwrap_or_default()
+        .replace('\r', "")
+}
+
+fn wait_console(env: &Env, id: &str, needle: &str) -> String {
+    let deadline = Instant::now() + BOOT;
+    loop {
+        let c = console(env, id);
+        if c.contains(needle) {
+            return c;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no {needle:?} on the console of {id}:\n{c}\nlauncher log:\n{}",
+            env.log()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+#[test]
+fn a_container_and_a_vm_of_one_subnet_ping_each_other() {
+    require_qemu();
+    let engine = engine();
+    let node = Node::new(2);
+    let images = node.env.dir.join("data/images");
+    std::fs::create_dir_all(&images).expect("images dir");
+    std::fs::copy(guest_image(), images.join(GUEST)).expect("install the guest image");
+    let _launcher = node.launcher(&engine);
+
+    let c1 = node.start_tenant(T_A, C_A, "172.16.0.2", "02:00:ac:10:00:02");
+    // The VM takes its address, then pings the container until it answers.
+    let ud = node.env.dir.join("ud-vm");
+    std::fs::write(
+        &ud,
+        "#cloud-config\nruncmd:\n  - ip addr add 172.16.0.3/24 dev eth0\n  - \
+         i=0; until ping -c 1 -W 1 172.16.0.2 >/dev/null; do i=$((i+1)); \
+         [ $i -lt 90 ] || { echo VM-NO-ANSWER; exit 0; }; done; echo VM-ANSWERED\n",
+    )
+    .expect("user data");
+    let vm = node.env.lc_ok(&[
+        "start",
+        "--image",
+        GUEST,
+        "--legacy",
+        "--mem-mb",
+        "64",
+        "--user-data",
+        ud.to_str().expect("path"),
+        "--tenant",
+        T_A,
+        "--subnet",
+        SUBNET,
+        "--private-ip",
+        "172.16.0.3",
+        "--vnic-mac",
+        "02:00:ac:10:00:03",
+        "--concentrator-uuid",
+        C_A,
+        "--concentrator-ip",
+        "10.9.0.200",
+    ]);
+    let vm = vm
+        .split_whitespace()
+        .nth(1)
+        .expect("instance id")
+        .to_string();
+    let c = wait_console(&node.env, &vm, "VM-");
+    assert!(
+        c.contains("VM-ANSWERED"),
+        "the VM did not reach the container:\n{c}"
+    );
+    assert!(reaches(&engine, &c1, "172.16.0.3", 10), "container → VM");
+    // One bridge for both: one TenantAdded.
+    assert_eq!(node.events("Tenant Added"), 1);
+    assert_eq!(count(&our_links(&node.ns), "sbr_"), 1);
+    for id in [&c1, &vm] {
+        node.env.lc_ok(&["delete", id]);
+    }
+    node.env.wait_list("all gone", |l| l.is_empty());
+    node.wait_events("Tenant Removed", 1);
+    wait_until("no device of ours", || our_links(&node.ns).is_empty());
+    assert_eq!(forward_rules(&node.ns), 0);
 }
