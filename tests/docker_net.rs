@@ -127,7 +127,12 @@ impl Node {
         }
     }
 
+    /// A launcher with tenant networking and the veth stand-in tunnel.
     fn launcher(&self, engine: &Engine) -> Proc {
+        self.launcher_tunnel(engine, "veth")
+    }
+
+    fn launcher_tunnel(&self, engine: &Engine, tunnel: &str) -> Proc {
         let socket = engine.socket.display().to_string();
         let p = self.env.launcher_with(
             self.addr,
@@ -140,7 +145,7 @@ impl Node {
                 "--network",
                 "cn",
                 "--tunnel-kind",
-                "veth",
+                tunnel,
                 "--compute-net",
                 "10.9.0.0/24",
                 "--mgmt-net",
@@ -442,4 +447,27 @@ fn a_container_and_a_vm_of_one_subnet_ping_each_other() {
     node.wait_events("Tenant Removed", 1);
     wait_until("no device of ours", || our_links(&node.ns).is_empty());
     assert_eq!(forward_rules(&node.ns), 0);
+}
+
+#[test]
+fn a_network_refusal_after_the_container_started_fails_the_start_and_leaves_nothing() {
+    let engine = engine();
+    let node = Node::new(3);
+    // The real gretap: this kernel has no GRE, so the plug fails at the
+    // tunnel, after the container was started and the bridge made.
+    let _launcher = node.launcher_tunnel(&engine, "gretap");
+    let id = node.start_tenant(T_A, C_A, "172.16.0.2", "02:00:ac:10:00:02");
+    let line = node
+        .env
+        .wait_log_line(&[&id, "StartFailure", "network_failure"], WAIT);
+    assert!(line.contains("GRE"), "{line}");
+    node.env
+        .wait_list("failed START gone", |l| state_of(l, &id).is_none());
+    wait_until("its container removed", || {
+        !docker(&engine, &["inspect", &id]).status.success()
+    });
+    assert_eq!(our_links(&node.ns), Vec::<String>::new(), "rolled back");
+    assert_eq!(forward_rules(&node.ns), 0);
+    assert_eq!(node.events("Tenant Added"), 0);
+    assert_eq!(node.env.instance_dirs(), 0);
 }
