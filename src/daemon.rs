@@ -297,7 +297,7 @@ fn warn_about_ignored_flags(cfg: &Config) {
     }
     if cfg.user_net {
         info!(
-            "--user-net: virtual machines get a user-mode NIC that reaches nothing outside QEMU, with guest port 22 forwarded from a free port on 127.0.0.1"
+            "--user-net: virtual machines get a user-mode NIC that reaches nothing outside QEMU, with guest port 22 forwarded from a free port on 127.0.0.1; containers keep network mode none (loopback only)"
         );
     }
 }

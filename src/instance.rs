@@ -519,10 +519,19 @@ impl Instance {
             return Ok(());
         }
         if self.cfg.vm_type == VmType::Docker {
-            return Err((
-                Reason::NetworkFailure,
-                "tenant networking for containers is not implemented yet".into(),
-            ));
+            // Its VNIC needs its running process (`plug_container`): only
+            // the request is checked now, so bad input creates nothing.
+            if self.cfg.network_node {
+                return Err((
+                    Reason::NetworkFailure,
+                    "a container cannot be a CNCI (network_node)".into(),
+                ));
+            }
+            return self
+                .ctx
+                .network
+                .check(&VnicRequest::of(&self.cfg))
+                .map_err(|e| (e.reason(), e.to_string()));
         }
         let granted = self
             .ctx
@@ -554,6 +563,69 @@ impl Instance {
         self.vm
             .set_nic(nic)
             .map_err(|e| (e.reason(Reason::NetworkFailure), e.to_string()))
+    }
+
+    /// After a container's start (networking on): its VNIC is made and
+    /// plugged into its network namespace as `eth0` (a new veth pair each
+    /// time: the last one died with the container's previous namespace).
+    fn plug_container(&mut self) -> Result<(), (Reason, String)> {
+        if !self.ctx.network.is_on() || self.cfg.vm_type != VmType::Docker {
+            return Ok(());
+        }
+        let pid = self
+            .vm
+            .netns_pid()
+            .map_err(|e| (Reason::NetworkFailure, e.to_string()))?;
+        // From here a failure may leave a recorded VNIC to remove.
+        self.vnic_made = true;
+        let plugged = self
+            .ctx
+            .network
+            .plug_container_vnic(&VnicRequest::of(&self.cfg), pid)
+            .map_err(|e| (e.reason(), e.to_string()))?;
+        if let Some(ev) = &plugged.tenant_added {
+            self.ctx.send_tenant_event(true, ev);
+        }
+        info!(
+            "{}: VNIC {} plugged in as eth0 ({}/{}, MAC {}, gateway {})",
+            self.id,
+            plugged.name,
+            plugged.ip,
+            plugged.prefix,
+            crate::network::format_mac(&plugged.mac),
+            plugged.gateway
+        );
+        Ok(())
+    }
+
+    /// A container seen running (after a launcher restart, or the engine
+    /// came back): if it lacks its tenant NIC, it gets it now. A failure is
+    /// logged; the container runs on without it.
+    fn ensure_container_nic(&mut self) {
+        if !self.ctx.network.is_on() || self.cfg.vm_type != VmType::Docker {
+            return;
+        }
+        let Ok(mac) = crate::network::parse_mac(self.cfg.networking.vnic_mac.trim()) else {
+            return;
+        };
+        let has = self.vm.netns_pid().and_then(|pid| {
+            crate::network::ContainerNetns::of_pid(pid)
+                .and_then(|ns| ns.has_nic(mac))
+                .map_err(|e| VirtError::other(e.to_string()))
+        });
+        match has {
+            Ok(true) => {}
+            Ok(false) => {
+                info!(
+                    "{}: running without its tenant NIC: plugging it in",
+                    self.id
+                );
+                if let Err((_, cause)) = self.plug_container() {
+                    error!("{}: tenant NIC not plugged in: {cause}", self.id);
+                }
+            }
+            Err(e) => warn!("{}: cannot check its tenant NIC: {e}", self.id),
+        }
     }
 
     /// Removes the VNIC of an instance that goes (idempotent; none: no-op).
@@ -747,6 +819,11 @@ impl Instance {
         if let Err(e) = self.vm.start() {
             return self.start_failed(e.reason(Reason::LaunchFailure), &e, true);
         }
+        // A container's NIC can only go in once it runs; failing that, the
+        // container goes again (nothing is left behind).
+        if let Err((reason, cause)) = self.plug_container() {
+            return self.start_failed(reason, &cause, true);
+        }
         debug!("{}: started {:?} after its START", self.id, t0.elapsed());
         info!(
             "{} started ({}, {} vCPU, {} MB)",
@@ -933,6 +1010,10 @@ impl Instance {
             }
             return self.fail(ErrorKind::Restart, e.reason(Reason::LaunchFailure), &e);
         }
+        // The container runs on; its monitor's Running retries the NIC.
+        if let Err((reason, cause)) = self.plug_container() {
+            self.fail(ErrorKind::Restart, reason, &cause);
+        }
         info!("{} restarted", self.id);
         self.watch(false);
     }
@@ -1003,6 +1084,8 @@ impl Instance {
         match ev {
             MonitorEvent::Usage(u) => self.send_usage(u),
             MonitorEvent::Running => {
+                // Recovered, or the engine came back: still on its network?
+                self.ensure_container_nic();
                 // Only a starting instance changes (a repeated report does not).
                 if !matches!(self.life, Life::Starting(_)) {
                     return;

@@ -18,7 +18,7 @@
 //! * [`virt`]: the virtualizers (simulation, Docker, QEMU) and their monitors;
 //! * [`ssntp`]: the protocol, usable on its own;
 //! * [`network`]: tenant networking (bridges, tunnels, VNICs) under one node-wide lock,
-//!   called by the instance threads (VMs; containers are refused on `-network cn|nn`);
+//!   called by the instance threads (a tap per VM, a veth per container);
 //! * [`notify`]: readiness for systemd (`Type=notify`);
 //! * [`capabilities`]: start-up checks of QEMU, its tools and the Docker engine.
 //!

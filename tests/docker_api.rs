@@ -189,6 +189,7 @@ fn container_lifecycle_limits_labels_stats_cancel_stop() {
         network_none: true,
         privileged: false,
         env: vec!["CIAO=1".into()],
+        dns: Vec::new(),
     };
     let t = Instant::now();
     let id = api.container_create(&name, &spec).expect("create");

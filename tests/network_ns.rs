@@ -4,6 +4,10 @@
 //! namespace before it opens any socket, so the host's links are never
 //! seen or touched.
 //!
+//! Container VNICs are plugged into stand-in containers: namespaces with
+//! a sleeping child each, whose PID the code is given as Docker would give
+//! a container's; they ping each other with busybox.
+//!
 //! This kernel has no GRE: the tunnel is a veth stand-in (everything else
 //! is real), and one test checks that a real gretap fails cleanly.
 
@@ -205,6 +209,7 @@ fn vm(instance: &str, tenant: &str, conc: &str, conc_ip: &str, ip: &str) -> Vnic
         concentrator_uuid: conc.into(),
         concentrator_ip: conc_ip.into(),
         private_ip: ip.into(),
+        container: false,
     }
 }
 
@@ -696,6 +701,391 @@ fn instance_threads_sharing_the_lock_get_one_added_and_one_removed() {
             4
         );
         assert_eq!(run_all(true), 1, "exactly one TenantRemoved");
+        assert_eq!(ours(&links()), Vec::<String>::new());
+    });
+}
+
+// ---- Container VNICs -------------------------------------------------
+//
+// A "container" here is a namespace of its own with a sleeping child in
+// it: the child's PID plays the part of the PID Docker inspect reports.
+
+/// A stand-in container: `ip netns exec <ns> sleep`, killed (by its PID)
+/// and its namespace deleted on drop or `stop`.
+struct FakeContainer {
+    ns: Netns,
+    child: std::process::Child,
+}
+
+impl FakeContainer {
+    fn start() -> FakeContainer {
+        let ok = Command::new("busybox")
+            .arg("true")
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(
+            ok,
+            "network_ns: `busybox` is missing (Debian: busybox-static)"
+        );
+        let ns = Netns::new();
+        let child = Command::new("ip")
+            .args(["netns", "exec", &ns.name, "sleep", "600"])
+            .spawn()
+            .expect("spawn the sleeping child");
+        let c = FakeContainer { ns, child };
+        // `ip netns exec` enters the namespace, then execs sleep: once the
+        // child is sleep, it is inside (bounded wait).
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        let comm = format!("/proc/{}/comm", c.pid());
+        while std::fs::read_to_string(&comm).unwrap_or_default().trim() != "sleep" {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the fake container never started"
+            );
+            std::thread::yield_now();
+        }
+        c
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// `ip -n <ns> <args>`'s output (must succeed).
+    fn ip_out(&self, args: &str) -> String {
+        let out = Command::new("ip")
+            .args(["-n", &self.ns.name])
+            .args(args.split_whitespace())
+            .output()
+            .expect("run ip");
+        assert!(
+            out.status.success(),
+            "ip -n {} {args}: {}",
+            self.ns.name,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Names of the links inside.
+    fn link_names(&self) -> Vec<String> {
+        self.ip_out("-o link show")
+            .lines()
+            .filter_map(|l| l.split(": ").nth(1))
+            .map(|n| n.split('@').next().unwrap_or(n).to_string())
+            .collect()
+    }
+
+    /// One ping from inside to `ip` (1 s timeout).
+    fn pings(&self, ip: &str) -> bool {
+        Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &self.ns.name,
+                "busybox",
+                "ping",
+                "-c",
+                "1",
+                "-W",
+                "1",
+                ip,
+            ])
+            .output()
+            .is_ok_and(|o| o.status.success())
+    }
+
+    /// Pings `ip` until it answers, at most `tries` times (the first frames
+    /// may go to ARP).
+    fn reaches(&self, ip: &str, tries: u32) -> bool {
+        (0..tries).any(|_| self.pings(ip))
+    }
+
+    /// The container stops: its process ends and its namespace dies (with
+    /// the veth in it).
+    fn stop(self) {
+        drop(self);
+    }
+}
+
+impl Drop for FakeContainer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        // self.ns is dropped after this: `ip netns del`.
+    }
+}
+
+fn container(instance: &str, tenant: &str, conc: &str, ip: &str, mac: &str) -> VnicRequest {
+    VnicRequest {
+        vnic_mac: mac.into(),
+        container: true,
+        ..vm(instance, tenant, conc, "10.99.0.21", ip)
+    }
+}
+
+/// `eth0` inside `c` is the tenant NIC of `ip` with `mac`, read with `ip`.
+fn assert_eth0(c: &FakeContainer, ip: &str, mac: &str) {
+    let link = c.ip_out("link show eth0");
+    assert!(link.contains(" mtu 1400 "), "{link}");
+    assert!(link.contains(&format!("link/ether {mac} ")), "{link}");
+    assert!(link.contains(",UP,") || link.contains("<UP,"), "{link}");
+    let addr = c.ip_out("-4 -o addr show dev eth0");
+    assert!(addr.contains(&format!("inet {ip}/21 ")), "{addr}");
+    let route = c.ip_out("-4 route show default");
+    assert_eq!(
+        route.split_whitespace().take(5).collect::<Vec<_>>(),
+        ["default", "via", "192.168.8.1", "dev", "eth0"],
+        "{route}"
+    );
+}
+
+const MAC1: &str = "02:00:c0:a8:08:02";
+const MAC2: &str = "02:00:c0:a8:08:03";
+const MAC3: &str = "02:00:c0:a8:08:04";
+
+#[test]
+fn containers_of_a_subnet_ping_each_other_and_not_the_other_tenant() {
+    let node = Netns::compute_node("10.99.0.11");
+    let (c1, c2, c3) = (
+        FakeContainer::start(),
+        FakeContainer::start(),
+        FakeContainer::start(),
+    );
+    let (p1, p2, p3) = (c1.pid(), c2.pid(), c3.pid());
+    let a1 = container("a1", T_A, C_A, "192.168.8.2", MAC1);
+    let a2 = container("a2", T_A, C_A, "192.168.8.3", MAC2);
+    let b1 = container("b1", T_B, C_B, "192.168.8.4", MAC3);
+    let (r1, r2, rb) = (a1.clone(), a2.clone(), b1.clone());
+    let made = Made::default();
+    let made_in = made.clone();
+    let net = node.run(move || {
+        let mut net = NodeNetwork::init(config(&made_in, 0xb00, false)).expect("init");
+        let g1 = net.plug_container_vnic(&r1, p1).expect("a1");
+        assert_eq!(g1.tenant_added, Some(event(T_A, C_A, "10.99.0.21")));
+        assert_eq!(g1.gateway, Ipv4Addr::new(192, 168, 8, 1));
+        assert_eq!((g1.ip, g1.prefix), (Ipv4Addr::new(192, 168, 8, 2), 21));
+        let g2 = net.plug_container_vnic(&r2, p2).expect("a2");
+        assert_eq!(g2.tenant_added, None, "second VNIC of the subnet");
+        let gb = net.plug_container_vnic(&rb, p3).expect("b1");
+        assert!(gb.tenant_added.is_some(), "tenant B: its own bridge");
+        let all = links();
+        let bridge_of = |name: &str| {
+            all.iter()
+                .find(|l| l.name == name)
+                .and_then(|l| l.master)
+                .expect("host end on a bridge")
+        };
+        assert_eq!(bridge_of(&g1.name), bridge_of(&g2.name));
+        assert_ne!(bridge_of(&g1.name), bridge_of(&gb.name));
+        for g in [&g1, &g2] {
+            let host = all.iter().find(|l| l.name == g.name).expect("host end");
+            assert_eq!(host.kind.as_deref(), Some("veth"));
+            assert!(host.is_up);
+            assert!(
+                host.alias.starts_with("vnic_67d86208-0000"),
+                "{}",
+                host.alias
+            );
+            assert!(
+                host.alias.ends_with(&format!("##{}", g.ip)),
+                "{}",
+                host.alias
+            );
+        }
+        // The container ends left this namespace.
+        assert!(
+            !all.iter().any(|l| l.name.starts_with("svp_")),
+            "{:?}",
+            ours(&all)
+        );
+        net
+    });
+    assert_eth0(&c1, "192.168.8.2", MAC1);
+    assert_eth0(&c2, "192.168.8.3", MAC2);
+    assert_eq!(c1.link_names(), ["lo", "eth0"]);
+    let host_mtu = node_ip_out(&node, "-o link show");
+    assert_eq!(
+        host_mtu
+            .lines()
+            .filter(|l| l.contains(": svn_") && l.contains(" mtu 1400 "))
+            .count(),
+        3,
+        "{host_mtu}"
+    );
+    assert!(c1.reaches("192.168.8.3", 5), "a1 cannot reach a2");
+    assert!(c2.reaches("192.168.8.2", 5), "a2 cannot reach a1");
+    assert!(!c3.pings("192.168.8.2"), "tenant B reached tenant A");
+    assert!(!c3.pings("192.168.8.3"), "tenant B reached tenant A");
+    assert!(!c1.pings("192.168.8.4"), "tenant A reached tenant B");
+    // has_nic sees the NIC; a container without one is told apart.
+    let ns1 = ciao_launcher::network::ContainerNetns::of_pid(p1).expect("ns of c1");
+    assert!(ns1.has_nic([2, 0, 0xc0, 0xa8, 8, 2]).expect("has_nic"));
+    assert!(!ns1.has_nic([2, 0, 0xc0, 0xa8, 8, 9]).expect("has_nic"));
+
+    let removed = node.run(move || {
+        let mut net = net;
+        let d1 = net.delete_vnic(&a1).expect("d1");
+        let d2 = net.delete_vnic(&a2).expect("d2");
+        let again = net.delete_vnic(&a2).expect("d2 again");
+        let db = net.delete_vnic(&b1).expect("db");
+        assert_eq!(ours(&links()), Vec::<String>::new());
+        assert!(!forward_rules().contains("sbr_"), "{}", forward_rules());
+        [d1.is_some(), d2.is_some(), again.is_some(), db.is_some()]
+    });
+    assert_eq!(
+        removed,
+        [false, true, false, true],
+        "TenantRemoved after the last"
+    );
+    assert_eq!(c1.link_names(), ["lo"], "eth0 left in the container");
+    assert_eq!(made.lock().expect("made").len(), 2, "one tunnel per subnet");
+}
+
+/// `ip -n <node> <args>`'s output.
+fn node_ip_out(ns: &Netns, args: &str) -> String {
+    let out = Command::new("ip")
+        .args(["-n", &ns.name])
+        .args(args.split_whitespace())
+        .output()
+        .expect("run ip");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn container_stop_restart_and_launcher_restart_keep_mac_ip_and_reach() {
+    let node = Netns::compute_node("10.99.0.11");
+    let (c1, c2) = (FakeContainer::start(), FakeContainer::start());
+    let a1 = container("a1", T_A, C_A, "192.168.8.2", MAC1);
+    let a2 = container("a2", T_A, C_A, "192.168.8.3", MAC2);
+    let made = Made::default();
+    {
+        let (r1, r2, p1, p2, m) = (a1.clone(), a2.clone(), c1.pid(), c2.pid(), made.clone());
+        node.run(move || {
+            let mut net = NodeNetwork::init(config(&m, 0xc00, false)).expect("init");
+            assert!(
+                net.plug_container_vnic(&r1, p1)
+                    .expect("a1")
+                    .tenant_added
+                    .is_some()
+            );
+            net.plug_container_vnic(&r2, p2).expect("a2");
+            // The "launcher" ends here (its object is dropped, nothing
+            // is removed: as a kill -9).
+        });
+    }
+    assert!(c1.reaches("192.168.8.3", 5));
+    // a2 stops: its namespace dies, and the pair with it.
+    c2.stop();
+    // The launcher restarts: the running container's host end is
+    // re-learned by its alias; the stopped one is claimed without a device.
+    let c2 = FakeContainer::start();
+    let (r1, r2, p2, m) = (a1.clone(), a2.clone(), c2.pid(), made.clone());
+    let net = node.run(move || {
+        let mut net = NodeNetwork::init(config(&m, 0xd00, false)).expect("re-init");
+        assert_eq!(net.subnet_count(), 1);
+        assert!(net.claim_vnic(&r1));
+        assert!(net.claim_vnic(&r2), "a stopped container's VNIC is claimed");
+        // Another instance cannot take a2's address meanwhile.
+        let mut imposter = r2.clone();
+        imposter.instance_uuid = "zz".into();
+        let e = net.plug_container_vnic(&imposter, p2).expect_err("taken");
+        assert_eq!(e.reason(), Reason::NetworkFailure);
+        // RESTART of a2: a new pair, same MAC and address, no TenantAdded.
+        let g = net.plug_container_vnic(&r2, p2).expect("a2 again");
+        assert_eq!(g.tenant_added, None);
+        net
+    });
+    assert_eth0(&c2, "192.168.8.3", MAC2);
+    assert!(c2.reaches("192.168.8.2", 5), "restarted a2 cannot reach a1");
+    assert!(c1.reaches("192.168.8.3", 5), "a1 cannot reach restarted a2");
+    // a2 stops once more, and is deleted while stopped; then a1.
+    c2.stop();
+    let removed = node.run(move || {
+        let mut net = net;
+        let d2 = net.delete_vnic(&a2).expect("d2").is_some();
+        let left = ours(&links()).len();
+        let d1 = net.delete_vnic(&a1).expect("d1").is_some();
+        assert_eq!(ours(&links()), Vec::<String>::new());
+        assert!(!forward_rules().contains("sbr_"));
+        (d2, left, d1)
+    });
+    // After a2: bridge, tunnel, a1's host end (a2's may still be going).
+    assert!(!removed.0 && removed.1 >= 3 && removed.2, "{removed:?}");
+    assert_eq!(made.lock().expect("made").len(), 1, "the tunnel was kept");
+}
+
+#[test]
+fn container_bad_input_and_a_failure_mid_create_leave_nothing() {
+    let node = Netns::compute_node("10.99.0.11");
+    let c = FakeContainer::start();
+    // The container already has an eth0: configuring inside fails after
+    // bridge, tunnel, rule and pair were made and the peer moved in.
+    c.ns.ip("link add eth0 type bridge");
+    let pid = c.pid();
+    let good = container("a1", T_A, C_A, "192.168.8.2", MAC1);
+    let made = Made::default();
+    let m = made.clone();
+    let g = good.clone();
+    let net = node.run(move || {
+        let mut net = NodeNetwork::init(config(&m, 0xe00, false)).expect("init");
+        for (what, bad) in [
+            (
+                "no private ip",
+                VnicRequest {
+                    private_ip: String::new(),
+                    ..g.clone()
+                },
+            ),
+            (
+                "bad mac",
+                VnicRequest {
+                    vnic_mac: "02:00:c0:a8:08".into(),
+                    ..g.clone()
+                },
+            ),
+        ] {
+            let e = net.plug_container_vnic(&bad, pid).expect_err(what);
+            assert_eq!(e.reason(), Reason::InvalidData, "{what}: {e}");
+        }
+        assert_eq!(ours(&links()), Vec::<String>::new());
+        assert!(m.lock().expect("made").is_empty());
+        let e = net.plug_container_vnic(&g, pid).expect_err("eth0 taken");
+        assert_eq!(e.reason(), Reason::NetworkFailure, "{e}");
+        assert!(e.to_string().contains("eth0"), "{e}");
+        assert_eq!(
+            m.lock().expect("made").len(),
+            1,
+            "it got as far as the tunnel"
+        );
+        assert_eq!(ours(&links()), Vec::<String>::new());
+        assert!(!forward_rules().contains("sbr_"), "{}", forward_rules());
+        assert_eq!(net.subnet_count(), 0);
+        // A process that is gone: refused before anything is made.
+        let e = net
+            .plug_container_vnic(&g, u32::MAX)
+            .expect_err("no such process");
+        assert_eq!(e.reason(), Reason::NetworkFailure);
+        assert_eq!(ours(&links()), Vec::<String>::new());
+        net
+    });
+    // Inside: the foreign eth0 and lo only (the moved peer went with its
+    // host end).
+    let mut inside = c.link_names();
+    inside.sort();
+    assert_eq!(inside, ["eth0", "lo"]);
+    // Clean state: with the name free the same request works.
+    c.ns.ip("link del eth0");
+    node.run(move || {
+        let mut net = net;
+        let g = net.plug_container_vnic(&good, pid).expect("plug");
+        assert!(g.tenant_added.is_some());
+        assert!(net.delete_vnic(&good).expect("delete").is_some());
         assert_eq!(ours(&links()), Vec::<String>::new());
     });
 }

@@ -33,6 +33,12 @@
 //!    removed, nothing recorded) and returns the error; nothing half-built
 //!    stays behind (ciao leaves it).
 //!
+//! # A container's VNIC
+//! Same steps 1 and 3, then a veth pair `svn_…`/`svp_…` instead of the tap;
+//! the container end is moved into the container's namespace and set up
+//! there as `eth0` ([`NodeNetwork::plug_container_vnic`]; the `container`
+//! module says how, and why this way rather than a Docker network plugin).
+//!
 //! # How the launcher uses it
 //! [`TenantNetwork`] (`tenant.rs`) holds the one [`NodeNetwork`] in the
 //! launcher's `NodeContext`:
@@ -46,13 +52,21 @@
 //!    QEMU (`Virtualizer::set_nic`), which inherits them; the launcher's
 //!    copies close after the launch. A START that fails later removes the
 //!    VNIC again (TenantRemoved if it was the last).
-//! 3. RESTART (2016): `create_vnic` re-opens the persistent tap.
+//!    A container's START only checks the request first
+//!    ([`VnicRequest::check`]); once the container runs,
+//!    `plug_container_vnic` with its PID (TenantAdded if new). It fails the
+//!    START if that fails (container and VNIC go again).
+//! 3. RESTART (2016): `create_vnic` re-opens the persistent tap; a
+//!    container gets a new pair once it runs again. A container the monitor
+//!    reports running (recovery, the engine back after a restart) without
+//!    its `eth0` ([`ContainerNetns::has_nic`]) is plugged in again.
 //! 4. Recovery: `claim_vnic` gives a recovered instance its VNIC back.
 //! 5. DELETE, a 2018 exit, a vanished instance: `delete_vnic` once the
 //!    instance is gone from its virtualizer; TenantRemoved after the last.
 //! 6. `-hard-reset`: [`hard_reset`]; shutdown leaves every device.
 //! 7. READY/STATS: the compute addresses and the host name.
 
+mod container;
 mod discovery;
 mod firewall;
 mod names;
@@ -66,6 +80,7 @@ use std::sync::{Arc, Mutex};
 
 use crate::payloads::Reason;
 
+pub use container::{CONTAINER_MTU, CONTAINER_NIC, ContainerNetns};
 pub use discovery::{NodeAddress, NodeAddresses, choose_addresses, is_physical};
 pub use names::{
     Cidr, DeviceRole, ParsedAlias, SubnetId, cnci_vnic_alias, device_name, format_mac,
@@ -73,8 +88,8 @@ pub use names::{
 };
 pub use netlink::{Link, Netlink, create_persistent_tap, open_macvtap};
 pub use node::{
-    GreTap, NameSource, NetConfig, NodeNetwork, RandomNames, TunnelMaker, VnicGranted, VnicRequest,
-    hard_reset,
+    ContainerVnic, GreTap, NameSource, NetConfig, NodeNetwork, RandomNames, TunnelMaker,
+    VnicGranted, VnicRequest, hard_reset,
 };
 pub use tenant::{NetSetup, TenantNetwork, TunnelKind, VethStandIn};
 

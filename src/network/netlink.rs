@@ -24,6 +24,9 @@ use netlink_packet_route::link::{
     GreIOFlags, InfoBridge, InfoData, InfoGre, InfoKind, InfoMacVtap, InfoVeth, LinkAttribute,
     LinkFlags, LinkInfo, LinkMessage, MacVtapMode,
 };
+use netlink_packet_route::route::{
+    RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteProtocol, RouteScope, RouteType,
+};
 use netlink_packet_route::{AddressFamily, RouteNetlinkMessage};
 use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_ROUTE};
 
@@ -221,7 +224,8 @@ impl Netlink {
         }
     }
 
-    /// A veth pair (stand-in tunnels in tests, container VNICs later).
+    /// A veth pair (container VNICs; stand-in tunnels on kernels without
+    /// GRE).
     pub fn create_veth(&mut self, name: &str, peer: &str) -> Result<(), NetError> {
         let mut p = LinkMessage::default();
         p.attributes = vec![LinkAttribute::IfName(peer.into())];
@@ -287,6 +291,67 @@ impl Netlink {
             index,
             vec![LinkAttribute::Address(mac.to_vec())],
         )
+    }
+
+    pub fn set_mtu(&mut self, index: u32, mtu: u32) -> Result<(), NetError> {
+        self.set(
+            format!("set MTU {mtu} of link {index}"),
+            index,
+            vec![LinkAttribute::Mtu(mtu)],
+        )
+    }
+
+    /// Renames link `index` (it must be down).
+    pub fn set_name(&mut self, index: u32, name: &str) -> Result<(), NetError> {
+        self.set(
+            format!("rename link {index} to {name}"),
+            index,
+            vec![LinkAttribute::IfName(name.into())],
+        )
+    }
+
+    /// Moves link `index` into the network namespace open as `ns_fd`
+    /// (`IFLA_NET_NS_FD`); it is gone from this namespace afterwards.
+    pub fn move_to_netns(&mut self, index: u32, ns_fd: i32, what: &str) -> Result<(), NetError> {
+        self.set(
+            format!("move link {index} into {what}"),
+            index,
+            vec![LinkAttribute::NetNsFd(ns_fd)],
+        )
+    }
+
+    /// Adds `ip/prefix` to link `index` (the kernel adds the subnet route).
+    pub fn add_address(&mut self, index: u32, ip: Ipv4Addr, prefix: u8) -> Result<(), NetError> {
+        let mut m = AddressMessage::default();
+        m.header.family = AddressFamily::Inet;
+        m.header.prefix_len = prefix;
+        m.header.index = index;
+        m.attributes = vec![
+            AddressAttribute::Local(IpAddr::V4(ip)),
+            AddressAttribute::Address(IpAddr::V4(ip)),
+        ];
+        self.ack(
+            RouteNetlinkMessage::NewAddress(m),
+            NLM_F_CREATE | NLM_F_EXCL,
+        )
+        .map_err(|e| NetError::kernel(&format!("add address {ip}/{prefix} to link {index}"), e))
+    }
+
+    /// Adds the default route via `gateway` out of link `index` (main
+    /// table, as `ip route add default via …`).
+    pub fn add_default_route(&mut self, index: u32, gateway: Ipv4Addr) -> Result<(), NetError> {
+        let mut m = RouteMessage::default();
+        m.header.address_family = AddressFamily::Inet;
+        m.header.table = RouteHeader::RT_TABLE_MAIN;
+        m.header.protocol = RouteProtocol::Boot;
+        m.header.scope = RouteScope::Universe;
+        m.header.kind = RouteType::Unicast;
+        m.attributes = vec![
+            RouteAttribute::Gateway(RouteAddress::Inet(gateway)),
+            RouteAttribute::Oif(index),
+        ];
+        self.ack(RouteNetlinkMessage::NewRoute(m), NLM_F_CREATE | NLM_F_EXCL)
+            .map_err(|e| NetError::kernel(&format!("add default route via {gateway}"), e))
     }
 
     pub fn set_up(&mut self, index: u32) -> Result<(), NetError> {

@@ -11,6 +11,7 @@ use std::path::Path;
 use log::{info, warn};
 
 use super::NetError;
+use super::container::{CONTAINER_MTU, ContainerNetns};
 use super::discovery::{NodeAddresses, choose_addresses};
 use super::firewall;
 use super::names::{
@@ -120,6 +121,19 @@ pub struct VnicRequest {
     pub concentrator_uuid: String,
     pub concentrator_ip: String,
     pub private_ip: String,
+    /// A container's VNIC (a veth pair, [`NodeNetwork::plug_container_vnic`]),
+    /// not a VM's tap.
+    pub container: bool,
+}
+
+impl VnicRequest {
+    /// Step 1 of a tenant VNIC create alone: whether the fields parse
+    /// (`invalid_data`) and the ids are there (`network_failure`). A
+    /// container's START checks before its container is made, as its VNIC
+    /// can only be plugged once it runs.
+    pub fn check(&self) -> Result<(), NetError> {
+        NodeNetwork::parse_tenant(self).map(|_| ())
+    }
 }
 
 /// What the VM needs from its VNIC.
@@ -159,11 +173,50 @@ struct SubnetDevs {
 
 #[derive(Debug)]
 struct VnicDev {
-    dev: Dev,
+    /// `None`: a container VNIC whose pair died with the container's
+    /// namespace (stopped); it still counts on its bridge.
+    dev: Option<Dev>,
     /// `None` after a restart (ownership is not in the kernel).
     owner: Option<String>,
     /// `None` for CNCI VNICs.
     subnet: Option<SubnetId>,
+}
+
+/// Step 1 of a tenant VNIC create: the request, parsed.
+#[derive(Debug)]
+struct TenantVnic {
+    mac: [u8; 6],
+    cidr: Cidr,
+    ip: Ipv4Addr,
+    id: SubnetId,
+    key: u32,
+    alias: String,
+}
+
+/// A tenant VNIC built and not yet recorded; `made` is what its maker
+/// returns beside the host-side link (a tap's queue fd, a veth's peer).
+#[derive(Debug)]
+struct Built<M> {
+    vnic: Dev,
+    made: M,
+    bridge: Dev,
+    tunnel: Dev,
+    new_subnet: bool,
+}
+
+/// A container's tenant VNIC, plugged into its namespace.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ContainerVnic {
+    /// The host end `svn_…` on the subnet's bridge.
+    pub name: String,
+    /// `eth0`'s MAC (`vnic_mac`).
+    pub mac: [u8; 6],
+    pub ip: Ipv4Addr,
+    pub prefix: u8,
+    /// Default route and DNS server of the container: network + 1.
+    pub gateway: Ipv4Addr,
+    /// Set when this plug created the subnet's bridge and tunnel here.
+    pub tenant_added: Option<TenantEvent>,
 }
 
 /// One undo step of a create in progress.
@@ -245,7 +298,7 @@ impl NodeNetwork {
                     self.vnics.insert(
                         l.alias.clone(),
                         VnicDev {
-                            dev,
+                            dev: Some(dev),
                             owner: None,
                             subnet: Some(id),
                         },
@@ -255,7 +308,7 @@ impl NodeNetwork {
                     self.vnics.insert(
                         l.alias.clone(),
                         VnicDev {
-                            dev,
+                            dev: Some(dev),
                             owner: None,
                             subnet: None,
                         },
@@ -295,7 +348,7 @@ impl NodeNetwork {
                 }
                 None => warn!(
                     "network: VNIC {} has no bridge; it stays until its DELETE",
-                    v.dev.name
+                    v.dev.as_ref().map_or(alias.as_str(), |d| d.name.as_str())
                 ),
             }
         }
@@ -379,16 +432,13 @@ impl NodeNetwork {
         }
     }
 
-    /// Creates the VNIC of one instance (tenant VM on a compute node, or a
-    /// CNCI VM when `network_node`).
-    pub fn create_vnic(&mut self, req: &VnicRequest) -> Result<VnicGranted, NetError> {
-        if req.network_node {
-            return self.create_cnci_vnic(req);
-        }
+    /// Step 1 for a tenant VNIC (VM or container): every value parsed
+    /// (`invalid_data`), every id present (`network_failure`).
+    fn parse_tenant(req: &VnicRequest) -> Result<TenantVnic, NetError> {
         let mac = parse_mac(req.vnic_mac.trim())?;
         let cidr = Cidr::parse(req.subnet.trim())?;
         let conc_ip = parse_ip(req.concentrator_ip.trim(), "concentrator ip")?;
-        let vnic_ip = parse_ip(req.private_ip.trim(), "private ip")?;
+        let ip = parse_ip(req.private_ip.trim(), "private ip")?;
         for (v, what) in [
             (&req.tenant_uuid, "tenant_uuid"),
             (&req.concentrator_uuid, "concentrator_uuid"),
@@ -411,7 +461,25 @@ impl NodeNetwork {
             concentrator_uuid: req.concentrator_uuid.trim().to_string(),
             concentrator_ip: conc_ip.to_string(),
         };
-        let alias = id.vnic_alias(vnic_ip);
+        let alias = id.vnic_alias(ip);
+        Ok(TenantVnic {
+            mac,
+            cidr,
+            ip,
+            id,
+            key,
+            alias,
+        })
+    }
+
+    /// Creates the VNIC of one instance (tenant VM on a compute node, or a
+    /// CNCI VM when `network_node`).
+    pub fn create_vnic(&mut self, req: &VnicRequest) -> Result<VnicGranted, NetError> {
+        if req.network_node {
+            return self.create_cnci_vnic(req);
+        }
+        let t = Self::parse_tenant(req)?;
+        let (mac, cidr, vnic_ip) = (t.mac, t.cidr, t.ip);
         let vhost = Path::new("/dev/vhost-net").exists();
         let granted = |name: String, fds: Vec<File>, tenant_added| VnicGranted {
             name,
@@ -424,23 +492,23 @@ impl NodeNetwork {
 
         // An existing VNIC (a restarted VM, or the launcher restarted):
         // attach a fresh queue fd to the persistent tap.
-        if let Some(v) = self.vnics.get_mut(&alias) {
+        if let Some(v) = self.vnics.get_mut(&t.alias) {
             if Self::owned_by_other(v.owner.as_deref(), &req.instance_uuid) {
                 return Err(NetError::Invalid(format!(
                     "VNIC for {vnic_ip} in subnet {} already belongs to instance {}",
-                    id.subnet,
+                    t.id.subnet,
                     v.owner.as_deref().unwrap_or_default()
                 )));
             }
             // Attaching by name would make a new, unbridged tap if ours had
             // been removed behind our back: only attach to the same device.
-            if nix::net::if_::if_nametoindex(v.dev.name.as_str()).ok() != Some(v.dev.index) {
+            let Some(dev) = v.dev.as_ref().filter(|d| Self::still_there(d)) else {
                 return Err(NetError::Invalid(format!(
-                    "VNIC {} of {vnic_ip} is gone from the kernel; DELETE the instance",
-                    v.dev.name
+                    "VNIC of {vnic_ip} in subnet {} is gone from the kernel; DELETE the instance",
+                    t.id.subnet
                 )));
-            }
-            let name = v.dev.name.clone();
+            };
+            let name = dev.name.clone();
             let fd = super::netlink::attach_tap(&name)?;
             v.owner = Some(req.instance_uuid.trim().to_string());
             return Ok(granted(name, vec![fd], None));
@@ -449,21 +517,128 @@ impl NodeNetwork {
         let links = self.nl.links()?;
         let mut taken: HashSet<String> = links.into_iter().map(|l| l.name).collect();
         let mut undo = Vec::new();
-        match self.build_tenant_vnic(&id, key, &alias, &mut taken, &mut undo) {
-            Ok((tap, fd, new_subnet)) => {
-                let tenant_added = new_subnet.then(|| self.event(&id, key));
-                self.vnics.insert(
-                    alias.clone(),
-                    VnicDev {
-                        dev: tap.clone(),
-                        owner: Some(req.instance_uuid.trim().to_string()),
-                        subnet: Some(id.clone()),
-                    },
-                );
-                if let Some(s) = self.subnets.get_mut(&id) {
-                    s.vnics.insert(alias);
-                }
-                Ok(granted(tap.name, vec![fd], tenant_added))
+        match self.build_tenant_vnic(&t, &mut taken, &mut undo, Self::make_tap) {
+            Ok(b) => {
+                let name = b.vnic.name.clone();
+                let tenant_added = self.record(&t, req, b.vnic, b.bridge, b.tunnel, b.new_subnet);
+                Ok(granted(name, vec![b.made], tenant_added))
+            }
+            Err(e) => {
+                self.rollback(undo);
+                Err(e)
+            }
+        }
+    }
+
+    /// Whether `dev` is still the link of that name (a link removed behind
+    /// our back may have left its index or name to a foreign one).
+    fn still_there(dev: &Dev) -> bool {
+        nix::net::if_::if_nametoindex(dev.name.as_str()).ok() == Some(dev.index)
+    }
+
+    /// Records a tenant VNIC that is complete, and its subnet (a repaired
+    /// tunnel included); the TenantAdded body when the subnet is new here.
+    fn record(
+        &mut self,
+        t: &TenantVnic,
+        req: &VnicRequest,
+        vnic: Dev,
+        bridge: Dev,
+        tunnel: Dev,
+        new_subnet: bool,
+    ) -> Option<TenantEvent> {
+        let subnet = self
+            .subnets
+            .entry(t.id.clone())
+            .or_insert_with(|| SubnetDevs {
+                bridge,
+                tunnel: None,
+                vnics: BTreeSet::new(),
+            });
+        subnet.tunnel = Some(tunnel);
+        subnet.vnics.insert(t.alias.clone());
+        self.vnics.insert(
+            t.alias.clone(),
+            VnicDev {
+                dev: Some(vnic),
+                owner: Some(req.instance_uuid.trim().to_string()),
+                subnet: Some(t.id.clone()),
+            },
+        );
+        new_subnet.then(|| self.event(&t.id, t.key))
+    }
+
+    /// Plugs the tenant VNIC of a container into the network namespace of
+    /// its process `pid`: after every start of the container (a first
+    /// START, a RESTART, and whenever the launcher finds it running without
+    /// its NIC). The pair is made anew each time (it dies with the
+    /// container's namespace); MAC and address come from the request, so
+    /// they are the same every time. See the `container` module docs for
+    /// the steps inside the namespace.
+    ///
+    /// 1. Parse and check as for a VM (nothing touched on bad input).
+    /// 2. A known VNIC of another instance: refused. A host end of ours
+    ///    still here (its peer never reached a container) is deleted.
+    /// 3. The subnet's bridge and tunnel if new (as for a VM); the veth
+    ///    pair `svn_…` (alias, MTU 1400, on the bridge, up) / `svp_…`
+    ///    (`vnic_mac`, MTU 1400).
+    /// 4. `svp_…` into the namespace, configured there as `eth0`.
+    /// 5. Any failure undoes step 3 (deleting the host end takes the peer,
+    ///    wherever it is); the VNIC stays counted if it was known before
+    ///    (a RESTART that failed: DELETE still removes it).
+    pub fn plug_container_vnic(
+        &mut self,
+        req: &VnicRequest,
+        pid: u32,
+    ) -> Result<ContainerVnic, NetError> {
+        if req.network_node {
+            return Err(NetError::Invalid(
+                "a container cannot be a CNCI here (network_node with a container image)".into(),
+            ));
+        }
+        let t = Self::parse_tenant(req)?;
+        if let Some(v) = self.vnics.get(&t.alias) {
+            if Self::owned_by_other(v.owner.as_deref(), &req.instance_uuid) {
+                return Err(NetError::Invalid(format!(
+                    "VNIC for {} in subnet {} already belongs to instance {}",
+                    t.ip,
+                    t.id.subnet,
+                    v.owner.as_deref().unwrap_or_default()
+                )));
+            }
+            if let Some(d) = v.dev.clone().filter(Self::still_there) {
+                self.nl.delete_link(d.index)?;
+            }
+            if let Some(v) = self.vnics.get_mut(&t.alias) {
+                v.dev = None;
+                v.owner = Some(req.instance_uuid.trim().to_string());
+            }
+        }
+        let ns = ContainerNetns::of_pid(pid)?;
+        let links = self.nl.links()?;
+        let mut taken: HashSet<String> = links.into_iter().map(|l| l.name).collect();
+        let mut undo = Vec::new();
+        let built = self
+            .build_tenant_vnic(&t, &mut taken, &mut undo, Self::make_veth)
+            .and_then(|b| {
+                let peer = &b.made;
+                let what = format!("the network namespace of process {pid}");
+                self.nl.move_to_netns(peer.index, ns.raw_fd(), &what)?;
+                ns.configure(&peer.name, t.ip, t.cidr.prefix, t.cidr.gateway())?;
+                Ok(b)
+            });
+        match built {
+            Ok(b) => {
+                let name = b.vnic.name.clone();
+                let tenant_added = self.record(&t, req, b.vnic, b.bridge, b.tunnel, b.new_subnet);
+                Ok(ContainerVnic {
+                    name,
+                    mac: t.mac,
+                    ip: t.ip,
+                    prefix: t.cidr.prefix,
+                    gateway: t.cidr.gateway(),
+                    tenant_added,
+                })
             }
             Err(e) => {
                 self.rollback(undo);
@@ -484,17 +659,83 @@ impl NodeNetwork {
         }
     }
 
-    /// Steps 3–4 of a create; every device made is pushed on `undo` first,
-    /// and the topology is only changed once everything worked (the
-    /// returned flag says whether the subnet's devices are new).
-    fn build_tenant_vnic(
+    /// A VM's VNIC: the persistent tap and its first queue.
+    fn make_tap(
         &mut self,
-        id: &SubnetId,
-        key: u32,
-        alias: &str,
+        _t: &TenantVnic,
         taken: &mut HashSet<String>,
         undo: &mut Vec<Undo>,
-    ) -> Result<(Dev, File, bool), NetError> {
+    ) -> Result<(Dev, File), NetError> {
+        let name = self.fresh_name(DeviceRole::Vnic, taken)?;
+        let fd = create_persistent_tap(&name)?;
+        let index = self.index_of(&name)?;
+        let tap = Dev { name, index };
+        undo.push(Undo::Link(tap.clone()));
+        Ok((tap, fd))
+    }
+
+    /// A container's VNIC: the veth pair, MTU 1400 on both ends, the MAC on
+    /// the container end (returned, still in this namespace).
+    fn make_veth(
+        &mut self,
+        t: &TenantVnic,
+        taken: &mut HashSet<String>,
+        undo: &mut Vec<Undo>,
+    ) -> Result<(Dev, Dev), NetError> {
+        let (name, peer) = self.fresh_veth_names(taken)?;
+        self.nl.create_veth(&name, &peer)?;
+        let index = self.index_of(&name)?;
+        let host = Dev { name, index };
+        // The host end takes its peer with it when deleted.
+        undo.push(Undo::Link(host.clone()));
+        let peer_index = self.index_of(&peer)?;
+        self.nl.set_mac(peer_index, t.mac)?;
+        self.nl.set_mtu(peer_index, CONTAINER_MTU)?;
+        self.nl.set_mtu(host.index, CONTAINER_MTU)?;
+        Ok((
+            host,
+            Dev {
+                name: peer,
+                index: peer_index,
+            },
+        ))
+    }
+
+    /// A fresh `svn_<hex>` whose peer name `svp_<hex>` is free as well.
+    fn fresh_veth_names(
+        &mut self,
+        taken: &mut HashSet<String>,
+    ) -> Result<(String, String), NetError> {
+        for _ in 0..NAME_TRIES {
+            let name = self.fresh_name(DeviceRole::Vnic, taken)?;
+            let peer = name.replacen(DeviceRole::Vnic.prefix(), DeviceRole::VnicPeer.prefix(), 1);
+            if taken.insert(peer.clone()) {
+                return Ok((name, peer));
+            }
+        }
+        Err(NetError::Invalid(format!(
+            "no free {}… / {}… name pair after {NAME_TRIES} tries",
+            DeviceRole::Vnic.prefix(),
+            DeviceRole::VnicPeer.prefix()
+        )))
+    }
+
+    /// Steps 3–4 of a create; every device made is pushed on `undo` first.
+    /// Nothing is recorded here: the caller records once everything (its
+    /// own steps included) worked, or rolls `undo` back.
+    fn build_tenant_vnic<M>(
+        &mut self,
+        t: &TenantVnic,
+        taken: &mut HashSet<String>,
+        undo: &mut Vec<Undo>,
+        make: impl FnOnce(
+            &mut Self,
+            &TenantVnic,
+            &mut HashSet<String>,
+            &mut Vec<Undo>,
+        ) -> Result<(Dev, M), NetError>,
+    ) -> Result<Built<M>, NetError> {
+        let id = &t.id;
         let existing = self
             .subnets
             .get(id)
@@ -519,7 +760,7 @@ impl NodeNetwork {
                 let remote = parse_ip(&id.concentrator_ip, "concentrator ip")?;
                 let local = self.agent_ip();
                 self.tunnels
-                    .create(&mut self.nl, &name, local, remote, key)?;
+                    .create(&mut self.nl, &name, local, remote, t.key)?;
                 let index = self.index_of(&name)?;
                 let t = Dev { name, index };
                 undo.push(Undo::Link(t.clone()));
@@ -534,29 +775,17 @@ impl NodeNetwork {
             undo.push(Undo::Rule(bridge.name.clone()));
             firewall::add_forward_rule(&bridge.name)?;
         }
-        let name = self.fresh_name(DeviceRole::Vnic, taken)?;
-        let fd = create_persistent_tap(&name)?;
-        let index = self.index_of(&name)?;
-        let tap = Dev { name, index };
-        undo.push(Undo::Link(tap.clone()));
-        self.nl.set_alias(tap.index, alias)?;
-        self.nl.set_master(tap.index, bridge.index)?;
-        self.nl.set_up(tap.index)?;
-        // Success: record the subnet (a repaired tunnel included).
-        match self.subnets.get_mut(id) {
-            Some(s) => s.tunnel = Some(tunnel),
-            None => {
-                self.subnets.insert(
-                    id.clone(),
-                    SubnetDevs {
-                        bridge,
-                        tunnel: Some(tunnel),
-                        vnics: BTreeSet::new(),
-                    },
-                );
-            }
-        }
-        Ok((tap, fd, new_subnet))
+        let (vnic, made) = make(self, t, taken, undo)?;
+        self.nl.set_alias(vnic.index, &t.alias)?;
+        self.nl.set_master(vnic.index, bridge.index)?;
+        self.nl.set_up(vnic.index)?;
+        Ok(Built {
+            vnic,
+            made,
+            bridge,
+            tunnel,
+            new_subnet,
+        })
     }
 
     fn create_cnci_vnic(&mut self, req: &VnicRequest) -> Result<VnicGranted, NetError> {
@@ -573,12 +802,16 @@ impl NodeNetwork {
         let dev = match self.vnics.get(&alias) {
             Some(v) if Self::owned_by_other(v.owner.as_deref(), &req.instance_uuid) => {
                 return Err(NetError::Invalid(format!(
-                    "CNCI VNIC {} already belongs to instance {}",
-                    v.dev.name,
+                    "CNCI VNIC {alias} already belongs to instance {}",
                     v.owner.as_deref().unwrap_or_default()
                 )));
             }
-            Some(v) => v.dev.clone(),
+            Some(VnicDev { dev: Some(d), .. }) => d.clone(),
+            Some(VnicDev { dev: None, .. }) => {
+                return Err(NetError::Invalid(format!(
+                    "CNCI VNIC {alias} is gone from the kernel; DELETE the instance"
+                )));
+            }
             None => {
                 let lower = self
                     .addresses
@@ -628,7 +861,7 @@ impl NodeNetwork {
         self.vnics.insert(
             alias,
             VnicDev {
-                dev: dev.clone(),
+                dev: Some(dev.clone()),
                 owner: Some(req.instance_uuid.trim().to_string()),
                 subnet: None,
             },
@@ -668,15 +901,35 @@ impl NodeNetwork {
     /// re-learned VNIC again (ownership is not in the kernel), so a START
     /// of another instance for the same address cannot take it. Returns
     /// whether the VNIC is known.
+    ///
+    /// A stopped container's pair died with its namespace, so the kernel
+    /// has nothing to re-learn: its VNIC is recorded here without a device
+    /// and counts on its bridge again (so the bridge stays while the
+    /// container exists, and its DELETE can send TenantRemoved).
     pub fn claim_vnic(&mut self, req: &VnicRequest) -> bool {
-        let Ok((alias, _)) = Self::alias_of(req) else {
+        let Ok((alias, id)) = Self::alias_of(req) else {
             return false;
         };
+        let owner = req.instance_uuid.trim().to_string();
         match self.vnics.get_mut(&alias) {
             Some(v) => {
                 if v.owner.is_none() {
-                    v.owner = Some(req.instance_uuid.trim().to_string());
+                    v.owner = Some(owner);
                 }
+                true
+            }
+            None if req.container && id.is_some() => {
+                if let Some(s) = id.as_ref().and_then(|id| self.subnets.get_mut(id)) {
+                    s.vnics.insert(alias.clone());
+                }
+                self.vnics.insert(
+                    alias,
+                    VnicDev {
+                        dev: None,
+                        owner: Some(owner),
+                        subnet: id,
+                    },
+                );
                 true
             }
             None => false,
@@ -695,7 +948,11 @@ impl NodeNetwork {
         if Self::owned_by_other(v.owner.as_deref(), &req.instance_uuid) {
             return Ok(None);
         }
-        self.nl.delete_link(v.dev.index)?;
+        // A device already gone (a stopped container's pair) is not an
+        // error; a name or index now held by a foreign link is left alone.
+        if let Some(d) = v.dev.clone().filter(Self::still_there) {
+            self.nl.delete_link(d.index)?;
+        }
         self.vnics.remove(&alias);
         let Some(id) = id else { return Ok(None) };
         let last = match self.subnets.get_mut(&id) {

@@ -21,7 +21,9 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use log::{error, info, warn};
 
-use super::node::{GreTap, NetConfig, NodeNetwork, RandomNames, TunnelMaker, VnicGranted};
+use super::node::{
+    ContainerVnic, GreTap, NetConfig, NodeNetwork, RandomNames, TunnelMaker, VnicGranted,
+};
 use super::{NetError, Netlink, VnicRequest};
 use crate::payloads::outgoing::{NetworkInfo, TenantEvent};
 
@@ -206,6 +208,34 @@ impl TenantNetwork {
         }
     }
 
+    /// Whether a container's VNIC could be made from `req` (see
+    /// [`VnicRequest::check`]); networking down: `network_failure`.
+    pub fn check(&self, req: &VnicRequest) -> Result<(), NetError> {
+        match &*lock(&self.state) {
+            NetState::Up(_) => req.check(),
+            NetState::Down(why) => Err(NetError::Config(format!(
+                "tenant networking is down: {why}"
+            ))),
+            NetState::Off => Ok(()),
+        }
+    }
+
+    /// Plugs a container's VNIC into the namespace of its process `pid`
+    /// (see [`NodeNetwork::plug_container_vnic`]).
+    pub fn plug_container_vnic(
+        &self,
+        req: &VnicRequest,
+        pid: u32,
+    ) -> Result<ContainerVnic, NetError> {
+        match &mut *lock(&self.state) {
+            NetState::Up(net) => net.plug_container_vnic(req, pid),
+            NetState::Down(why) => Err(NetError::Config(format!(
+                "tenant networking is down: {why}"
+            ))),
+            NetState::Off => Err(NetError::Invalid("tenant networking is off".into())),
+        }
+    }
+
     /// A recovered instance takes its re-learned VNIC back (see
     /// [`NodeNetwork::claim_vnic`]); one whose VNIC is gone is logged.
     pub fn claim_vnic(&self, req: &VnicRequest) {
@@ -247,6 +277,7 @@ impl VnicRequest {
             concentrator_uuid: n.concentrator_uuid.clone(),
             concentrator_ip: n.concentrator_ip.clone(),
             private_ip: n.private_ip.clone(),
+            container: cfg.vm_type == crate::payloads::config::VmType::Docker,
         }
     }
 }

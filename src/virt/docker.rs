@@ -161,12 +161,24 @@ impl Docker {
             memory_bytes: (self.cfg.mem_mb > 0)
                 .then(|| (self.cfg.mem_mb as i64).saturating_mul(1 << 20)),
             nano_cpus: (self.cfg.vcpus > 0).then(|| i64::from(self.cfg.vcpus) * 1_000_000_000),
-            // Tenant networking is not implemented: containers get no network.
+            // Docker gives no network: a tenant NIC is plugged in by the
+            // launcher after each start (`network::container`).
             network_none: true,
             privileged: self.cfg.privileged,
             env: Vec::new(),
+            dns: tenant_dns(&self.cfg).into_iter().collect(),
         }
     }
+}
+
+/// A tenant container's name server, as ciao: its subnet's network + 1.
+fn tenant_dns(cfg: &InstanceConfig) -> Option<String> {
+    if cfg.network_node || cfg.networking.private_ip.trim().is_empty() {
+        return None;
+    }
+    crate::network::Cidr::parse(cfg.networking.subnet.trim())
+        .ok()
+        .map(|c| c.gateway().to_string())
 }
 
 /// The container command: the first `runcmd` entry of the cloud-init user
@@ -293,6 +305,24 @@ impl Virtualizer for Docker {
         let api = self.api()?;
         api.container_start(self.name())
             .map_err(|e| verr("start container", e))
+    }
+
+    fn netns_pid(&mut self) -> Result<u32, VirtError> {
+        let api = self.api()?;
+        match api.container_inspect(self.name()) {
+            Ok(Some(info)) if info.running && info.pid > 0 => u32::try_from(info.pid)
+                .map_err(|_| VirtError::other(format!("container PID {} out of range", info.pid))),
+            Ok(Some(info)) => Err(VirtError::launch(format!(
+                "container {} is not running ({})",
+                self.name(),
+                info.status
+            ))),
+            Ok(None) | Err(DockerError::NotFound(_)) => Err(VirtError::launch(format!(
+                "container {} not found",
+                self.name()
+            ))),
+            Err(e) => Err(verr("inspect container", e)),
+        }
     }
 
     fn monitor(
@@ -598,12 +628,15 @@ fn watch(
         };
         match a.container_inspect(name) {
             Ok(Some(info)) if info.running => {
-                if failures > 0 {
+                let back = failures > 0;
+                if back {
                     info!("{name}: docker engine reachable again, container running");
                 }
                 failures = 0;
                 delay = FIRST_RETRY;
-                if !announced {
+                // Again after the engine was away: the instance thread then
+                // checks that the container still has its tenant NIC.
+                if !announced || back {
                     announced = true;
                     let _ = events.send(MonitorEvent::Running);
                 }

@@ -158,6 +158,8 @@ pub struct CreateSpec {
     pub privileged: bool,
     /// `KEY=value` entries.
     pub env: Vec<String>,
+    /// `HostConfig.Dns`: name servers for the container's resolv.conf.
+    pub dns: Vec<String>,
 }
 
 /// A container as seen by `GET /containers/{id}/json`.
@@ -404,6 +406,9 @@ impl DockerApi {
         if spec.privileged {
             host.insert("Privileged".into(), json!(true));
         }
+        if !spec.dns.is_empty() {
+            host.insert("Dns".into(), json!(spec.dns));
+        }
         let mut body = Map::new();
         body.insert("Image".into(), json!(spec.image));
         if !spec.cmd.is_empty() {
@@ -417,7 +422,9 @@ impl DockerApi {
         }
         body.insert("Labels".into(), json!(spec.labels));
         body.insert("HostConfig".into(), Value::Object(host));
-        if spec.network_none {
+        // A tenant container (name servers given) keeps Docker's sandbox:
+        // with NetworkDisabled the engine writes no resolv.conf.
+        if spec.network_none && spec.dns.is_empty() {
             body.insert("NetworkDisabled".into(), json!(true));
         }
         let body = Value::Object(body).to_string();

@@ -108,7 +108,8 @@ impl std::error::Error for VirtError {}
 /// What a monitor reports to its instance thread.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum MonitorEvent {
-    /// The instance is seen running.
+    /// The instance is seen running (Docker: also again after the engine
+    /// was unreachable).
     Running,
     /// The instance is seen not running any more (with what is known of why).
     Exited(String),
@@ -157,6 +158,14 @@ pub trait Virtualizer: Send + fmt::Debug {
             qemu::Nic::None => Ok(()),
             _ => Err(VirtError::other("this virtualizer takes no QEMU NIC")),
         }
+    }
+    /// The process whose network namespace is the running instance's (a
+    /// container's main process): a container's tenant NIC is plugged in
+    /// there after each start. Only containers have one.
+    fn netns_pid(&mut self) -> Result<u32, VirtError> {
+        Err(VirtError::other(
+            "this virtualizer has no network namespace",
+        ))
     }
     /// Chooses, before each boot (START, RESTART), the host address
     /// forwarded to the guest's SSH port (QEMU with `--user-net`), which
