@@ -713,6 +713,16 @@ impl CancellablePool {
         })
     }
 
+    /// A client on this pool that speaks the version `known` negotiated with
+    /// the same engine, without asking the engine again.
+    pub fn client_like(&self, known: &DockerApi) -> DockerApi {
+        DockerApi {
+            agent: self.agent.clone(),
+            socket: self.socket.clone(),
+            version: known.version.clone(),
+        }
+    }
+
     /// True once the pool was cancelled (its clients' errors are due to that).
     pub fn cancelled(&self) -> bool {
         self.cancelled.load(Ordering::SeqCst)
