@@ -130,7 +130,8 @@ fn api_call(socket: &Path, method: &str, path: &str, body: Option<&str>) -> Resu
     Ok(status)
 }
 
-/// The create body the launcher sends for a START of [`start_request`].
+/// A create body like the one the launcher sends for this benchmark's
+/// STARTs: same image, command and limits, no network.
 fn create_body(name: &str) -> String {
     serde_json::json!({
         "Image": IMAGE,
