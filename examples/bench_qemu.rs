@@ -111,6 +111,11 @@ struct Measured {
     running: Duration,
     boot: Duration,
     stop: Duration,
+    /// The launcher's threads once every guest booted.
+    threads: u64,
+    /// The launcher's VmHWM then, KiB (one launcher process serves every
+    /// run and every N, so this is its peak so far).
+    hwm_kib: u64,
 }
 
 fn run(a: &Args) -> Result<(), String> {
@@ -140,6 +145,7 @@ fn run(a: &Args) -> Result<(), String> {
         ],
         Some(&log),
     )?;
+    let pid = child.id();
     let result = (|| {
         let node = loop {
             if let ServerEvent::Connected { uuid, .. } = server
@@ -165,7 +171,7 @@ fn run(a: &Args) -> Result<(), String> {
                     let side = (r + k) % 3;
                     nix::unistd::sync();
                     if side == 0 {
-                        ls.push(through_launcher(&server, node, &data, &log, n, a.mem)?);
+                        ls.push(through_launcher(&server, node, &data, &log, n, a.mem, pid)?);
                     } else {
                         let out = bare(
                             &dir.join(format!("bare-{n}-{r}-{side}")),
@@ -216,6 +222,8 @@ fn run(a: &Args) -> Result<(), String> {
                 running: med(ls.iter().map(|m| m.running).collect()),
                 boot: med(ls.iter().map(|m| m.boot).collect()),
                 stop: med(ls.iter().map(|m| m.stop).collect()),
+                threads: ls.iter().map(|m| m.threads).max().unwrap_or(0),
+                hwm_kib: ls.iter().map(|m| m.hwm_kib).max().unwrap_or(0),
             };
             let b = (
                 med(bs.iter().map(|b| b.0).collect()),
@@ -230,12 +238,12 @@ fn run(a: &Args) -> Result<(), String> {
             a.mem, a.runs
         );
         println!(
-            "| N | launcher START → all QMP connected | bare | ratio | bare, QEMU via setsid | ratio | launcher START → all running in STATS | launcher START → all GUEST-BOOTED | bare | ratio | launcher STOP (ACPI) → all exited |"
+            "| N | launcher START → all QMP connected | bare | ratio | bare, QEMU via setsid | ratio | launcher START → all running in STATS | launcher START → all GUEST-BOOTED | bare | ratio | launcher STOP (ACPI) → all exited | launcher peak RSS | threads |"
         );
-        println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+        println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
         for (n, l, b, s) in rows {
             println!(
-                "| {n} | {:.0} ms | {:.0} ms | {:.2}× | {:.0} ms | {:.2}× | {:.0} ms | {:.0} ms | {:.0} ms | {:.2}× | {:.0} ms |",
+                "| {n} | {:.0} ms | {:.0} ms | {:.2}× | {:.0} ms | {:.2}× | {:.0} ms | {:.0} ms | {:.0} ms | {:.2}× | {:.0} ms | {:.1} MB | {} |",
                 ms(l.qmp),
                 ms(b.0),
                 ms(l.qmp) / ms(b.0),
@@ -246,6 +254,8 @@ fn run(a: &Args) -> Result<(), String> {
                 ms(b.1),
                 ms(l.boot) / ms(b.1),
                 ms(l.stop),
+                l.hwm_kib as f64 / 1024.0,
+                l.threads,
             );
         }
         println!("\nSTART → all QMP connected, every run (min–max):\n");
@@ -318,6 +328,7 @@ fn through_launcher(
     log: &Path,
     n: usize,
     mem: u64,
+    pid: u32,
 ) -> Result<Measured, String> {
     let op = |c| {
         PROFILE
@@ -428,6 +439,8 @@ fn through_launcher(
         let _ = server.events().recv_timeout(Duration::from_millis(20));
     }
     let boot = boot_at.iter().flatten().max().copied().unwrap_or_default();
+    let threads = status_field(pid, "Threads:").unwrap_or(0);
+    let hwm_kib = status_field(pid, "VmHWM:").unwrap_or(0);
 
     let t = Instant::now();
     for id in &ids {
@@ -458,7 +471,19 @@ fn through_launcher(
         running: running_at,
         boot,
         stop,
+        threads,
+        hwm_kib,
     })
+}
+
+fn status_field(pid: u32, key: &str) -> Option<u64> {
+    let s = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    s.lines()
+        .find(|l| l.starts_with(key))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
 }
 
 /// When the last of `ids` logged "QMP connected", counted from `wall`.

@@ -377,3 +377,49 @@ fn kill_ends_a_running_container() {
         .expect("wait");
     assert_eq!(code, 137);
 }
+
+/// A request body and an answer body several times the client's
+/// per-connection buffers (16 KiB in, 4 KiB out) go through whole: 200
+/// labels of 300 bytes (~64 KB of JSON each way), read back by inspect and by
+/// the label listing.
+#[test]
+fn bodies_larger_than_the_connection_buffers() {
+    let e = engine();
+    let api = api(&e);
+    let name = unique("ciao-test-big");
+    let tag = unique("big");
+    let labels: BTreeMap<String, String> = (0..200)
+        .map(|i| {
+            (
+                format!("ciao.big.{i:03}"),
+                format!("{tag}-{}", "x".repeat(300)),
+            )
+        })
+        .collect();
+    let spec = CreateSpec {
+        image: IMAGE.into(),
+        cmd: ["sleep", "300"].map(String::from).to_vec(),
+        labels: labels.clone(),
+        network_none: true,
+        ..CreateSpec::default()
+    };
+    let id = api
+        .container_create(&name, &spec)
+        .expect("create with ~64 KB of labels");
+    let _cleanup = Cleanup(&api, id.clone());
+    let info = api
+        .container_inspect(&id)
+        .expect("inspect")
+        .expect("the container exists");
+    assert_eq!(info.labels, labels, "every label comes back whole");
+    let listed = api
+        .containers_by_label("ciao.big.000", &labels["ciao.big.000"])
+        .expect("list by label");
+    assert_eq!(
+        listed.len(),
+        1,
+        "{:?}",
+        listed.iter().map(|c| &c.id).collect::<Vec<_>>()
+    );
+    assert_eq!(listed[0].labels, labels);
+}

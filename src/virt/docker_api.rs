@@ -63,6 +63,14 @@ pub const PULL_READ_TIMEOUT: Duration = Duration::from_secs(120);
 pub const MAX_API_VERSION: ApiVersion = ApiVersion(1, 41);
 /// Bound on receiving the headers of `/wait` (the engine sends them at once).
 const WAIT_HEADERS_TIMEOUT: Duration = Duration::from_secs(30);
+/// Per-connection buffers. ureq's defaults (128 KiB each way) are allocated
+/// zero-filled, so every connection made them resident: a container's
+/// instance, `/wait` and sampler connections held ~0.75 MB, in the malloc
+/// arenas of the threads that made them. The engine's answer headers are a
+/// few hundred bytes, and bodies stream through the input buffer; requests
+/// are a header and a small JSON body.
+const INPUT_BUFFER: usize = 16 * 1024;
+const OUTPUT_BUFFER: usize = 4 * 1024;
 
 /// Why a Docker call failed.
 #[derive(Debug)]
@@ -712,6 +720,16 @@ impl CancellablePool {
         })
     }
 
+    /// A client on this pool that speaks the version `known` negotiated with
+    /// the same engine, without asking the engine again.
+    pub fn client_like(&self, known: &DockerApi) -> DockerApi {
+        DockerApi {
+            agent: self.agent.clone(),
+            socket: self.socket.clone(),
+            version: known.version.clone(),
+        }
+    }
+
     /// True once the pool was cancelled (its clients' errors are due to that).
     pub fn cancelled(&self) -> bool {
         self.cancelled.load(Ordering::SeqCst)
@@ -808,7 +826,12 @@ fn new_agent(socket: &Path, per_call: Option<Duration>) -> Agent {
         .user_agent("ciao-launcher-rs")
         .timeout_connect(Some(Duration::from_secs(5)))
         .timeout_per_write(Some(Duration::from_secs(30)))
-        .timeout_per_call(per_call);
+        .timeout_per_call(per_call)
+        .input_buffer_size(INPUT_BUFFER)
+        .output_buffer_size(OUTPUT_BUFFER)
+        // The headers must fit the input buffer: larger ones fail naming the
+        // limit instead of as a stalled read.
+        .max_response_header_size(INPUT_BUFFER);
     if per_call.is_none() {
         // The waiter: the body may take forever, the headers must not.
         cfg = cfg.timeout_recv_response(Some(WAIT_HEADERS_TIMEOUT));
