@@ -23,10 +23,11 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{Receiver, Sender};
 use log::{info, warn};
 
+use crate::health::{ErrorNotes, StatusFile};
 use crate::node::Never;
 use crate::node::{LinkOutbox, NodeContext};
 use crate::nodestats::NodeStatsSource;
-use crate::overseer::{Awaited, IdleThreads, Limits, Overseer, OverseerInputs};
+use crate::overseer::{Awaited, HealthSetup, IdleThreads, Limits, Overseer, OverseerInputs};
 use crate::ssntp::client::{Client, ClientConfig};
 use crate::ssntp::{Profile, StartError};
 use crate::state::Store;
@@ -95,7 +96,9 @@ impl Launcher {
         store
             .ensure_dirs()
             .map_err(|e| StartError::Io(std::io::Error::other(e.to_string())))?;
+        let scheduler = s.client.servers.join(", ");
         let client = Client::start(s.client)?;
+        let (errors, errors_rx) = ErrorNotes::channel();
         let ctx = NodeContext {
             profile: s.profile,
             node_uuid: uuid::Uuid::from_bytes(client.uuid()).to_string(),
@@ -108,6 +111,7 @@ impl Launcher {
             factory: s.factory,
             stop_wait: s.stop_wait,
             instance_stack: s.instance_stack,
+            errors,
         };
         let mut overseer = Overseer::new(
             ctx.clone(),
@@ -115,7 +119,14 @@ impl Launcher {
             s.node_stats,
             s.data_dir.join("maintenance"),
         );
-        overseer = overseer.with_usage_period(s.usage_period);
+        overseer = overseer
+            .with_usage_period(s.usage_period)
+            .with_health(HealthSetup {
+                file: StatusFile::new(&s.data_dir),
+                scheduler,
+                errors: errors_rx,
+                clock: Instant::now,
+            });
         let awaited = overseer.awaited();
         let recovered = overseer.recover();
         let (req_tx, req_rx) = crossbeam_channel::bounded(1024);

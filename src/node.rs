@@ -9,6 +9,7 @@ use std::time::Duration;
 use crossbeam_channel::Sender;
 use log::{debug, warn};
 
+use crate::health::ErrorNotes;
 use crate::payloads::Reason;
 use crate::payloads::outgoing::{self, ErrorKind};
 use crate::ssntp::conn::{Link, SendError};
@@ -79,6 +80,8 @@ pub struct NodeContext {
     pub stop_wait: Duration,
     /// Stack size of instance threads.
     pub instance_stack: usize,
+    /// Where error frames are noted for the status file's `last-error`.
+    pub errors: ErrorNotes,
 }
 
 impl NodeContext {
@@ -107,7 +110,10 @@ impl NodeContext {
             restart,
             volume,
         );
-        self.outbox.send(Operation::Error(code), payload);
+        let op = Operation::Error(code);
+        self.errors
+            .note(format!("{op} for {instance}: {}", reason.as_str()));
+        self.outbox.send(op, payload);
     }
 
     /// Sends InstanceDeleted, or InstanceStopped where the profile has it.

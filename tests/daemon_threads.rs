@@ -81,6 +81,7 @@ impl TestNode {
             }),
             stop_wait: Duration::from_secs(60),
             instance_stack: 128 * 1024,
+            errors: Default::default(),
         };
         let mut ovs = Overseer::new(
             ctx.clone(),
