@@ -6,7 +6,8 @@
 //! thread of its own:
 //! 1. After each input it handles, the overseer builds a [`Health`] (O(1):
 //!    the instance counts are kept up to date as states change) and offers it
-//!    to its [`StatusFile`] with the time of its (injected) clock.
+//!    to its [`StatusFile`] with the time of its injected [`Clock`]
+//!    ([`RealClock`]; tests use [`ManualClock`]).
 //! 2. Unchanged from what the file holds: nothing happens. So an idle node
 //!    neither writes nor wakes up for it.
 //! 3. Changed, and the last write is at least [`MIN_INTERVAL`] old: written
@@ -47,6 +48,7 @@ use std::fmt::Write as _;
 use std::fs;
 use std::io::{self, Write as _};
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crossbeam_channel::{Receiver, Sender, TrySendError};
@@ -63,6 +65,83 @@ const MAX_ERROR: usize = 300;
 /// Error notes that may wait for the overseer; more are dropped (only the
 /// last one matters).
 const ERROR_NOTES: usize = 64;
+
+/// The time the rate limit is measured in, and its one-shot timer.
+pub trait Clock: Send + std::fmt::Debug {
+    fn now(&self) -> Instant;
+    /// A channel that delivers once, `wait` after [`Clock::now`].
+    fn after(&self, wait: Duration) -> Receiver<Instant>;
+}
+
+/// The production clock.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RealClock;
+
+impl Clock for RealClock {
+    fn now(&self) -> Instant {
+        Instant::now()
+    }
+
+    fn after(&self, wait: Duration) -> Receiver<Instant> {
+        crossbeam_channel::after(wait)
+    }
+}
+
+/// A clock that moves only when told (deterministic tests): its timer fires
+/// when [`ManualClock::advance`] reaches it.
+#[derive(Debug, Clone)]
+pub struct ManualClock {
+    state: Arc<Mutex<ManualState>>,
+    fire: Sender<Instant>,
+    fired: Receiver<Instant>,
+}
+
+#[derive(Debug)]
+struct ManualState {
+    now: Instant,
+    due: Option<Instant>,
+}
+
+impl ManualClock {
+    pub fn new(start: Instant) -> ManualClock {
+        let (fire, fired) = crossbeam_channel::unbounded();
+        ManualClock {
+            state: Arc::new(Mutex::new(ManualState {
+                now: start,
+                due: None,
+            })),
+            fire,
+            fired,
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, ManualState> {
+        // Two instants: a poisoned lock still holds usable ones.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Moves time on by `d`, firing the timer if it is due by then.
+    pub fn advance(&self, d: Duration) {
+        let mut s = self.lock();
+        s.now += d;
+        if s.due.is_some_and(|due| due <= s.now) {
+            s.due = None;
+            let _ = self.fire.send(s.now);
+        }
+    }
+}
+
+impl Clock for ManualClock {
+    fn now(&self) -> Instant {
+        self.lock().now
+    }
+
+    fn after(&self, wait: Duration) -> Receiver<Instant> {
+        let mut s = self.lock();
+        s.due = Some(s.now + wait);
+        self.fired.clone()
+    }
+}
 
 /// Whether the node is connected to its scheduler, and since when.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{Receiver, Sender};
 use log::{info, warn};
 
-use crate::health::{ErrorNotes, StatusFile};
+use crate::health::{ErrorNotes, RealClock, StatusFile};
 use crate::node::Never;
 use crate::node::{LinkOutbox, NodeContext};
 use crate::nodestats::NodeStatsSource;
@@ -125,7 +125,7 @@ impl Launcher {
                 file: StatusFile::new(&s.data_dir),
                 scheduler,
                 errors: errors_rx,
-                clock: Instant::now,
+                clock: Box::new(RealClock),
             });
         let awaited = overseer.awaited();
         let recovered = overseer.recover();

@@ -67,7 +67,7 @@ use std::time::{Duration, Instant, SystemTime};
 use crossbeam_channel::{Receiver, Sender, TrySendError, select};
 use log::{error, info, warn};
 
-use crate::health::{Counts, Health, Link, Offered, StatusFile};
+use crate::health::{Clock, Counts, Health, Link, Offered, StatusFile};
 use crate::instance::{
     self, Closing, Farewell, InHand, InstanceCmd, InstanceState, InstanceUpdate, NewStart, Seed,
     Wiring,
@@ -253,8 +253,9 @@ pub struct HealthSetup {
     pub scheduler: String,
     /// Error notes of every thread ([`crate::health::ErrorNotes::channel`]).
     pub errors: Receiver<(String, SystemTime)>,
-    /// The time the rate limit is measured in (production: `Instant::now`).
-    pub clock: fn() -> Instant,
+    /// The time the rate limit is measured in, and its timer (production:
+    /// [`crate::health::RealClock`]).
+    pub clock: Box<dyn Clock>,
 }
 
 #[derive(Debug)]
@@ -263,9 +264,9 @@ struct Keeper {
     scheduler: String,
     link: Link,
     last_error: Option<(String, SystemTime)>,
-    clock: fn() -> Instant,
-    /// `health_due` is armed.
-    armed: bool,
+    clock: Box<dyn Clock>,
+    /// When `health_due` fires: the state is offered again then.
+    due: Option<Instant>,
 }
 
 /// The overseer's inputs, kept apart from its state.
@@ -336,7 +337,7 @@ impl Overseer {
             },
             last_error: None,
             clock: h.clock,
-            armed: false,
+            due: None,
         });
         self
     }
@@ -476,12 +477,8 @@ impl Overseer {
                         k.last_error = Some(e);
                     }
                 }
-                recv(self.health_due) -> _ => {
-                    self.health_due = crossbeam_channel::never();
-                    if let Some(k) = &mut self.health {
-                        k.armed = false;
-                    }
-                }
+                // Only a wake-up: keep_health sees the time has come.
+                recv(self.health_due) -> _ => {}
             }
             self.keep_health();
         }
@@ -773,9 +770,18 @@ impl Overseer {
     /// Offers the node's health to the status file (module docs, "The
     /// status file"); arms the one-shot timer when it is too soon to write.
     fn keep_health(&mut self) {
-        let Some(k) = &self.health else { return };
-        if k.armed {
-            return;
+        let Some(k) = &mut self.health else { return };
+        let now = k.clock.now();
+        if let Some(due) = k.due {
+            if now < due {
+                return;
+            }
+            k.due = None;
+            self.health_due = crossbeam_channel::never();
+        }
+        // Notes queued meanwhile, also by this thread (its own error frames).
+        for e in self.health_errors.try_iter() {
+            k.last_error = Some(e);
         }
         let h = Health {
             node_uuid: self.ctx.node_uuid.clone(),
@@ -786,10 +792,9 @@ impl Overseer {
             last_error: k.last_error.clone(),
         };
         let Some(k) = &mut self.health else { return };
-        let now = (k.clock)();
         if let Offered::TooSoon(wait) = k.file.offer(&h, now) {
-            k.armed = true;
-            self.health_due = crossbeam_channel::after(wait);
+            k.due = Some(now + wait);
+            self.health_due = k.clock.after(wait);
         }
     }
 
