@@ -209,7 +209,7 @@ pub fn time_text(t: SystemTime) -> String {
     )
 }
 
-/// Makes `text` one line of at most [`MAX_ERROR`] bytes.
+/// Makes `text` one line of at most 300 bytes (`MAX_ERROR`).
 pub fn one_line(text: &str) -> String {
     let mut s: String = text
         .chars()
