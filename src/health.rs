@@ -51,7 +51,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use crossbeam_channel::{Receiver, Sender, TrySendError};
+use crossbeam_channel::{Receiver, Sender};
 use log::warn;
 
 use crate::instance::InstanceState;
@@ -364,9 +364,9 @@ impl ErrorNotes {
     /// Never blocks: a note that finds the queue full is dropped.
     pub fn note(&self, what: String) {
         if let Some(tx) = &self.0 {
-            match tx.try_send((what, SystemTime::now())) {
-                Ok(()) | Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {}
-            }
+            // Full (a flood of errors: the overseer has plenty to show) or
+            // no overseer any more: nothing to do.
+            let _ = tx.try_send((what, SystemTime::now()));
         }
     }
 }
