@@ -23,11 +23,12 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{Receiver, Sender};
 use log::{info, warn};
 
+use crate::health::{ErrorNotes, RealClock, StatusFile};
 use crate::network::TenantNetwork;
 use crate::node::Never;
 use crate::node::{LinkOutbox, NodeContext};
 use crate::nodestats::NodeStatsSource;
-use crate::overseer::{Awaited, IdleThreads, Limits, Overseer, OverseerInputs};
+use crate::overseer::{Awaited, HealthSetup, IdleThreads, Limits, Overseer, OverseerInputs};
 use crate::ssntp::client::{Client, ClientConfig};
 use crate::ssntp::{Profile, StartError};
 use crate::state::Store;
@@ -98,7 +99,9 @@ impl Launcher {
         store
             .ensure_dirs()
             .map_err(|e| StartError::Io(std::io::Error::other(e.to_string())))?;
+        let scheduler = s.client.servers.join(", ");
         let client = Client::start(s.client)?;
+        let (errors, errors_rx) = ErrorNotes::channel();
         let ctx = NodeContext {
             profile: s.profile,
             node_uuid: uuid::Uuid::from_bytes(client.uuid()).to_string(),
@@ -112,6 +115,7 @@ impl Launcher {
             stop_wait: s.stop_wait,
             instance_stack: s.instance_stack,
             network: s.network,
+            errors,
         };
         let mut overseer = Overseer::new(
             ctx.clone(),
@@ -119,7 +123,14 @@ impl Launcher {
             s.node_stats,
             s.data_dir.join("maintenance"),
         );
-        overseer = overseer.with_usage_period(s.usage_period);
+        overseer = overseer
+            .with_usage_period(s.usage_period)
+            .with_health(HealthSetup {
+                file: StatusFile::new(&s.data_dir),
+                scheduler,
+                errors: errors_rx,
+                clock: Box::new(RealClock),
+            });
         let awaited = overseer.awaited();
         let recovered = overseer.recover();
         let (req_tx, req_rx) = crossbeam_channel::bounded(1024);

@@ -30,6 +30,7 @@ pub mod build_info;
 pub mod capabilities;
 pub mod cli;
 pub mod daemon;
+pub mod health;
 pub mod instance;
 pub mod launcher;
 pub mod lc;

@@ -9,6 +9,7 @@ use std::time::Duration;
 use crossbeam_channel::Sender;
 use log::{debug, info, warn};
 
+use crate::health::ErrorNotes;
 use crate::network::TenantNetwork;
 use crate::payloads::Reason;
 use crate::payloads::outgoing::{self, ErrorKind, TenantEvent};
@@ -82,6 +83,8 @@ pub struct NodeContext {
     pub instance_stack: usize,
     /// The node's tenant networking (off with `-network none`).
     pub network: Arc<TenantNetwork>,
+    /// Where error frames are noted for the status file's `last-error`.
+    pub errors: ErrorNotes,
 }
 
 impl NodeContext {
@@ -110,7 +113,10 @@ impl NodeContext {
             restart,
             volume,
         );
-        self.outbox.send(Operation::Error(code), payload);
+        let op = Operation::Error(code);
+        self.errors
+            .note(format!("{op} for {instance}: {}", reason.as_str()));
+        self.outbox.send(op, payload);
     }
 
     /// Sends InstanceDeleted, or InstanceStopped where the profile has it.

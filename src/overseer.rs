@@ -5,10 +5,16 @@
 //! Inputs (one `select!`):
 //! * [`OverseerReq`] from the server thread: a START's configuration, a
 //!   command for an instance, EVACUATE, maintenance, "connected: report
-//!   now", and snapshots for tests and tools (those carry a reply channel);
+//!   now", "connection lost" (for the status file), and snapshots for
+//!   tests and tools (those carry a reply channel);
 //! * [`InstanceUpdate`]s from instance threads (bounded; always drained);
 //! * the stats tick (injected: `tick()` in production, a test channel in tests);
+//! * error notes of every thread and the status file's one-shot timer (both
+//!   `never` unless the status file is kept, see below);
 //! * shutdown (the server drops the sender).
+//!
+//! Outputs: STATUS, STATS and error frames (the outbox), commands into
+//! instance inboxes, and `<data-dir>/status`.
 //!
 //! # Routing: exactly one outcome per command
 //! 1. A START for an unknown id is admitted (maintenance, capacity, sanity
@@ -43,17 +49,25 @@
 //!    lets them end (in-process users, tests).
 //!
 //! Threads of deleted instances are reaped once finished, never waited for.
+//!
+//! # The status file
+//! After every input, the overseer offers the node's health (connection,
+//! READY/FULL/MAINTENANCE, instance counts, last error) to the status file
+//! (`src/health.rs`): written only when it changed, at most once a second
+//! (a one-shot timer, armed only after a change, covers the rest of the
+//! second). An idle node writes nothing and is woken by nothing more.
 
 use std::collections::HashMap;
 use std::fs;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use crossbeam_channel::{Receiver, Sender, TrySendError, select};
 use log::{error, info, warn};
 
+use crate::health::{Clock, Counts, Health, Link, Offered, StatusFile};
 use crate::instance::{
     self, Closing, Farewell, InHand, InstanceCmd, InstanceState, InstanceUpdate, NewStart, Seed,
     Wiring,
@@ -85,6 +99,11 @@ pub enum OverseerReq {
     /// (Re)connected to the scheduler: send STATUS and STATS now, and what
     /// was held back until the first connection.
     Connected,
+    /// The connection was lost, or a pass over the scheduler addresses
+    /// failed: `why` is the status file's last error.
+    LinkDown {
+        why: String,
+    },
     /// Snapshot for tests and the operator: (id, state) of every instance
     /// thread, also of one not yet in STATS.
     List {
@@ -215,6 +234,39 @@ pub struct Overseer {
     /// Events of instances that went before the first connection (found
     /// gone during recovery), sent when it comes.
     held_farewells: Vec<(String, Farewell)>,
+    /// The last status computed (what STATUS said last).
+    last_status: Status,
+    /// Instances by state (kept with every change, so a health check is O(1)).
+    counts: Counts,
+    /// The status file, when kept (module docs, "The status file").
+    health: Option<Keeper>,
+    /// The keeper's error notes and its one-shot timer (`never` when unused).
+    health_errors: Receiver<(String, SystemTime)>,
+    health_due: Receiver<Instant>,
+}
+
+/// What the overseer needs to keep the status file.
+#[derive(Debug)]
+pub struct HealthSetup {
+    pub file: StatusFile,
+    /// The scheduler addresses dialled, as the file shows them.
+    pub scheduler: String,
+    /// Error notes of every thread ([`crate::health::ErrorNotes::channel`]).
+    pub errors: Receiver<(String, SystemTime)>,
+    /// The time the rate limit is measured in, and its timer (production:
+    /// [`crate::health::RealClock`]).
+    pub clock: Box<dyn Clock>,
+}
+
+#[derive(Debug)]
+struct Keeper {
+    file: StatusFile,
+    scheduler: String,
+    link: Link,
+    last_error: Option<(String, SystemTime)>,
+    clock: Box<dyn Clock>,
+    /// When `health_due` fires: the state is offered again then.
+    due: Option<Instant>,
 }
 
 /// The overseer's inputs, kept apart from its state.
@@ -265,7 +317,29 @@ impl Overseer {
             usage_period: Some(USAGE_PERIOD),
             connected: false,
             held_farewells: Vec::new(),
+            last_status: Status::Ready,
+            counts: Counts::default(),
+            health: None,
+            health_errors: crossbeam_channel::never(),
+            health_due: crossbeam_channel::never(),
         }
+    }
+
+    /// Keeps the status file (module docs, "The status file").
+    pub fn with_health(mut self, h: HealthSetup) -> Overseer {
+        self.health_errors = h.errors;
+        self.health = Some(Keeper {
+            file: h.file,
+            scheduler: h.scheduler,
+            link: Link {
+                connected: false,
+                since: SystemTime::now(),
+            },
+            last_error: None,
+            clock: h.clock,
+            due: None,
+        });
+        self
     }
 
     /// The names of the instance threads a shutdown is still waiting for
@@ -352,6 +426,7 @@ impl Overseer {
         self.vcpus_allocated += sizes.vcpus;
         self.mem_allocated += sizes.mem_mb;
         self.disk_allocated += sizes.disk_mb;
+        self.counts.add(state);
         let rec = Record {
             inbox: h.inbox,
             thread: Some(h.thread),
@@ -376,6 +451,7 @@ impl Overseer {
         // Availability starts from real figures, not from zero (Go's started
         // at 0 and refused every START until its first STATUS).
         self.status(true);
+        self.keep_health();
         loop {
             select! {
                 recv(inputs.shutdown) -> _ => break,
@@ -396,7 +472,15 @@ impl Overseer {
                     inputs.sweep_again = crossbeam_channel::never();
                     self.sweep();
                 }
+                recv(self.health_errors) -> e => {
+                    if let (Ok(e), Some(k)) = (e, &mut self.health) {
+                        k.last_error = Some(e);
+                    }
+                }
+                // Only a wake-up: keep_health sees the time has come.
+                recv(self.health_due) -> _ => {}
             }
+            self.keep_health();
         }
         // Accepted by the server, never carried out: answered, not dropped.
         while let Ok(r) = inputs.requests.try_recv() {
@@ -432,8 +516,10 @@ impl Overseer {
             OverseerReq::Maintenance { on } => self.set_maintenance(on),
             OverseerReq::Connected => {
                 self.scheduler_heard();
+                self.link_changed(true, None);
                 self.report(true);
             }
+            OverseerReq::LinkDown { why } => self.link_changed(false, Some(why)),
             OverseerReq::List { reply } => {
                 let mut v: Vec<_> = self
                     .instances
@@ -547,6 +633,8 @@ impl Overseer {
         match u {
             InstanceUpdate::State { id, state } => {
                 if let Some(r) = self.instances.get_mut(&id) {
+                    self.counts.remove(r.state);
+                    self.counts.add(Some(state));
                     r.state = Some(state);
                 }
             }
@@ -592,6 +680,7 @@ impl Overseer {
     /// Drops instance `id` and its allocations; its inbox closes.
     fn forget(&mut self, id: &str) {
         if let Some(mut r) = self.instances.remove(id) {
+            self.counts.remove(r.state);
             let (d, m) = contribution(&r.usage, r.sizes.mem_mb);
             self.disk_used -= d;
             self.mem_used -= m;
@@ -650,7 +739,7 @@ impl Overseer {
         let f = self.last_figures;
         self.disk_available = f.disk_available_mb + self.disk_used - self.disk_allocated;
         self.mem_available = f.mem_available_mb + self.mem_used - self.mem_allocated;
-        if self.maintenance {
+        self.last_status = if self.maintenance {
             Status::Maintenance
         } else if self.instances.len() >= self.limits.max_instances
             || (self.limits.disk_limit && self.disk_available < self.limits.disk_full_mb)
@@ -659,6 +748,53 @@ impl Overseer {
             Status::Full
         } else {
             Status::Ready
+        };
+        self.last_status
+    }
+
+    /// The scheduler connection came up or went down (`why`: the error).
+    fn link_changed(&mut self, connected: bool, why: Option<String>) {
+        let Some(k) = &mut self.health else { return };
+        let now = SystemTime::now();
+        if k.link.connected != connected {
+            k.link = Link {
+                connected,
+                since: now,
+            };
+        }
+        if let Some(why) = why {
+            k.last_error = Some((why, now));
+        }
+    }
+
+    /// Offers the node's health to the status file (module docs, "The
+    /// status file"); arms the one-shot timer when it is too soon to write.
+    fn keep_health(&mut self) {
+        let Some(k) = &mut self.health else { return };
+        let now = k.clock.now();
+        if let Some(due) = k.due {
+            if now < due {
+                return;
+            }
+            k.due = None;
+            self.health_due = crossbeam_channel::never();
+        }
+        // Notes queued meanwhile, also by this thread (its own error frames).
+        for e in self.health_errors.try_iter() {
+            k.last_error = Some(e);
+        }
+        let h = Health {
+            node_uuid: self.ctx.node_uuid.clone(),
+            scheduler: k.scheduler.clone(),
+            link: k.link.clone(),
+            status: status_name(self.last_status),
+            counts: self.counts,
+            last_error: k.last_error.clone(),
+        };
+        let Some(k) = &mut self.health else { return };
+        if let Offered::TooSoon(wait) = k.file.offer(&h, now) {
+            k.due = Some(now + wait);
+            self.health_due = k.clock.after(wait);
         }
     }
 

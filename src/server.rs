@@ -86,9 +86,12 @@ impl Server {
                     "disconnected from the scheduler: {reason} ({} frame(s) not sent)",
                     unsent.len()
                 );
+                let why = format!("disconnected from the scheduler: {reason}");
+                let _ = self.overseer.send(OverseerReq::LinkDown { why });
             }
             ClientEvent::ConnectFailed { error, retry_in } => {
-                warn!("{error}; retrying in {retry_in:.1?}")
+                warn!("{error}; retrying in {retry_in:.1?}");
+                let _ = self.overseer.send(OverseerReq::LinkDown { why: error });
             }
             ClientEvent::Frame(f) => self.frame(&f),
             ClientEvent::Stopped { .. } => {}

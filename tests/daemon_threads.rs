@@ -9,13 +9,14 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use ciao_launcher::health::{ErrorNotes, ManualClock, StatusFile, StatusReport};
 use ciao_launcher::instance::InstanceState;
 use ciao_launcher::network::TenantNetwork;
 use ciao_launcher::node::Never;
 use ciao_launcher::node::{ChannelOutbox, NodeContext};
 use ciao_launcher::nodestats::{FixedNodeStats, NodeFigures};
 use ciao_launcher::overseer::{
-    Awaited, IdleThreads, Limits, Overseer, OverseerInputs, OverseerReq,
+    Awaited, HealthSetup, IdleThreads, Limits, Overseer, OverseerInputs, OverseerReq,
 };
 use ciao_launcher::payloads::commands;
 use ciao_launcher::payloads::config::VmType;
@@ -69,7 +70,24 @@ impl TestNode {
     }
 
     fn start_in(profile: Profile, limits: Limits, dir: PathBuf, sim: SimControl) -> TestNode {
+        TestNode::start_full(profile, limits, dir, sim, None)
+    }
+
+    /// With the status file kept in `dir`, its rate limit on `clock`.
+    fn start_keeping_status(profile: Profile, clock: &ManualClock) -> TestNode {
+        let c = clock.clone();
+        TestNode::start_full(profile, limits(8), tmpdir(), SimControl::new(), Some(c))
+    }
+
+    fn start_full(
+        profile: Profile,
+        limits: Limits,
+        dir: PathBuf,
+        sim: SimControl,
+        status_clock: Option<ManualClock>,
+    ) -> TestNode {
         let (out_tx, out) = crossbeam_channel::unbounded();
+        let (errors, errors_rx) = ErrorNotes::channel();
         let store = Store::new(&dir);
         store.ensure_dirs().expect("dirs");
         let ctx = NodeContext {
@@ -83,6 +101,11 @@ impl TestNode {
             stop_wait: Duration::from_secs(60),
             instance_stack: 128 * 1024,
             network: TenantNetwork::off(),
+            errors: if status_clock.is_some() {
+                errors
+            } else {
+                ErrorNotes::default()
+            },
         };
         let mut ovs = Overseer::new(
             ctx.clone(),
@@ -91,6 +114,14 @@ impl TestNode {
             dir.join("maintenance"),
         )
         .with_usage_period(None);
+        if let Some(clock) = status_clock {
+            ovs = ovs.with_health(HealthSetup {
+                file: StatusFile::new(&dir),
+                scheduler: "192.0.2.1:8888".into(),
+                errors: errors_rx,
+                clock: Box::new(clock),
+            });
+        }
         ovs.recover();
         let awaited = ovs.awaited();
         let (requests, req_rx) = crossbeam_channel::bounded(64);
@@ -204,6 +235,20 @@ impl TestNode {
             std::thread::yield_now();
         }
         panic!("{id} never went away");
+    }
+
+    /// Returns once the overseer has finished with every input before,
+    /// including what it does after each (the status file): the second
+    /// snapshot is taken only after the first one's input was done with.
+    fn barrier(&self) {
+        self.list();
+        self.list();
+    }
+
+    /// The status file, read after a barrier.
+    fn status_file(&self) -> StatusReport {
+        self.barrier();
+        StatusReport::read(&self.dir).expect("status file")
     }
 
     fn start_instance(&mut self, id: &str) {
@@ -1004,4 +1049,87 @@ fn invalid_ids_come_back_as_received() {
         (e.instance_uuid.as_str(), e.reason.as_str()),
         ("x-1", "invalid_data")
     );
+}
+
+/// The status file, driven deterministically: contents after connect, a
+/// START, a refused command and a disconnect; the rate limit on a manual
+/// clock (a change within a second of the last write waits for the timer);
+/// nothing rewritten while idle.
+#[test]
+fn status_file_follows_the_node_at_most_once_a_second() {
+    let clock = ManualClock::new(Instant::now());
+    let mut n = TestNode::start_keeping_status(Profile::P2016, &clock);
+    let f = n.status_file();
+    assert_eq!(f.get("connected"), Some("no"));
+    assert_eq!(f.get("node-uuid"), Some(NODE));
+    assert_eq!(f.get("scheduler"), Some("192.0.2.1:8888"));
+    assert_eq!(f.get("status"), Some("READY"));
+    assert_eq!(f.get("instances"), Some("0"));
+    assert_eq!(f.get("last-error"), Some("none"));
+    let started = f.time("since").expect("since");
+
+    // Connected within the second of the first write: not written yet.
+    n.connected();
+    n.expect(Operation::Command(Command::Stats));
+    assert_eq!(n.status_file().get("connected"), Some("no"));
+    // The second passes: the timer fires and the file says so.
+    clock.advance(Duration::from_secs(1));
+    let f = n.status_file();
+    assert_eq!(f.get("connected"), Some("yes"));
+    assert!(f.time("since").expect("since") >= started);
+
+    clock.advance(Duration::from_secs(1));
+    let id = uuid_n(1);
+    n.start_instance(&id);
+    n.wait_state(&id, InstanceState::Running);
+    // Admitted (pending) was written at once; running came within the
+    // same second, so it waits for the timer.
+    let f = n.status_file();
+    assert_eq!(f.get("pending"), Some("1"), "{f:?}");
+    clock.advance(Duration::from_secs(1));
+    let f = n.status_file();
+    assert_eq!(f.get("instances"), Some("1"), "{f:?}");
+    assert_eq!(f.get("running"), Some("1"), "{f:?}");
+    assert_eq!(f.get("pending"), Some("0"), "{f:?}");
+
+    // Idle: stats ticks and time passing rewrite nothing.
+    use std::os::unix::fs::MetadataExt;
+    let inode = || {
+        std::fs::metadata(n.dir.join("status"))
+            .expect("status")
+            .ino()
+    };
+    let before = inode();
+    for _ in 0..3 {
+        clock.advance(Duration::from_secs(10));
+        n.tick();
+    }
+    n.barrier();
+    assert_eq!(inode(), before, "rewritten while nothing changed");
+
+    // A refused command is the last error.
+    clock.advance(Duration::from_secs(1));
+    let unknown = uuid_n(2);
+    n.command(
+        Command::Delete,
+        commands::delete_payload(Profile::P2016, &unknown, NODE, false),
+    );
+    n.expect_error(ErrorCode::DeleteFailure);
+    let f = n.status_file();
+    let e = f.get("last-error").expect("last-error");
+    assert!(e.contains(&unknown) && e.contains("no_instance"), "{e}");
+    assert!(f.get("last-error-at").is_some());
+
+    clock.advance(Duration::from_secs(1));
+    n.server.event(ClientEvent::Disconnected {
+        reason: "connection reset by peer".into(),
+        unsent: Vec::new(),
+    });
+    let f = n.status_file();
+    assert_eq!(f.get("connected"), Some("no"));
+    assert_eq!(
+        f.get("last-error"),
+        Some("disconnected from the scheduler: connection reset by peer")
+    );
+    assert_eq!(f.get("running"), Some("1"), "the instance runs on");
 }

@@ -137,3 +137,94 @@ fn hard_reset_removes_every_instance() {
     );
     assert_eq!(env.instance_dirs(), 0);
 }
+
+/// `<data-dir>/status` through `ciao-lc node-status`, as an operator reads it
+/// on the node: absent before the first launcher, then after connect, after a
+/// START, after the scheduler goes away, and after the launcher stops.
+#[test]
+fn node_status_after_connect_start_and_disconnect() {
+    let env = Env::new();
+    let out = env.node_status();
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(
+        text(&out.stderr).contains("no status file"),
+        "{}",
+        text(&out.stderr)
+    );
+
+    let (serve, addr) = env.serve("127.0.0.1:0", "2016");
+    let launcher = env.launcher(addr, "2016");
+    env.wait_connected();
+    let stats = env.lc_ok(&["stats"]);
+    let node = stats
+        .lines()
+        .nth(1)
+        .and_then(|l| l.split_whitespace().next())
+        .expect("a node in stats")
+        .to_string();
+    let s = env.wait_node_status("connected", |s| {
+        s.get("connected").map(String::as_str) == Some("yes")
+    });
+    assert_eq!(s["node-uuid"], node);
+    assert_eq!(s["scheduler"], addr.to_string());
+    assert_eq!(s["status"], "READY");
+    assert_eq!(s["instances"], "0");
+    assert_eq!(s["last-error"], "none");
+    assert_eq!(
+        s["launcher"],
+        format!("running (pid {})", launcher.pid()),
+        "{s:?}"
+    );
+    assert!(s["age"].ends_with(" s"), "{s:?}");
+    let connected_since: u64 = s["since"]
+        .split_whitespace()
+        .next()
+        .and_then(|t| t.parse().ok())
+        .expect("since");
+
+    let id = env.start();
+    env.wait_list("running", |l| state_of(l, &id) == Some("running"));
+    let s = env.wait_node_status("one running instance", |s| {
+        s.get("running").map(String::as_str) == Some("1")
+    });
+    assert_eq!(s["instances"], "1", "{s:?}");
+    assert_eq!(s["pending"], "0", "{s:?}");
+    assert_eq!(s["exited"], "0", "{s:?}");
+    assert_eq!(s["connected"], "yes", "{s:?}");
+
+    serve.kill9();
+    let s = env.wait_node_status("disconnected", |s| {
+        s.get("connected").map(String::as_str) == Some("no")
+    });
+    assert!(
+        s["last-error"].contains("disconnected from the scheduler"),
+        "{s:?}"
+    );
+    let lost_since: u64 = s["since"]
+        .split_whitespace()
+        .next()
+        .and_then(|t| t.parse().ok())
+        .expect("since");
+    assert!(lost_since >= connected_since, "{s:?}");
+    assert_eq!(s["running"], "1", "the instance runs on: {s:?}");
+    assert!(s.contains_key("last-error-at"), "{s:?}");
+
+    // Written atomically: nothing but the file itself.
+    let leftovers: Vec<_> = std::fs::read_dir(env.dir.join("data"))
+        .expect("data dir")
+        .filter_map(Result::ok)
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("status") && n != "status")
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+
+    // The launcher gone: what it last wrote, said to be so.
+    assert_eq!(launcher.terminate(Duration::from_secs(5)), Some(0));
+    let out = env.node_status();
+    assert!(out.status.success(), "{out:?}");
+    assert!(
+        text(&out.stdout).contains("launcher: not running"),
+        "{}",
+        text(&out.stdout)
+    );
+}

@@ -130,6 +130,12 @@ pub enum LcCommand {
         #[command(flatten)]
         target: Target,
     },
+    /// Print the status file of the launcher on this node (no scheduler needed): how old it is, whether that launcher still runs, its connection, node UUID, READY/FULL/MAINTENANCE, instances by state and last error.
+    NodeStatus {
+        /// The launcher's data directory (its -data-dir).
+        #[arg(long, value_name = "DIR", default_value = "/var/lib/ciao")]
+        data_dir: PathBuf,
+    },
 }
 
 /// The flags of `ciao-lc start`.

@@ -1,17 +1,20 @@
 //! `ciao-lc`, the operator's companion: makes ciao-style certificates, runs an
 //! embedded SSNTP scheduler (`serve`), and drives launchers through it from
 //! the command line (`start`, `stop`, `restart`, `delete`, `attach`, `list`,
-//! `stats`, `watch`, `evacuate`, `restore`).
+//! `stats`, `watch`, `evacuate`, `restore`); `node-status` reads a
+//! launcher's status file on its own node, without any scheduler.
 //!
 //! Parts: [`cli`] (the command line), [`certs`] (`ciao-lc certs`),
 //! [`serve`] (the embedded scheduler, its threads and its view of every
-//! launcher), [`control`] (the control socket's protocol, requests as an
-//! enum, and the client side of every other command) and [`table`] (what
-//! `list` and `stats` print). This file dispatches a command line to them.
+//! launcher), [`node_status`] (the status file, offline), [`control`] (the
+//! control socket's protocol, requests as an enum, and the client side of
+//! every other command) and [`table`] (what `list` and `stats` print). This
+//! file dispatches a command line to them.
 
 pub mod certs;
 pub mod cli;
 pub mod control;
+pub mod node_status;
 pub mod serve;
 pub mod table;
 
@@ -111,6 +114,7 @@ pub fn main(args: impl IntoIterator<Item = OsString>) -> ExitCode {
         LcCommand::Evacuate { target } => call(&target, |node| Request::Evacuate { node }),
         LcCommand::Restore { target } => call(&target, |node| Request::Restore { node }),
         LcCommand::Watch { target } => control::watch(&target),
+        LcCommand::NodeStatus { data_dir } => node_status::node_status(&data_dir),
     }
     .into()
 }

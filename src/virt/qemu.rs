@@ -1534,6 +1534,7 @@ impl Virtualizer for Qemu {
             pid: Arc::clone(&self.pid),
             stop_timeout: self.f.stop_timeout,
             boot,
+            clock: StopClock::Real,
         };
         // A VM just launched has daemonized, so its QMP socket answers at
         // once: connect here rather than after the monitor thread's first
@@ -1723,6 +1724,52 @@ struct Watch {
     pid: Arc<AtomicI32>,
     stop_timeout: Duration,
     boot: bool,
+    clock: StopClock,
+}
+
+/// The time of a stop's escalation: the real clock, or (tests) one the test
+/// sets, whose timer fires when the test ticks it (with the time it is then).
+#[derive(Debug)]
+enum StopClock {
+    Real,
+    #[cfg(test)]
+    Manual {
+        now: Arc<std::sync::Mutex<Instant>>,
+        ticks: Receiver<Instant>,
+    },
+}
+
+impl StopClock {
+    fn now(&self) -> Instant {
+        match self {
+            StopClock::Real => Instant::now(),
+            #[cfg(test)]
+            StopClock::Manual { now, .. } => *now.lock().unwrap_or_else(|p| p.into_inner()),
+        }
+    }
+
+    /// The time a timer fired (`at`: what its channel delivered).
+    fn fired(&self, at: Option<Instant>) -> Instant {
+        match self {
+            // As before: the time the monitor handles it.
+            StopClock::Real => {
+                let _ = at;
+                Instant::now()
+            }
+            #[cfg(test)]
+            StopClock::Manual { .. } => at.unwrap_or_else(|| self.now()),
+        }
+    }
+
+    /// Fires at `due` (never without one).
+    fn timer(&self, due: Option<Instant>) -> Receiver<Instant> {
+        match (self, due) {
+            (_, None) => crossbeam_channel::never(),
+            (StopClock::Real, Some(at)) => crossbeam_channel::at(at),
+            #[cfg(test)]
+            (StopClock::Manual { ticks, .. }, Some(_)) => ticks.clone(),
+        }
+    }
 }
 
 /// Where a stop is: the escalation power-down → quit → SIGKILL as a value
@@ -1881,20 +1928,18 @@ impl Watch {
         let mut phase = Phase::Idle;
         let mut guest_shutdown = false;
         loop {
-            let timer = phase
-                .due()
-                .map_or_else(crossbeam_channel::never, crossbeam_channel::at);
+            let timer = self.clock.timer(phase.due());
             let step = select! {
                 recv(cmds) -> c => match c {
                     // Detached: QEMU runs on.
                     Err(_) => return,
                     Ok(MonCmd::Stop) => {
-                        let (next, step) = phase.stop(Instant::now(), self.stop_timeout);
+                        let (next, step) = phase.stop(self.clock.now(), self.stop_timeout);
                         phase = next;
                         step
                     }
                     Ok(MonCmd::Kill) => {
-                        let (next, step) = phase.kill(Instant::now());
+                        let (next, step) = phase.kill(self.clock.now());
                         phase = next;
                         step
                     }
@@ -1922,8 +1967,8 @@ impl Watch {
                     // The socket closed: QEMU is exiting.
                     Err(_) => break,
                 },
-                recv(timer) -> _ => {
-                    let (next, step) = phase.fire(Instant::now());
+                recv(timer) -> at => {
+                    let (next, step) = phase.fire(self.clock.fired(at.ok()));
                     phase = next;
                     step
                 }
@@ -2774,3 +2819,8 @@ mod tests {
         assert!(check_socket_path(Path::new(&long)).is_err());
     }
 }
+
+/// `Watch::run`'s stop escalation against a fake QMP peer, on a manual clock.
+#[cfg(test)]
+#[path = "qemu_stop_tests.rs"]
+mod stop_tests;

@@ -3,6 +3,7 @@
 //! by the tests of one binary ([`engine`]).
 #![allow(dead_code)]
 
+use std::collections::HashMap;
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -318,6 +319,46 @@ impl Env {
                 "the launcher did not reconnect\n{}",
                 self.log()
             );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// `ciao-lc node-status` on this environment's data directory.
+    pub fn node_status(&self) -> Output {
+        Command::new(LC)
+            .arg("node-status")
+            .arg("--data-dir")
+            .arg(self.dir.join("data"))
+            .output()
+            .expect("ciao-lc node-status")
+    }
+
+    /// Polls `ciao-lc node-status` until `want` holds of its `key: value`
+    /// lines (bounded); returns them.
+    pub fn wait_node_status(
+        &self,
+        what: &str,
+        want: impl Fn(&HashMap<String, String>) -> bool,
+    ) -> HashMap<String, String> {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let out = self.node_status();
+            let fields: HashMap<String, String> = text(&out.stdout)
+                .lines()
+                .filter_map(|l| l.split_once(": "))
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect();
+            if out.status.success() && want(&fields) {
+                return fields;
+            }
+            if Instant::now() > deadline {
+                panic!(
+                    "timed out waiting for node-status to show {what}: {}{}\nlauncher log:\n{}",
+                    text(&out.stdout),
+                    text(&out.stderr),
+                    self.log()
+                );
+            }
             std::thread::sleep(Duration::from_millis(50));
         }
     }
