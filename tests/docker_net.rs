@@ -14,12 +14,6 @@ use std::time::{Duration, Instant};
 
 use common::*;
 
-const T_A: &str = "67d86208-0000-4465-9018-fe14087d415f";
-const T_B: &str = "77d86208-0000-4465-9018-fe14087d4150";
-const C_A: &str = "67d86208-b46c-4465-0000-fe14087d415f";
-const C_B: &str = "77d86208-b46c-4465-0000-fe14087d4150";
-const SUBNET: &str = "172.16.0.0/24";
-const NODE_IP: &str = "10.9.0.2";
 const SLEEPER: &str = "#cloud-config\nruncmd:\n  - [ sleep, \"600\" ]\n";
 
 fn docker(engine: &Engine, args: &[&str]) -> std::process::Output {
@@ -60,39 +54,6 @@ fn reaches(engine: &Engine, id: &str, ip: &str, tries: u32) -> bool {
     (0..tries).any(|_| pings(engine, id, ip))
 }
 
-/// Our device names in the node's namespace.
-fn our_links(ns: &Netns) -> Vec<String> {
-    let mut v: Vec<String> = ns
-        .ip_out(&["-o", "link", "show"])
-        .lines()
-        .filter_map(|l| l.split(':').nth(1))
-        .map(|n| n.trim().split('@').next().unwrap_or_default().to_string())
-        .filter(|n| {
-            ["sbr_", "sgt_", "svn_", "svp_", "tpr_"]
-                .iter()
-                .any(|p| n.starts_with(p))
-        })
-        .collect();
-    v.sort();
-    v
-}
-
-fn count(links: &[String], prefix: &str) -> usize {
-    links.iter().filter(|l| l.starts_with(prefix)).count()
-}
-
-fn forward_rules(ns: &Netns) -> usize {
-    let out = Command::new("ip")
-        .args(["netns", "exec", &ns.name, "iptables", "-w", "-S", "FORWARD"])
-        .output()
-        .expect("iptables");
-    assert!(out.status.success(), "iptables: {}", text(&out.stderr));
-    text(&out.stdout)
-        .lines()
-        .filter(|l| l.contains("sbr_"))
-        .count()
-}
-
 /// Waits (bounded) until `done`.
 fn wait_until(what: &str, done: impl Fn() -> bool) {
     let deadline = Instant::now() + WAIT;
@@ -102,29 +63,20 @@ fn wait_until(what: &str, done: impl Fn() -> bool) {
     }
 }
 
-struct Node {
-    env: Env,
-    ns: Netns,
-    addr: std::net::SocketAddr,
-    _serve: Proc,
+/// A node of these tests: containers of the private engine.
+struct Node(TenantNode);
+
+impl std::ops::Deref for Node {
+    type Target = TenantNode;
+    fn deref(&self) -> &TenantNode {
+        &self.0
+    }
 }
 
 impl Node {
     fn new(tag: u32) -> Node {
-        require(&[
-            (&["ip"], "iproute2"),
-            (&["iptables"], "iptables"),
-            (&["docker"], "docker.io"),
-        ]);
-        let ns = Netns::compute_node(&format!("dnt-{}-{tag}", std::process::id()), NODE_IP);
-        let env = Env::in_netns(&ns.name);
-        let (serve, addr) = env.serve_with("127.0.0.1:0", "2016", &["--verbose"]);
-        Node {
-            env,
-            ns,
-            addr,
-            _serve: serve,
-        }
+        require(&[(&["docker"], "docker.io")]);
+        Node(TenantNode::new("dnt", tag))
     }
 
     /// A launcher with tenant networking and the veth stand-in tunnel.
@@ -134,41 +86,34 @@ impl Node {
 
     fn launcher_tunnel(&self, engine: &Engine, tunnel: &str) -> Proc {
         let socket = engine.socket.display().to_string();
-        let p = self.env.launcher_with(
-            self.addr,
-            "2016",
-            &[
-                "--docker-socket",
-                &socket,
-                "--stop-timeout",
-                "2",
-                "--network",
-                "cn",
-                "--tunnel-kind",
-                tunnel,
-                "--compute-net",
-                "10.9.0.0/24",
-                "--mgmt-net",
-                "10.9.0.0/24",
-            ],
-        );
-        self.env.wait_connected();
-        p
+        self.0.launcher(&[
+            "--docker-socket",
+            &socket,
+            "--stop-timeout",
+            "2",
+            "--network",
+            "cn",
+            "--tunnel-kind",
+            tunnel,
+        ])
+    }
+
+    /// `ciao-lc start` flags for a sleeping container.
+    fn sleeper(&self) -> Vec<String> {
+        let ud = self.env.dir.join(format!("ud-{}", uuid::Uuid::new_v4()));
+        std::fs::write(&ud, SLEEPER).expect("user data");
+        ["--docker-image", IMAGE, "--mem-mb", "64", "--user-data"]
+            .iter()
+            .map(|s| s.to_string())
+            .chain([ud.to_str().expect("path").to_string()])
+            .collect()
     }
 
     /// A sleeping container; `net`: the networking flags of `ciao-lc start`.
-    fn start(&self, net: &[&str]) -> String {
-        let ud = self.env.dir.join(format!("ud-{}", uuid::Uuid::new_v4()));
-        std::fs::write(&ud, SLEEPER).expect("user data");
-        let mut args = vec![
-            "start",
-            "--docker-image",
-            IMAGE,
-            "--mem-mb",
-            "64",
-            "--user-data",
-            ud.to_str().expect("path"),
-        ];
+    fn start_plain(&self, net: &[&str]) -> String {
+        let what = self.sleeper();
+        let mut args: Vec<&str> = vec!["start"];
+        args.extend(what.iter().map(String::as_str));
         args.extend_from_slice(net);
         let out = self.env.lc_ok(&args);
         out.split_whitespace()
@@ -178,32 +123,13 @@ impl Node {
     }
 
     fn start_tenant(&self, tenant: &str, conc: &str, ip: &str, mac: &str) -> String {
-        self.start(&[
-            "--tenant",
-            tenant,
-            "--subnet",
-            SUBNET,
-            "--private-ip",
-            ip,
-            "--vnic-mac",
-            mac,
-            "--concentrator-uuid",
-            conc,
-            "--concentrator-ip",
-            "10.9.0.200",
-        ])
+        let what = self.sleeper();
+        let what: Vec<&str> = what.iter().map(String::as_str).collect();
+        self.0.start(&what, tenant, conc, ip, mac)
     }
 
-    fn events(&self, what: &str) -> usize {
-        self.env
-            .serve_log()
-            .lines()
-            .filter(|l| l.contains(what))
-            .count()
-    }
-
-    fn wait_events(&self, what: &str, n: usize) {
-        wait_until(&format!("{n} {what:?} event(s)"), || self.events(what) >= n);
+    fn events_n(&self, what: &str) -> usize {
+        self.0.events(what).len()
     }
 }
 
@@ -240,8 +166,8 @@ fn containers_ping_over_the_tenant_bridge_across_restart_kill9_and_dockerd_resta
             .all(|i| state_of(l, i) == Some("running"))
     });
     node.wait_events("Tenant Added", 2);
-    assert_eq!(node.events("Tenant Added"), 2, "one per subnet");
-    let links = our_links(&node.ns);
+    assert_eq!(node.events_n("Tenant Added"), 2, "one per subnet");
+    let links = node.ns.our_links();
     assert_eq!(count(&links, "sbr_"), 2, "{links:?}");
     assert_eq!(count(&links, "svn_"), 3, "{links:?}");
     assert_eq!(
@@ -249,7 +175,7 @@ fn containers_ping_over_the_tenant_bridge_across_restart_kill9_and_dockerd_resta
         0,
         "container ends are inside: {links:?}"
     );
-    assert_eq!(forward_rules(&node.ns), 2);
+    assert_eq!(node.ns.forward_rules(), 2);
 
     assert_eth0(&engine, &a1, "172.16.0.2", "02:00:ac:10:00:02");
     assert_eth0(&engine, &a2, "172.16.0.3", "02:00:ac:10:00:03");
@@ -265,7 +191,7 @@ fn containers_ping_over_the_tenant_bridge_across_restart_kill9_and_dockerd_resta
     node.env
         .wait_list("a2 exited", |l| state_of(l, &a2) == Some("exited"));
     wait_until("a2's pair gone with its namespace", || {
-        count(&our_links(&node.ns), "svn_") == 2
+        count(&node.ns.our_links(), "svn_") == 2
     });
     node.env.lc_ok(&["restart", &a2]);
     node.env
@@ -273,10 +199,10 @@ fn containers_ping_over_the_tenant_bridge_across_restart_kill9_and_dockerd_resta
     node.env.wait_log_line(&[&a2, "plugged in as eth0"], WAIT);
     assert_eth0(&engine, &a2, "172.16.0.3", "02:00:ac:10:00:03");
     assert!(reaches(&engine, &a1, "172.16.0.3", 5), "a1 → restarted a2");
-    assert_eq!(node.events("Tenant Added"), 2);
+    assert_eq!(node.events_n("Tenant Added"), 2);
 
     // kill -9 of the launcher, then a new one: still on the network.
-    let links = our_links(&node.ns);
+    let links = node.ns.our_links();
     assert_eq!(count(&links, "svn_"), 3, "a2 has a new pair: {links:?}");
     let old = node.env.peer().expect("connected");
     launcher.kill9();
@@ -298,7 +224,7 @@ fn containers_ping_over_the_tenant_bridge_across_restart_kill9_and_dockerd_resta
         .wait_log_line(&[&b1, "running without its tenant NIC"], WAIT);
     node.env.wait_log_line(&[&b1, "plugged in as eth0"], WAIT);
     assert_eth0(&engine, &b1, "172.16.0.4", "02:00:ac:10:00:14");
-    let now = our_links(&node.ns);
+    let now = node.ns.our_links();
     assert_eq!(
         now.iter()
             .filter(|l| !l.starts_with("svn_"))
@@ -310,7 +236,7 @@ fn containers_ping_over_the_tenant_bridge_across_restart_kill9_and_dockerd_resta
         "bridges and tunnels re-learned, not made again"
     );
     assert_eq!(count(&now, "svn_"), 3, "{now:?}");
-    assert_eq!(node.events("Tenant Added"), 2, "none sent again");
+    assert_eq!(node.events_n("Tenant Added"), 2, "none sent again");
 
     // dockerd restarts under the running launcher (--live-restore keeps
     // the containers and their namespaces).
@@ -329,9 +255,9 @@ fn containers_ping_over_the_tenant_bridge_across_restart_kill9_and_dockerd_resta
     }
     node.env.wait_list("all gone", |l| l.is_empty());
     node.wait_events("Tenant Removed", 2);
-    assert_eq!(node.events("Tenant Removed"), 2);
-    wait_until("no device of ours", || our_links(&node.ns).is_empty());
-    assert_eq!(forward_rules(&node.ns), 0);
+    assert_eq!(node.events_n("Tenant Removed"), 2);
+    wait_until("no device of ours", || node.ns.our_links().is_empty());
+    assert_eq!(node.ns.forward_rules(), 0);
     for id in [&a1, &a2, &b1] {
         assert!(!docker(&engine, &["inspect", id]).status.success(), "{id}");
     }
@@ -347,42 +273,20 @@ fn bad_container_networking_is_invalid_data_and_creates_nothing() {
     node.env
         .wait_log_line(&[&bad_mac, "StartFailure", "invalid_data"], WAIT);
     // A MAC but no subnet and no private ip.
-    let no_ip = node.start(&["--tenant", T_A, "--vnic-mac", "02:00:ac:10:00:05"]);
+    let no_ip = node.start_plain(&["--tenant", T_A, "--vnic-mac", "02:00:ac:10:00:05"]);
     node.env
         .wait_log_line(&[&no_ip, "StartFailure", "invalid_data"], WAIT);
-    assert_eq!(our_links(&node.ns), Vec::<String>::new());
-    assert_eq!(forward_rules(&node.ns), 0);
+    assert_eq!(node.ns.our_links(), Vec::<String>::new());
+    assert_eq!(node.ns.forward_rules(), 0);
     for id in [&bad_mac, &no_ip] {
         assert!(!docker(&engine, &["inspect", id]).status.success(), "{id}");
     }
-    assert_eq!(node.events("Tenant Added"), 0);
+    assert_eq!(node.events_n("Tenant Added"), 0);
 }
 
 /// The test guest's image name in the node's image directory.
 const GUEST: &str = "7e57a9e0-0c1a-4000-8000-000000000004";
 const BOOT: Duration = Duration::from_secs(300);
-
-fn console(env: &Env, id: &str) -> String {
-    std::fs::read_to_string(env.dir.join("data/instances").join(id).join("console.log"))
-        .unwrap_or_default()
-        .replace('\r', "")
-}
-
-fn wait_console(env: &Env, id: &str, needle: &str) -> String {
-    let deadline = Instant::now() + BOOT;
-    loop {
-        let c = console(env, id);
-        if c.contains(needle) {
-            return c;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no {needle:?} on the console of {id}:\n{c}\nlauncher log:\n{}",
-            env.log()
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
-}
 
 #[test]
 fn a_container_and_a_vm_of_one_subnet_ping_each_other() {
@@ -431,22 +335,22 @@ fn a_container_and_a_vm_of_one_subnet_ping_each_other() {
         .nth(1)
         .expect("instance id")
         .to_string();
-    let c = wait_console(&node.env, &vm, "VM-");
+    let c = node.env.wait_console(&vm, "VM-", BOOT);
     assert!(
         c.contains("VM-ANSWERED"),
         "the VM did not reach the container:\n{c}"
     );
     assert!(reaches(&engine, &c1, "172.16.0.3", 10), "container → VM");
     // One bridge for both: one TenantAdded.
-    assert_eq!(node.events("Tenant Added"), 1);
-    assert_eq!(count(&our_links(&node.ns), "sbr_"), 1);
+    assert_eq!(node.events_n("Tenant Added"), 1);
+    assert_eq!(count(&node.ns.our_links(), "sbr_"), 1);
     for id in [&c1, &vm] {
         node.env.lc_ok(&["delete", id]);
     }
     node.env.wait_list("all gone", |l| l.is_empty());
     node.wait_events("Tenant Removed", 1);
-    wait_until("no device of ours", || our_links(&node.ns).is_empty());
-    assert_eq!(forward_rules(&node.ns), 0);
+    wait_until("no device of ours", || node.ns.our_links().is_empty());
+    assert_eq!(node.ns.forward_rules(), 0);
 }
 
 #[test]
@@ -466,8 +370,8 @@ fn a_network_refusal_after_the_container_started_fails_the_start_and_leaves_noth
     wait_until("its container removed", || {
         !docker(&engine, &["inspect", &id]).status.success()
     });
-    assert_eq!(our_links(&node.ns), Vec::<String>::new(), "rolled back");
-    assert_eq!(forward_rules(&node.ns), 0);
-    assert_eq!(node.events("Tenant Added"), 0);
+    assert_eq!(node.ns.our_links(), Vec::<String>::new(), "rolled back");
+    assert_eq!(node.ns.forward_rules(), 0);
+    assert_eq!(node.events_n("Tenant Added"), 0);
     assert_eq!(node.env.instance_dirs(), 0);
 }

@@ -17,145 +17,38 @@ mod common;
 
 use common::*;
 
-const T_A: &str = "67d86208-0000-4465-9018-fe14087d415f";
-const T_B: &str = "77d86208-0000-4465-9018-fe14087d4150";
-const C_A: &str = "67d86208-b46c-4465-0000-fe14087d415f";
-const C_B: &str = "77d86208-b46c-4465-0000-fe14087d4150";
-const SUBNET: &str = "172.16.0.0/24";
-const NODE_IP: &str = "10.9.0.2";
+/// A node of these tests, with simulated instances by default.
+struct Node(TenantNode);
 
-/// The devices of ours in the namespace: (kind-ish prefix, name).
-fn our_links(ns: &Netns) -> Vec<String> {
-    let out = ns.ip_out(&["-o", "link", "show"]);
-    let mut v: Vec<String> = out
-        .lines()
-        .filter_map(|l| l.split(':').nth(1))
-        .map(|n| n.trim().split('@').next().unwrap_or_default().to_string())
-        .filter(|n| {
-            ["sbr_", "sgt_", "svn_", "svc_", "tpr_"]
-                .iter()
-                .any(|p| n.starts_with(p))
-        })
-        .collect();
-    v.sort();
-    v
-}
-
-fn count(links: &[String], prefix: &str) -> usize {
-    links.iter().filter(|l| l.starts_with(prefix)).count()
-}
-
-/// FORWARD rules of our bridges in the namespace.
-fn forward_rules(ns: &Netns) -> usize {
-    let out = Command::new("ip")
-        .args(["netns", "exec", &ns.name, "iptables", "-w", "-S", "FORWARD"])
-        .output()
-        .expect("iptables");
-    assert!(out.status.success(), "iptables: {}", text(&out.stderr));
-    text(&out.stdout)
-        .lines()
-        .filter(|l| l.contains("sbr_"))
-        .count()
-}
-
-/// A compute node: namespace, `serve` and a launcher in it.
-struct Node {
-    env: Env,
-    ns: Netns,
-    addr: std::net::SocketAddr,
-    _serve: Proc,
+impl std::ops::Deref for Node {
+    type Target = TenantNode;
+    fn deref(&self) -> &TenantNode {
+        &self.0
+    }
 }
 
 impl Node {
     fn new(tag: u32) -> Node {
-        require(&[(&["ip"], "iproute2"), (&["iptables"], "iptables")]);
-        let ns = Netns::compute_node(&format!("lnt-{}-{tag}", std::process::id()), NODE_IP);
-        let env = Env::in_netns(&ns.name);
-        let (serve, addr) = env.serve_with("127.0.0.1:0", "2016", &["--verbose"]);
-        Node {
-            env,
-            ns,
-            addr,
-            _serve: serve,
-        }
+        Node(TenantNode::new("lnt", tag))
     }
 
-    fn launcher(&self, extra: &[&str]) -> Proc {
+    /// A launcher of simulated instances with `extra` flags.
+    fn sim_launcher(&self, extra: &[&str]) -> Proc {
         let mut args = vec!["-simulation"];
         args.extend_from_slice(extra);
-        self.real_launcher(&args)
+        self.0.launcher(&args)
     }
 
-    /// A launcher with real virtualizers (no `-simulation`).
-    fn real_launcher(&self, extra: &[&str]) -> Proc {
-        let mut args = vec!["--compute-net", "10.9.0.0/24", "--mgmt-net", "10.9.0.0/24"];
-        args.extend_from_slice(extra);
-        let p = self.env.launcher_with(self.addr, "2016", &args);
-        self.env.wait_connected();
-        p
-    }
-
-    /// A simulated instance of `tenant` with private address `ip`; returns its id.
-    fn start(&self, tenant: &str, conc: &str, ip: &str, mac: &str) -> String {
-        self.start_with(&["--sim"], tenant, conc, ip, mac)
-    }
-
-    /// An instance of `tenant` at `ip`, with `what` saying what to run.
-    fn start_with(&self, what: &[&str], tenant: &str, conc: &str, ip: &str, mac: &str) -> String {
-        let mut args = vec!["start"];
-        args.extend_from_slice(what);
-        args.extend_from_slice(&[
-            "--tenant",
-            tenant,
-            "--subnet",
-            SUBNET,
-            "--private-ip",
-            ip,
-            "--vnic-mac",
-            mac,
-            "--concentrator-uuid",
-            conc,
-            "--concentrator-ip",
-            "10.9.0.200",
-        ]);
-        let out = self.env.lc_ok(&args);
-        out.split_whitespace()
-            .nth(1)
-            .expect("instance id")
-            .to_string()
-    }
-
-    /// Event lines `serve` saw with `what` in them ("Tenant Added").
-    fn events(&self, what: &str) -> Vec<String> {
-        self.env
-            .serve_log()
-            .lines()
-            .filter(|l| l.contains(what))
-            .map(str::to_string)
-            .collect()
-    }
-
-    fn wait_events(&self, what: &str, n: usize) -> Vec<String> {
-        let deadline = Instant::now() + WAIT;
-        loop {
-            let e = self.events(what);
-            if e.len() >= n {
-                return e;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "waited for {n} {what:?} event(s), saw {e:?}\nlauncher log:\n{}",
-                self.env.log()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+    /// A simulated instance of `tenant` with private address `ip`.
+    fn start_sim(&self, tenant: &str, conc: &str, ip: &str, mac: &str) -> String {
+        self.0.start(&["--sim"], tenant, conc, ip, mac)
     }
 }
 
 #[test]
 fn vnics_bridges_and_events_follow_the_instances_across_a_kill9() {
     let node = Node::new(0);
-    let launcher = node.launcher(&["--network", "cn", "--tunnel-kind", "veth"]);
+    let launcher = node.sim_launcher(&["--network", "cn", "--tunnel-kind", "veth"]);
 
     // READY/STATS name the compute address and the host name.
     let deadline = Instant::now() + WAIT;
@@ -172,10 +65,10 @@ fn vnics_bridges_and_events_follow_the_instances_across_a_kill9() {
         "hostname reported"
     );
 
-    let a1 = node.start(T_A, C_A, "172.16.0.2", "02:00:ac:10:00:02");
-    let a2 = node.start(T_A, C_A, "172.16.0.3", "02:00:ac:10:00:03");
+    let a1 = node.start_sim(T_A, C_A, "172.16.0.2", "02:00:ac:10:00:02");
+    let a2 = node.start_sim(T_A, C_A, "172.16.0.3", "02:00:ac:10:00:03");
     // Another tenant, same CIDR, same address: its own bridge.
-    let b1 = node.start(T_B, C_B, "172.16.0.2", "02:00:ac:10:00:12");
+    let b1 = node.start_sim(T_B, C_B, "172.16.0.2", "02:00:ac:10:00:12");
     node.env.wait_list("three running", |l| {
         [&a1, &a2, &b1]
             .iter()
@@ -192,30 +85,30 @@ fn vnics_bridges_and_events_follow_the_instances_across_a_kill9() {
     // 172.16.0.0 → key 0x000010ac little-endian = 4268.
     assert!(added.iter().all(|l| l.contains("key 4268")), "{added:?}");
     assert!(added.iter().all(|l| l.contains(&format!("from {NODE_IP}"))));
-    let links = our_links(&node.ns);
+    let links = node.ns.our_links();
     assert_eq!(count(&links, "sbr_"), 2, "{links:?}");
     assert_eq!(count(&links, "sgt_"), 2, "{links:?}");
     assert_eq!(count(&links, "svn_"), 3, "{links:?}");
-    assert_eq!(forward_rules(&node.ns), 2);
+    assert_eq!(node.ns.forward_rules(), 2);
 
     // Bad input: nothing made, invalid_data on the wire.
-    let bad = node.start(T_A, C_A, "172.16.0.9", "not-a-mac");
+    let bad = node.start_sim(T_A, C_A, "172.16.0.9", "not-a-mac");
     let line = node.env.wait_log_line(&[&bad, "invalid_data"], WAIT);
     assert!(line.contains("StartFailure"), "{line}");
-    assert_eq!(our_links(&node.ns), links, "nothing created for a bad MAC");
+    assert_eq!(node.ns.our_links(), links, "nothing created for a bad MAC");
 
     // kill -9 with everything in place; the new launcher re-learns it.
     let old = node.env.peer().expect("connected");
     launcher.kill9();
-    let _launcher = node.launcher(&["--network", "cn", "--tunnel-kind", "veth"]);
+    let _launcher = node.sim_launcher(&["--network", "cn", "--tunnel-kind", "veth"]);
     node.env.wait_reconnected(&old);
     node.env
         .wait_log_line(&["tenant networking up", "2 tenant subnet(s)"], WAIT);
-    assert_eq!(our_links(&node.ns), links, "the restart changes no device");
+    assert_eq!(node.ns.our_links(), links, "the restart changes no device");
     assert_eq!(node.events("Tenant Added").len(), 2, "none sent again");
 
     // A START for an address a recovered instance holds is refused.
-    let thief = node.start(T_A, C_A, "172.16.0.2", "02:00:ac:10:00:02");
+    let thief = node.start_sim(T_A, C_A, "172.16.0.2", "02:00:ac:10:00:02");
     node.env
         .wait_log_line(&[&thief, "network_failure", "belongs to instance"], WAIT);
 
@@ -223,7 +116,7 @@ fn vnics_bridges_and_events_follow_the_instances_across_a_kill9() {
     node.env
         .wait_list("a1 gone", |l| state_of(l, &a1).is_none());
     assert!(node.events("Tenant Removed").is_empty(), "a2 still uses it");
-    assert_eq!(count(&our_links(&node.ns), "svn_"), 2);
+    assert_eq!(count(&node.ns.our_links(), "svn_"), 2);
     node.env.lc_ok(&["delete", &a2]);
     let removed = node.wait_events("Tenant Removed", 1);
     assert!(removed[0].contains(T_A), "{removed:?}");
@@ -231,11 +124,11 @@ fn vnics_bridges_and_events_follow_the_instances_across_a_kill9() {
     node.wait_events("Tenant Removed", 2);
     node.env.wait_list("all gone", |l| l.is_empty());
     assert_eq!(
-        our_links(&node.ns),
+        node.ns.our_links(),
         Vec::<String>::new(),
         "nothing of ours left"
     );
-    assert_eq!(forward_rules(&node.ns), 0);
+    assert_eq!(node.ns.forward_rules(), 0);
 }
 
 #[test]
@@ -243,14 +136,14 @@ fn a_kernel_refusal_mid_create_leaves_nothing_and_the_node_serves_on() {
     let node = Node::new(1);
     // The real gretap: this kernel has no GRE, so the tunnel step fails
     // after the bridge was made.
-    let _launcher = node.launcher(&["--network", "cn"]);
-    let id = node.start(T_A, C_A, "172.16.0.2", "02:00:ac:10:00:02");
+    let _launcher = node.sim_launcher(&["--network", "cn"]);
+    let id = node.start_sim(T_A, C_A, "172.16.0.2", "02:00:ac:10:00:02");
     let line = node.env.wait_log_line(&[&id, "network_failure"], WAIT);
     assert!(line.contains("StartFailure"), "{line}");
     node.env
         .wait_list("refused START gone", |l| state_of(l, &id).is_none());
-    assert_eq!(our_links(&node.ns), Vec::<String>::new(), "rolled back");
-    assert_eq!(forward_rules(&node.ns), 0);
+    assert_eq!(node.ns.our_links(), Vec::<String>::new(), "rolled back");
+    assert_eq!(node.ns.forward_rules(), 0);
     assert!(node.events("Tenant Added").is_empty());
     assert_eq!(node.env.instance_dirs(), 0);
     // An instance without tenant networking fields is refused the same way
@@ -270,20 +163,20 @@ fn networking_down_refuses_tenant_starts_and_keeps_serving() {
     node.env.wait_connected();
     let down = node.env.wait_log_line(&["tenant networking is down"], WAIT);
     assert!(down.contains("compute network"), "{down}");
-    let id = node.start(T_A, C_A, "172.16.0.2", "02:00:ac:10:00:02");
+    let id = node.start_sim(T_A, C_A, "172.16.0.2", "02:00:ac:10:00:02");
     node.env.wait_log_line(&[&id, "network_failure"], WAIT);
-    assert!(our_links(&node.ns).is_empty());
+    assert!(node.ns.our_links().is_empty());
     assert!(node.env.lc_ok(&["stats"]).contains("READY"));
 }
 
 #[test]
 fn hard_reset_removes_our_devices_and_leaves_a_foreign_aliased_link() {
     let node = Node::new(3);
-    let launcher = node.launcher(&["--network", "cn", "--tunnel-kind", "veth"]);
-    let id = node.start(T_A, C_A, "172.16.0.2", "02:00:ac:10:00:02");
+    let launcher = node.sim_launcher(&["--network", "cn", "--tunnel-kind", "veth"]);
+    let id = node.start_sim(T_A, C_A, "172.16.0.2", "02:00:ac:10:00:02");
     node.env
         .wait_list("running", |l| state_of(l, &id) == Some("running"));
-    assert_eq!(count(&our_links(&node.ns), "svn_"), 1);
+    assert_eq!(count(&node.ns.our_links(), "svn_"), 1);
     // A foreign link with our name and alias shape, but not a bridge.
     node.ns.ip(&[
         "link", "add", "sbr_f00", "type", "veth", "peer", "name", "xf00",
@@ -310,14 +203,14 @@ fn hard_reset_removes_our_devices_and_leaves_a_foreign_aliased_link() {
         "{}",
         text(&out.stdout)
     );
-    assert_eq!(our_links(&node.ns), vec!["sbr_f00".to_string()]);
-    assert_eq!(forward_rules(&node.ns), 0);
+    assert_eq!(node.ns.our_links(), vec!["sbr_f00".to_string()]);
+    assert_eq!(node.ns.forward_rules(), 0);
 }
 
 #[test]
 fn a_cnci_on_a_network_node_gets_a_macvtap_with_its_mac_on_the_compute_link() {
     let node = Node::new(4);
-    let _launcher = node.launcher(&["--network", "nn"]);
+    let _launcher = node.sim_launcher(&["--network", "nn"]);
     let out = node.env.lc_ok(&[
         "start",
         "--sim",
@@ -330,7 +223,7 @@ fn a_cnci_on_a_network_node_gets_a_macvtap_with_its_mac_on_the_compute_link() {
     let id = out.split_whitespace().nth(1).expect("id").to_string();
     node.env
         .wait_list("CNCI running", |l| state_of(l, &id) == Some("running"));
-    let links = our_links(&node.ns);
+    let links = node.ns.our_links();
     assert_eq!(count(&links, "svc_"), 1, "{links:?}");
     let detail = node.ns.ip_out(&["-d", "link", "show", &links[0]]);
     assert!(detail.contains("macvtap mode bridge"), "{detail}");
@@ -342,36 +235,13 @@ fn a_cnci_on_a_network_node_gets_a_macvtap_with_its_mac_on_the_compute_link() {
     );
     node.env.lc_ok(&["delete", &id]);
     node.env.wait_list("deleted", |l| l.is_empty());
-    assert!(our_links(&node.ns).is_empty());
+    assert!(node.ns.our_links().is_empty());
 }
 
 /// The backing image's UUID in the VM test's data directory.
 const IMAGE: &str = "7e57a9e0-0c1a-4000-8000-000000000003";
 /// Booting under TCG on two shared cores, three VMs at once.
 const BOOT: Duration = Duration::from_secs(300);
-
-/// The VM's serial console so far.
-fn console(env: &Env, id: &str) -> String {
-    std::fs::read_to_string(env.dir.join("data/instances").join(id).join("console.log"))
-        .unwrap_or_default()
-        .replace('\r', "")
-}
-
-fn wait_console(env: &Env, id: &str, needle: &str) -> String {
-    let deadline = Instant::now() + BOOT;
-    loop {
-        let c = console(env, id);
-        if c.contains(needle) {
-            return c;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no {needle:?} on the console of {id}:\n{c}\nlauncher log:\n{}",
-            env.log()
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
-}
 
 /// Guest commands: take `ip`, then report whether `peer` answers (tried
 /// for about a minute: the peer may boot later).
@@ -409,7 +279,7 @@ fn two_vms_of_a_subnet_ping_each_other_and_not_the_other_tenant_across_a_kill9()
         "--stop-timeout",
         "10",
     ];
-    let launcher = node.real_launcher(&net);
+    let launcher = node.launcher(&net);
 
     let vm = |tenant: &str, conc: &str, ip: &str, mac: &str, user_data: String| {
         let ud = node.env.dir.join(format!("ud-{ip}-{}", &tenant[..2]));
@@ -423,42 +293,58 @@ fn two_vms_of_a_subnet_ping_each_other_and_not_the_other_tenant_across_a_kill9()
             "--user-data",
             ud.to_str().expect("path"),
         ];
-        node.start_with(&what, tenant, conc, ip, mac)
+        node.start(&what, tenant, conc, ip, mac)
     };
-    let a1 = vm(
-        T_A,
-        C_A,
-        "172.16.0.2",
-        "02:00:ac:10:00:02",
-        guest_pings("172.16.0.2", "172.16.0.3", 90, "A1"),
-    );
-    let a2 = vm(
-        T_A,
-        C_A,
-        "172.16.0.3",
-        "02:00:ac:10:00:03",
-        guest_pings("172.16.0.3", "172.16.0.2", 90, "A2"),
-    );
-    // The other tenant, same CIDR: it must not reach tenant A's VMs.
-    let b1 = vm(
-        T_B,
-        C_B,
-        "172.16.0.4",
-        "02:00:ac:10:00:14",
-        guest_pings("172.16.0.4", "172.16.0.2", 5, "B1"),
-    );
+    // (tenant, concentrator, address, MAC, whom it pings, tries, tag); the
+    // other tenant, same CIDR, must not reach tenant A's VMs.
+    let [a1, a2, b1] = [
+        (
+            T_A,
+            C_A,
+            "172.16.0.2",
+            "02:00:ac:10:00:02",
+            "172.16.0.3",
+            90,
+            "A1",
+        ),
+        (
+            T_A,
+            C_A,
+            "172.16.0.3",
+            "02:00:ac:10:00:03",
+            "172.16.0.2",
+            90,
+            "A2",
+        ),
+        (
+            T_B,
+            C_B,
+            "172.16.0.4",
+            "02:00:ac:10:00:14",
+            "172.16.0.2",
+            5,
+            "B1",
+        ),
+    ]
+    .map(|(t, c, ip, mac, peer, tries, tag)| vm(t, c, ip, mac, guest_pings(ip, peer, tries, tag)));
 
-    let c = wait_console(&node.env, &a1, "GUEST-NIC eth0 mac=02:00:ac:10:00:02");
+    let c = node
+        .env
+        .wait_console(&a1, "GUEST-NIC eth0 mac=02:00:ac:10:00:02", BOOT);
     assert!(c.contains("GUEST-BOOTED"), "{c}");
     assert!(
-        wait_console(&node.env, &a1, "A1-").contains("A1-ANSWERED"),
+        node.env
+            .wait_console(&a1, "A1-", BOOT)
+            .contains("A1-ANSWERED"),
         "A1 reached A2"
     );
     assert!(
-        wait_console(&node.env, &a2, "A2-").contains("A2-ANSWERED"),
+        node.env
+            .wait_console(&a2, "A2-", BOOT)
+            .contains("A2-ANSWERED"),
         "A2 reached A1"
     );
-    let b = wait_console(&node.env, &b1, "B1-");
+    let b = node.env.wait_console(&b1, "B1-", BOOT);
     assert!(
         b.contains("B1-NO-ANSWER"),
         "tenant B reached tenant A:\n{b}"
@@ -468,14 +354,14 @@ fn two_vms_of_a_subnet_ping_each_other_and_not_the_other_tenant_across_a_kill9()
 
     // kill -9 with the VMs running; the new launcher re-learns the devices
     // and the VMs keep their network.
-    let links = our_links(&node.ns);
+    let links = node.ns.our_links();
     let old = node.env.peer().expect("connected");
     launcher.kill9();
-    let _launcher = node.real_launcher(&net);
+    let _launcher = node.launcher(&net);
     node.env.wait_reconnected(&old);
     node.env
         .wait_log_line(&["tenant networking up", "2 tenant subnet(s)"], WAIT);
-    assert_eq!(our_links(&node.ns), links);
+    assert_eq!(node.ns.our_links(), links);
     node.env.wait_list("three running", |l| {
         [&a1, &a2, &b1]
             .iter()
@@ -516,21 +402,21 @@ fn two_vms_of_a_subnet_ping_each_other_and_not_the_other_tenant_across_a_kill9()
     node.env.lc_ok(&["stop", &a1]);
     node.env
         .wait_list("a1 exited", |l| state_of(l, &a1) == Some("exited"));
-    assert_eq!(our_links(&node.ns), links, "a stop keeps the VNIC");
+    assert_eq!(node.ns.our_links(), links, "a stop keeps the VNIC");
     node.env.lc_ok(&["restart", &a1]);
     node.env
         .wait_list("a1 running again", |l| state_of(l, &a1) == Some("running"));
     let deadline = Instant::now() + BOOT;
-    while console(&node.env, &a1).matches("A1-ANSWERED").count() < 2 {
+    while node.env.console(&a1).matches("A1-ANSWERED").count() < 2 {
         assert!(
             Instant::now() < deadline,
             "A1 did not reach A2 after its restart:\n{}",
-            console(&node.env, &a1)
+            node.env.console(&a1)
         );
         std::thread::sleep(Duration::from_millis(200));
     }
     assert!(ping_from(&node.ns, "172.16.0.2"), "probe reaches A1 again");
-    assert_eq!(our_links(&node.ns), links, "no new device for a restart");
+    assert_eq!(node.ns.our_links(), links, "no new device for a restart");
     assert_eq!(node.events("Tenant Added").len(), 2);
     node.ns.ip(&["link", "del", "prb0"]);
 
@@ -541,11 +427,11 @@ fn two_vms_of_a_subnet_ping_each_other_and_not_the_other_tenant_across_a_kill9()
     node.env.wait_list("all gone", |l| l.is_empty());
     assert!(node.env.vm_pids().is_empty(), "QEMU left running");
     assert_eq!(
-        our_links(&node.ns),
+        node.ns.our_links(),
         Vec::<String>::new(),
         "nothing of ours left"
     );
-    assert_eq!(forward_rules(&node.ns), 0);
+    assert_eq!(node.ns.forward_rules(), 0);
 }
 
 #[test]
@@ -571,7 +457,7 @@ fn a_vm_start_failing_after_its_vnic_was_made_removes_it_again() {
     let exec = <std::fs::Permissions as std::os::unix::fs::PermissionsExt>::from_mode(0o755);
     std::fs::set_permissions(&wrapper, exec).expect("chmod");
     let wrapper = wrapper.to_str().expect("path").to_string();
-    let _launcher = node.real_launcher(&[
+    let _launcher = node.launcher(&[
         "--network",
         "cn",
         "--tunnel-kind",
@@ -580,7 +466,7 @@ fn a_vm_start_failing_after_its_vnic_was_made_removes_it_again() {
         &wrapper,
     ]);
     let what = ["--image", IMAGE, "--legacy"];
-    let id = node.start_with(&what, T_A, C_A, "172.16.0.2", "02:00:ac:10:00:02");
+    let id = node.start(&what, T_A, C_A, "172.16.0.2", "02:00:ac:10:00:02");
     let line = node
         .env
         .wait_log_line(&["StartFailure", &id], Duration::from_secs(60));
@@ -590,10 +476,10 @@ fn a_vm_start_failing_after_its_vnic_was_made_removes_it_again() {
     assert!(added[0].contains(T_A) && removed[0].contains(T_A));
     node.env.wait_list("failed START gone", |l| l.is_empty());
     assert_eq!(
-        our_links(&node.ns),
+        node.ns.our_links(),
         Vec::<String>::new(),
         "nothing of ours left"
     );
-    assert_eq!(forward_rules(&node.ns), 0);
+    assert_eq!(node.ns.forward_rules(), 0);
     assert_eq!(node.env.instance_dirs(), 0);
 }

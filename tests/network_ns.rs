@@ -83,6 +83,11 @@ impl Netns {
 
     /// `ip -n <ns> <args>`, which must succeed.
     fn ip(&self, args: &str) {
+        self.ip_out(args);
+    }
+
+    /// `ip -n <ns> <args>`'s output; it must succeed.
+    fn ip_out(&self, args: &str) -> String {
         let out = Command::new("ip")
             .args(["-n", &self.name])
             .args(args.split_whitespace())
@@ -94,6 +99,7 @@ impl Netns {
             self.name,
             String::from_utf8_lossy(&out.stderr)
         );
+        String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
     /// A compute node: address-less-kind-accepted bridge `phys0` holding
@@ -904,7 +910,7 @@ fn containers_of_a_subnet_ping_each_other_and_not_the_other_tenant() {
     assert_eth0(&c1, "192.168.8.2", MAC1);
     assert_eth0(&c2, "192.168.8.3", MAC2);
     assert_eq!(c1.link_names(), ["lo", "eth0"]);
-    let host_mtu = node_ip_out(&node, "-o link show");
+    let host_mtu = node.ip_out("-o link show");
     assert_eq!(
         host_mtu
             .lines()
@@ -940,21 +946,6 @@ fn containers_of_a_subnet_ping_each_other_and_not_the_other_tenant() {
     );
     assert_eq!(c1.link_names(), ["lo"], "eth0 left in the container");
     assert_eq!(made.lock().expect("made").len(), 2, "one tunnel per subnet");
-}
-
-/// `ip -n <node> <args>`'s output.
-fn node_ip_out(ns: &Netns, args: &str) -> String {
-    let out = Command::new("ip")
-        .args(["-n", &ns.name])
-        .args(args.split_whitespace())
-        .output()
-        .expect("run ip");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 #[test]

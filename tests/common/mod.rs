@@ -375,6 +375,30 @@ impl Env {
         std::fs::read_to_string(self.dir.join("launcher.log")).unwrap_or_default()
     }
 
+    /// The serial console of VM `id` so far (CR LF made LF).
+    pub fn console(&self, id: &str) -> String {
+        std::fs::read_to_string(self.dir.join("data/instances").join(id).join("console.log"))
+            .unwrap_or_default()
+            .replace('\r', "")
+    }
+
+    /// Waits (bounded by `limit`) until `needle` is on VM `id`'s console.
+    pub fn wait_console(&self, id: &str, needle: &str, limit: Duration) -> String {
+        let deadline = Instant::now() + limit;
+        loop {
+            let c = self.console(id);
+            if c.contains(needle) {
+                return c;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no {needle:?} on the console of {id}:\n{c}\nlauncher log:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
     /// What `serve` printed so far (one line per event it saw).
     pub fn serve_log(&self) -> String {
         std::fs::read_to_string(self.dir.join("serve.log")).unwrap_or_default()
@@ -709,5 +733,144 @@ impl Drop for Netns {
         let _ = Command::new("ip")
             .args(["netns", "del", &self.name])
             .output();
+    }
+}
+
+/// Tenants, concentrators and the node address of the tenant networking
+/// tests (two tenants, same CIDR).
+pub const T_A: &str = "67d86208-0000-4465-9018-fe14087d415f";
+pub const T_B: &str = "77d86208-0000-4465-9018-fe14087d4150";
+pub const C_A: &str = "67d86208-b46c-4465-0000-fe14087d415f";
+pub const C_B: &str = "77d86208-b46c-4465-0000-fe14087d4150";
+pub const SUBNET: &str = "172.16.0.0/24";
+pub const NODE_IP: &str = "10.9.0.2";
+
+impl Netns {
+    /// The names of our devices in the namespace, sorted.
+    pub fn our_links(&self) -> Vec<String> {
+        let mut v: Vec<String> = self
+            .ip_out(&["-o", "link", "show"])
+            .lines()
+            .filter_map(|l| l.split(':').nth(1))
+            .map(|n| n.trim().split('@').next().unwrap_or_default().to_string())
+            .filter(|n| {
+                ["sbr_", "sgt_", "svn_", "svp_", "svc_", "tpr_"]
+                    .iter()
+                    .any(|p| n.starts_with(p))
+            })
+            .collect();
+        v.sort();
+        v
+    }
+
+    /// How many FORWARD rules of our bridges the namespace has.
+    pub fn forward_rules(&self) -> usize {
+        let out = Command::new("ip")
+            .args([
+                "netns", "exec", &self.name, "iptables", "-w", "-S", "FORWARD",
+            ])
+            .output()
+            .expect("iptables");
+        assert!(out.status.success(), "iptables: {}", text(&out.stderr));
+        text(&out.stdout)
+            .lines()
+            .filter(|l| l.contains("sbr_"))
+            .count()
+    }
+}
+
+/// How many of `links` start with `prefix`.
+pub fn count(links: &[String], prefix: &str) -> usize {
+    links.iter().filter(|l| l.starts_with(prefix)).count()
+}
+
+/// A compute node for the tenant networking tests: a namespace (with the
+/// bridge `phys0` holding [`NODE_IP`] as its compute link), `serve
+/// --verbose` in it, and launchers started in it by the test.
+pub struct TenantNode {
+    // Dropped first: the environment kills its VMs before the namespace goes.
+    pub env: Env,
+    pub ns: Netns,
+    pub addr: SocketAddr,
+    _serve: Proc,
+}
+
+impl TenantNode {
+    /// Namespace `<prefix>-<pid>-<tag>`.
+    pub fn new(prefix: &str, tag: u32) -> TenantNode {
+        require(&[(&["ip"], "iproute2"), (&["iptables"], "iptables")]);
+        let name = format!("{prefix}-{}-{tag}", std::process::id());
+        let ns = Netns::compute_node(&name, NODE_IP);
+        let env = Env::in_netns(&ns.name);
+        let (serve, addr) = env.serve_with("127.0.0.1:0", "2016", &["--verbose"]);
+        TenantNode {
+            env,
+            ns,
+            addr,
+            _serve: serve,
+        }
+    }
+
+    /// A launcher (2016) whose compute and management network is the
+    /// node's, with `extra` flags; returned once it is connected.
+    pub fn launcher(&self, extra: &[&str]) -> Proc {
+        let mut args = vec!["--compute-net", "10.9.0.0/24", "--mgmt-net", "10.9.0.0/24"];
+        args.extend_from_slice(extra);
+        let p = self.env.launcher_with(self.addr, "2016", &args);
+        self.env.wait_connected();
+        p
+    }
+
+    /// `ciao-lc start <what>` for `tenant` at `ip` with `mac` on [`SUBNET`];
+    /// returns the instance id.
+    pub fn start(&self, what: &[&str], tenant: &str, conc: &str, ip: &str, mac: &str) -> String {
+        let mut args = vec!["start"];
+        args.extend_from_slice(what);
+        args.extend_from_slice(&[
+            "--tenant",
+            tenant,
+            "--subnet",
+            SUBNET,
+            "--private-ip",
+            ip,
+            "--vnic-mac",
+            mac,
+            "--concentrator-uuid",
+            conc,
+            "--concentrator-ip",
+            "10.9.0.200",
+        ]);
+        let out = self.env.lc_ok(&args);
+        out.split_whitespace()
+            .nth(1)
+            .expect("instance id")
+            .to_string()
+    }
+
+    /// Event lines `serve` saw with `what` in them ("Tenant Added").
+    pub fn events(&self, what: &str) -> Vec<String> {
+        self.env
+            .serve_log()
+            .lines()
+            .filter(|l| l.contains(what))
+            .map(str::to_string)
+            .collect()
+    }
+
+    /// Waits (bounded) until `serve` saw `n` events with `what` in them.
+    pub fn wait_events(&self, what: &str, n: usize) -> Vec<String> {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let e = self.events(what);
+            if e.len() >= n {
+                return e;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "waited for {n} {what:?} event(s), saw {e:?}\nlauncher log:\n{}",
+                self.env.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 }
