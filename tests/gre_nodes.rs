@@ -95,12 +95,18 @@ impl Vm {
             .replace('\r', "")
     }
 
-    /// Waits until the console has `needle` (or the VM ends, or `by`).
+    /// Waits until the console has `needle` (fails when the VM or its script
+    /// ends first, or at `by`).
     fn wait_for(&mut self, needle: &str, by: Instant) -> String {
         loop {
             let c = self.console();
             if c.contains(needle) {
                 return c;
+            }
+            // The role scripts end only after their last line: an early
+            // end is a failure now, not at the deadline.
+            if c.contains("GUEST-RUNCMD-DONE") {
+                panic!("{}: the script ended before {needle:?}:\n{c}", self.name);
             }
             if let Ok(Some(st)) = self.child.try_wait() {
                 panic!("{}: QEMU exited ({st}) before {needle:?}:\n{c}", self.name);
