@@ -412,9 +412,11 @@ fi
 # networking; on a bare tap nobody does and udhcpc gives up after ~3 s,
 # leaving the NIC to runcmd (its event script never removes addresses).
 ip link set lo up
+# Only NICs (a device behind them): not lo, nor the fallback tunnels
+# (gre0, gretap0, erspan0) the built-in GRE driver makes.
 for sys in /sys/class/net/*; do
   ifc=${sys##*/}
-  [ "$ifc" = lo ] && continue
+  [ -e "$sys/device" ] || continue
   ip link set "$ifc" up
   udhcpc -i "$ifc" -n -q -t 3 -T 1 </dev/null >/dev/null 2>&1 &
 done
@@ -447,7 +449,7 @@ files=$(cd /persist && ls -A 2>/dev/null | sort | tr '\n' ' ' | sed 's/ *$//')
 echo "GUEST-PERSIST${files:+ $files}"
 for sys in /sys/class/net/*; do
   ifc=${sys##*/}
-  [ "$ifc" = lo ] && continue
+  [ -e "$sys/device" ] || continue
   echo "GUEST-NIC $ifc mac=$(cat "$sys/address")"
 done
 
@@ -683,6 +685,18 @@ CONFIG_NETDEVICES=y
 CONFIG_NET_CORE=y
 # CONFIG_ETHERNET is not set
 CONFIG_VIRTIO_NET=y
+# A compute node's tenant network (tests/gre_nodes.rs runs it in these
+# guests): bridges, keyed Ethernet-over-GRE, persistent taps, veth pairs,
+# macvtap and network namespaces for the instances.
+CONFIG_NAMESPACES=y
+CONFIG_NET_NS=y
+CONFIG_BRIDGE=y
+CONFIG_NET_IPGRE_DEMUX=y
+CONFIG_NET_IPGRE=y
+CONFIG_TUN=y
+CONFIG_VETH=y
+CONFIG_MACVLAN=y
+CONFIG_MACVTAP=y
 EOF
 }
 

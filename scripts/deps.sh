@@ -14,7 +14,9 @@
 #   systemd-analyze, which checks the unit;
 # - iproute2 (ip netns, ip tuntap) and iptables for the network namespace
 #   tests (tests/network_ns.rs, tests/qemu_tap.rs) and the FORWARD rule of
-#   tenant bridges.
+#   tenant bridges; tests/gre_nodes.rs also copies the host's iproute2 `ip`
+#   and glibc (found with ldd) into its guests and strips (binutils, in
+#   build-essential) the netnode example it sends them.
 CIAO_TEST_PACKAGES=(docker.io busybox-static curl
                     qemu-system-x86 qemu-utils ovmf xorriso
                     build-essential bc bison flex libelf-dev libssl-dev cpio xz-utils
