@@ -33,7 +33,7 @@ use std::process::ExitCode;
 
 use ciao_launcher::network::{
     DeviceRole, Link, NetConfig, NetError, Netlink, NodeNetwork, VnicGranted, VnicRequest,
-    is_device_name, parse_mac,
+    is_device_name,
 };
 
 /// One instance of the command line.
@@ -78,6 +78,7 @@ fn parse_spec(spec: &str) -> Result<Instance, Error> {
             vnic_uuid: take("vnic")?,
             vnic_mac: take("mac")?,
             network_node: false,
+            container: false,
             subnet: take("subnet")?,
             concentrator_uuid: take("cnci")?,
             concentrator_ip: take("cnci_ip")?,
@@ -132,8 +133,7 @@ fn attach_instance(nl: &mut Netlink, inst: &Instance, g: &VnicGranted) -> Result
         .link_by_name(&inst.veth)
         .map_err(net("find the veth"))?
         .ok_or_else(|| Error::Usage(format!("veth {} vanished", inst.veth)))?;
-    let mac = parse_mac(&g.mac).map_err(net("vnic mac"))?;
-    nl.set_mac(peer.index, mac)
+    nl.set_mac(peer.index, g.mac)
         .map_err(net("set the instance MAC"))?;
     nl.set_master(h.index, bridge.index)
         .map_err(net("enslave the veth"))?;
