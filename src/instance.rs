@@ -751,7 +751,7 @@ impl Instance {
         match cmd {
             InstanceCmd::Start(s) => self.start_again(&s.cfg),
             InstanceCmd::Stop => self.stop(shutdown, closing),
-            InstanceCmd::Restart => self.restart(),
+            InstanceCmd::Restart => self.restart(shutdown),
             InstanceCmd::Delete { stop } => self.delete(stop, shutdown, closing),
             InstanceCmd::AttachVolume { volume } => self.attach_volume(volume),
         }
@@ -980,7 +980,7 @@ impl Instance {
         self.report_usage();
     }
 
-    fn restart(&mut self) {
+    fn restart(&mut self, shutdown: &Receiver<Never>) {
         if !matches!(self.life, Life::Exited) {
             return self.fail(ErrorKind::Restart, Reason::AlreadyRunning, &"running");
         }
@@ -1010,12 +1010,19 @@ impl Instance {
             }
             return self.fail(ErrorKind::Restart, e.reason(Reason::LaunchFailure), &e);
         }
-        // The container runs on; its monitor's Running retries the NIC.
+        self.watch(false);
+        // A container that cannot get its NIC is not restarted after all:
+        // it is ended again and stays stopped, so the RestartFailure is
+        // the only outcome the scheduler sees.
         if let Err((reason, cause)) = self.plug_container() {
-            self.fail(ErrorKind::Restart, reason, &cause);
+            if let Err(e) = self.end_running(true, shutdown) {
+                error!("{}: running without its tenant NIC: {e}", self.id);
+            } else if let Err(e) = self.save(true) {
+                error!("{}: state left saying running: {e}", self.id);
+            }
+            return self.fail(ErrorKind::Restart, reason, &cause);
         }
         info!("{} restarted", self.id);
-        self.watch(false);
     }
 
     fn delete(&mut self, stop: bool, shutdown: &Receiver<Never>, closing: &Closing) {

@@ -375,3 +375,42 @@ fn a_network_refusal_after_the_container_started_fails_the_start_and_leaves_noth
     assert_eq!(node.events_n("Tenant Added"), 0);
     assert_eq!(node.env.instance_dirs(), 0);
 }
+
+#[test]
+fn a_restart_that_cannot_plug_the_nic_leaves_the_container_stopped() {
+    let engine = engine();
+    let node = Node::new(4);
+    let _launcher = node.launcher(&engine);
+    let id = node.start_tenant(T_A, C_A, "172.16.0.2", "02:00:ac:10:00:02");
+    node.env.wait_log_line(&[&id, "plugged in as eth0"], WAIT);
+    node.env.lc_ok(&["stop", &id]);
+    node.env
+        .wait_list("exited", |l| state_of(l, &id) == Some("exited"));
+    // The subnet's bridge removed behind the launcher's back: the next
+    // plug fails when it enslaves the new pair.
+    let bridge = node
+        .ns
+        .our_links()
+        .into_iter()
+        .find(|l| l.starts_with("sbr_"))
+        .expect("the subnet's bridge");
+    node.ns.ip(&["link", "del", &bridge]);
+    node.env.lc_ok(&["restart", &id]);
+    let line = node
+        .env
+        .wait_log_line(&["RestartFailure", &id, "network_failure"], WAIT);
+    assert!(line.contains("RestartFailure"), "{line}");
+    // One outcome: not restarted, the container ended again.
+    node.env
+        .wait_list("exited again", |l| state_of(l, &id) == Some("exited"));
+    let running = docker(&engine, &["inspect", "-f", "{{.State.Running}}", &id]);
+    assert_eq!(
+        text(&running.stdout).trim(),
+        "false",
+        "container still running"
+    );
+    assert!(!node.env.log().contains(&format!("{id} restarted")));
+    node.env.lc_ok(&["delete", &id]);
+    node.env
+        .wait_list("deleted", |l| state_of(l, &id).is_none());
+}
