@@ -151,8 +151,8 @@ pub trait Virtualizer: Send + fmt::Debug {
     /// Remembers the configuration and directory; called first, also on recovery.
     fn init(&mut self, cfg: &InstanceConfig, dir: &Path);
     /// Gives the next boot its network device (a tenant tap or macvtap);
-    /// the boot consumes it. Only VMs take one. Not called by the instance
-    /// threads yet (tenant networking is not wired in: docs/networking.md).
+    /// the boot consumes it. Only VMs take one (the simulation takes any
+    /// and lets it go); a container's NIC goes into its namespace instead.
     fn set_nic(&mut self, nic: qemu::Nic) -> Result<(), VirtError> {
         match nic {
             qemu::Nic::None => Ok(()),
