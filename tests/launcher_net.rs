@@ -483,3 +483,47 @@ fn a_vm_start_failing_after_its_vnic_was_made_removes_it_again() {
     assert_eq!(node.ns.forward_rules(), 0);
     assert_eq!(node.env.instance_dirs(), 0);
 }
+
+#[test]
+fn the_cluster_configuration_chooses_the_networks_when_the_flags_do_not() {
+    // Two candidate links: without CIDRs the node cannot choose (down at
+    // start-up); the CONNECTED configuration names the compute network.
+    let node = Node(TenantNode::with_serve("lnt", 7, |(ns, env)| {
+        ns.ip(&["link", "add", "phys1", "type", "bridge"]);
+        ns.ip(&["addr", "add", "10.8.0.2/24", "dev", "phys1"]);
+        ns.ip(&["link", "set", "phys1", "up"]);
+        let conf = env.dir.join("configuration.yaml");
+        std::fs::write(
+            &conf,
+            "configure:\n  launcher:\n    compute_net: [10.9.0.0/24]\n    mgmt_net: [10.9.0.0/24]\n    disk_limit: false\n    mem_limit: false\n",
+        )
+        .expect("configuration");
+        vec!["--configuration".into(), conf.display().to_string()]
+    }));
+    let args = ["-simulation", "--network", "cn", "--tunnel-kind", "veth"];
+    let launcher = node.env.launcher_with(node.addr, "2016", &args);
+    node.env.wait_connected();
+    node.env
+        .wait_log_line(&["tenant networking is down", "autoconfigure"], WAIT);
+    node.env
+        .wait_log_line(&["tenant networking up", "tunnels from 10.9.0.2"], WAIT);
+    let id = node.start_sim(T_A, C_A, "172.16.0.2", "02:00:ac:10:00:02");
+    let added = node.wait_events("Tenant Added", 1);
+    assert!(added[0].contains("from 10.9.0.2"), "{added:?}");
+    node.env
+        .wait_list("running", |l| state_of(l, &id) == Some("running"));
+
+    // kill -9: the instance is recovered while the networking is still
+    // down; its claim holds once the configuration brings it up.
+    let old = node.env.peer().expect("connected");
+    launcher.kill9();
+    let _launcher = node.env.launcher_with(node.addr, "2016", &args);
+    node.env.wait_reconnected(&old);
+    node.env
+        .wait_log_line(&["tenant networking up", "1 tenant subnet(s)"], WAIT);
+    let thief = node.start_sim(T_A, C_A, "172.16.0.2", "02:00:ac:10:00:02");
+    node.env
+        .wait_log_line(&[&thief, "network_failure", "belongs to instance"], WAIT);
+    node.env.lc_ok(&["delete", &id]);
+    node.wait_events("Tenant Removed", 1);
+}

@@ -99,6 +99,10 @@ enum NetState {
 pub struct TenantNetwork {
     setup: Option<NetSetup>,
     state: Mutex<NetState>,
+    /// The VNICs recovered instances claimed: claimed again whenever the
+    /// topology is re-learned (ownership is not in the kernel). Locked
+    /// after `state`, never before.
+    claims: Mutex<Vec<VnicRequest>>,
     /// (host name, compute addresses) for READY/STATS.
     reported: Mutex<(String, Vec<NetworkInfo>)>,
 }
@@ -115,6 +119,7 @@ impl TenantNetwork {
         Arc::new(TenantNetwork {
             setup: None,
             state: Mutex::new(NetState::Off),
+            claims: Mutex::new(Vec::new()),
             reported: Mutex::new((String::new(), Vec::new())),
         })
     }
@@ -126,6 +131,7 @@ impl TenantNetwork {
         let net = Arc::new(TenantNetwork {
             setup: Some(setup.clone()),
             state: Mutex::new(NetState::Off),
+            claims: Mutex::new(Vec::new()),
             reported: Mutex::new((String::new(), Vec::new())),
         });
         net.bring_up(setup.compute_nets, setup.mgmt_nets);
@@ -143,7 +149,12 @@ impl TenantNetwork {
         };
         let mut state = lock(&self.state);
         match NodeNetwork::init(config) {
-            Ok(net) => {
+            Ok(mut net) => {
+                // Recovered instances may have claimed theirs already
+                // (before the cluster configuration brought this up).
+                for req in lock(&self.claims).iter() {
+                    net.claim_vnic(req);
+                }
                 let networks = net.node_networks();
                 info!(
                     "tenant networking up: tunnels from {} ({:?}), {} tenant subnet(s) re-learned",
@@ -159,6 +170,13 @@ impl TenantNetwork {
                     });
                 *lock(&self.reported) = (host, networks);
                 *state = NetState::Up(Box::new(net));
+            }
+            Err(e) if matches!(*state, NetState::Up(_)) => {
+                // What works stays: running instances and later STARTs
+                // keep the addresses chosen at start-up.
+                error!(
+                    "tenant networking: the cluster configuration's networks do not fit this node ({e}); keeping those chosen at start-up"
+                );
             }
             Err(e) => {
                 error!(
@@ -239,7 +257,9 @@ impl TenantNetwork {
     /// A recovered instance takes its re-learned VNIC back (see
     /// [`NodeNetwork::claim_vnic`]); one whose VNIC is gone is logged.
     pub fn claim_vnic(&self, req: &VnicRequest) {
-        if let NetState::Up(net) = &mut *lock(&self.state)
+        let mut state = lock(&self.state);
+        lock(&self.claims).push(req.clone());
+        if let NetState::Up(net) = &mut *state
             && !net.claim_vnic(req)
         {
             warn!(
@@ -252,7 +272,9 @@ impl TenantNetwork {
     /// Removes the VNIC of an instance that is gone (idempotent). With
     /// networking off there is nothing to remove.
     pub fn delete_vnic(&self, req: &VnicRequest) -> Result<Option<TenantEvent>, NetError> {
-        match &mut *lock(&self.state) {
+        let mut state = lock(&self.state);
+        lock(&self.claims).retain(|c| c.instance_uuid != req.instance_uuid);
+        match &mut *state {
             NetState::Up(net) => net.delete_vnic(req),
             NetState::Down(why) => Err(NetError::Config(format!(
                 "tenant networking is down ({why}): the VNIC stays until -hard-reset"

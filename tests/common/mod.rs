@@ -798,11 +798,26 @@ pub struct TenantNode {
 impl TenantNode {
     /// Namespace `<prefix>-<pid>-<tag>`.
     pub fn new(prefix: &str, tag: u32) -> TenantNode {
+        TenantNode::with_serve(prefix, tag, |_| Vec::new())
+    }
+
+    /// [`TenantNode::new`] with more `serve` flags, made from the node's
+    /// namespace and environment before `serve` starts.
+    pub fn with_serve(
+        prefix: &str,
+        tag: u32,
+        flags: impl FnOnce(&(Netns, Env)) -> Vec<String>,
+    ) -> TenantNode {
         require(&[(&["ip"], "iproute2"), (&["iptables"], "iptables")]);
         let name = format!("{prefix}-{}-{tag}", std::process::id());
         let ns = Netns::compute_node(&name, NODE_IP);
         let env = Env::in_netns(&ns.name);
-        let (serve, addr) = env.serve_with("127.0.0.1:0", "2016", &["--verbose"]);
+        let pair = (ns, env);
+        let mut extra = vec!["--verbose".to_string()];
+        extra.extend(flags(&pair));
+        let (ns, env) = pair;
+        let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
+        let (serve, addr) = env.serve_with("127.0.0.1:0", "2016", &extra);
         TenantNode {
             env,
             ns,
