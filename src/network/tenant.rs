@@ -180,7 +180,7 @@ impl TenantNetwork {
             }
             Err(e) => {
                 error!(
-                    "tenant networking is down: {e}; tenant STARTs get network_failure until the launcher is restarted"
+                    "tenant networking is down: {e}; tenant STARTs get network_failure until networks that fit are given (flags, or the cluster configuration)"
                 );
                 *lock(&self.reported) = (String::new(), Vec::new());
                 *state = NetState::Down(e.to_string());
@@ -188,9 +188,9 @@ impl TenantNetwork {
         }
     }
 
-    /// The cluster configuration's CIDR lists (CONNECTED): used when the
-    /// command line gave none, and only when they differ from those in
-    /// use. Our devices are re-learned from the kernel, so nothing made
+    /// The cluster configuration's CIDR lists (the first CONNECTED): used
+    /// when the command line gave none. Our devices are re-learned from the
+    /// kernel and the recovered instances' claims replayed, so nothing made
     /// so far is lost.
     pub fn cluster_configured(&self, compute_nets: &[String], mgmt_nets: &[String]) {
         let Some(setup) = &self.setup else { return };
