@@ -43,8 +43,12 @@ use ciao_launcher::ssntp::conn::send_patiently;
 use ciao_launcher::ssntp::server::{Server, ServerEvent};
 use ciao_launcher::ssntp::{Command as Cmd, Event, Frame, FrameType, Operation, Profile};
 
+#[path = "support/proc_status.rs"]
+mod proc_status;
 #[path = "support/scheduler.rs"]
 mod support_scheduler;
+
+use proc_status::status_field;
 use support_scheduler::{scheduler, spawn_launcher};
 
 const PROFILE: Profile = Profile::P2016;
@@ -166,16 +170,6 @@ fn threads(
         Ok::<(), String>(())
     })?;
     Ok(t.elapsed())
-}
-
-fn status_field(pid: u32, key: &str) -> Option<u64> {
-    let s = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    s.lines()
-        .find(|l| l.starts_with(key))?
-        .split_whitespace()
-        .nth(1)?
-        .parse()
-        .ok()
 }
 
 /// Where a process's resident memory is, from /proc/<pid>/smaps. A thread's

@@ -33,8 +33,12 @@ use ciao_launcher::ssntp::{Command as Cmd, Event, Frame, FrameType, Operation, P
 use ciao_launcher::virt::qemu::{AccelChoice, LaunchSpec, choose_accel, command_line, own_session};
 use ciao_launcher::virt::qmp::Qmp;
 
+#[path = "support/proc_status.rs"]
+mod proc_status;
 #[path = "support/scheduler.rs"]
 mod support_scheduler;
+
+use proc_status::status_field;
 use support_scheduler::{scheduler, spawn_launcher};
 
 const PROFILE: Profile = Profile::P2016;
@@ -474,16 +478,6 @@ fn through_launcher(
         threads,
         hwm_kib,
     })
-}
-
-fn status_field(pid: u32, key: &str) -> Option<u64> {
-    let s = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    s.lines()
-        .find(|l| l.starts_with(key))?
-        .split_whitespace()
-        .nth(1)?
-        .parse()
-        .ok()
 }
 
 /// When the last of `ids` logged "QMP connected", counted from `wall`.
