@@ -228,3 +228,53 @@ fn node_status_after_connect_start_and_disconnect() {
         text(&out.stdout)
     );
 }
+
+#[test]
+fn watch_node_streams_only_that_nodes_events() {
+    let env = Env::new();
+    let (_serve, addr) = env.serve("127.0.0.1:0", "2016");
+    let _launcher = env.launcher(addr, "2016");
+    env.wait_connected();
+    let stats = env.lc_ok(&["stats"]);
+    let node = stats
+        .lines()
+        .nth(1)
+        .and_then(|l| l.split_whitespace().next())
+        .expect("the launcher's node UUID")
+        .to_string();
+    let other = uuid::Uuid::new_v4().to_string();
+    let watch = |n: &str| {
+        let mut child = Command::new(LC)
+            .args(["watch", "--node", n, "--certs"])
+            .arg(env.certs())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("ciao-lc watch");
+        let lines = lines_of(child.stdout.take().expect("stdout"));
+        let first = lines.recv_timeout(WAIT).expect("watch answers");
+        assert!(first.starts_with("watching"), "{first}");
+        (child, lines)
+    };
+    let (mut mine, mine_lines) = watch(&node);
+    let (mut theirs, theirs_lines) = watch(&other);
+    // The launcher reports every second: two of its events seen by the
+    // watcher of its node means both watchers were offered them.
+    for _ in 0..2 {
+        let l = mine_lines.recv_timeout(WAIT).expect("an event of the node");
+        assert!(l.contains(&node), "{l}");
+    }
+    assert!(
+        theirs_lines.try_recv().is_err(),
+        "the other node's watcher heard of this one"
+    );
+    let _ = mine.kill();
+    let _ = theirs.kill();
+    let _ = (mine.wait(), theirs.wait());
+    let bad = env.lc(&["watch", "--node", "not-a-uuid"]);
+    assert!(!bad.status.success());
+    assert!(
+        text(&bad.stderr).contains("not a node UUID"),
+        "{}",
+        text(&bad.stderr)
+    );
+}

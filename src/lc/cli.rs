@@ -115,7 +115,7 @@ pub enum LcCommand {
         #[command(flatten)]
         target: Target,
     },
-    /// Print events, errors and status changes as they arrive, until interrupted.
+    /// Print events, errors and status changes as they arrive, until interrupted (with --node: only that launcher's, and rejected connections).
     Watch {
         #[command(flatten)]
         target: Target,

@@ -196,7 +196,31 @@ pub fn watch(target: &Target) -> LcExit {
         Ok(c) => c,
         Err(e) => return e,
     };
-    for line in BufReader::new(conn).lines() {
+    let mut lines = BufReader::new(conn).lines();
+    // `serve` streams after a first "watching" line, or answers a refusal
+    // (a bad --node) as any request is answered.
+    match lines.next() {
+        Some(Ok(l)) if l.starts_with("watching") => println!("{l}"),
+        Some(Ok(first)) => {
+            let rest: Vec<String> = lines.map_while(Result::ok).collect();
+            let text = std::iter::once(first)
+                .chain(rest)
+                .collect::<Vec<_>>()
+                .join("\n");
+            return match serde_yaml::from_str::<Response>(&text) {
+                Ok(r) if !r.ok => {
+                    eprintln!("ciao-lc watch: {}", r.message);
+                    LcExit::Failed
+                }
+                _ => {
+                    eprintln!("ciao-lc: unreadable answer from serve: {text}");
+                    LcExit::Failed
+                }
+            };
+        }
+        _ => return LcExit::Ok,
+    }
+    for line in lines {
         match line {
             Ok(l) => println!("{l}"),
             Err(_) => break,

@@ -41,7 +41,8 @@ pub struct NodeView {
 struct ServeState {
     profile: Profile,
     nodes: BTreeMap<Uuid16, NodeView>,
-    watchers: Vec<Sender<String>>,
+    /// Each watcher, with the node it watches (`None`: every event).
+    watchers: Vec<(Option<Uuid16>, Sender<String>)>,
     /// Instance → (private IP, MAC) of the STARTs sent (for `list`).
     vnics: BTreeMap<String, (String, String)>,
 }
@@ -147,7 +148,20 @@ pub(super) fn serve(
                 }
                 let mut s = lock(&st);
                 record(&mut s, &ev);
-                s.watchers.retain(|w| w.send(short.clone()).is_ok());
+                let about = match &ev {
+                    ServerEvent::Connected { uuid, .. }
+                    | ServerEvent::Disconnected { uuid, .. }
+                    | ServerEvent::Frame { uuid, .. } => Some(*uuid),
+                    ServerEvent::Rejected { .. } => None,
+                };
+                s.watchers.retain(|(node, w)| {
+                    // A watcher of one node hears of it only (and of
+                    // rejected connections, which name no node).
+                    if node.is_some() && about.is_some() && *node != about {
+                        return true;
+                    }
+                    w.send(short.clone()).is_ok()
+                });
             }
         });
     let (st, srv) = (Arc::clone(&state), Arc::downgrade(&server));
@@ -234,9 +248,16 @@ fn handle(mut conn: UnixStream, state: &Shared, server: &Server) {
         Ok(r) => r,
         Err(e) => return reply(&mut conn, false, format!("bad request: {e}")),
     };
-    if let Request::Watch { .. } = req {
+    if let Request::Watch { node } = &req {
+        let node = match node.trim() {
+            "" => None,
+            n => match canonical_uuid(n).and_then(|u| uuid::Uuid::parse_str(&u).ok()) {
+                Some(u) => Some(*u.as_bytes()),
+                None => return reply(&mut conn, false, format!("{n:?} is not a node UUID")),
+            },
+        };
         let (tx, rx) = crossbeam_channel::unbounded();
-        lock(state).watchers.push(tx);
+        lock(state).watchers.push((node, tx));
         let _ = writeln!(conn, "watching; interrupt to stop");
         for line in rx.iter() {
             if writeln!(conn, "{line}").is_err() {
