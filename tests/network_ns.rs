@@ -19,7 +19,7 @@ use std::sync::{Arc, Mutex};
 
 use ciao_launcher::network::{
     DeviceRole, GreTap, Link, NameSource, NetConfig, NetError, Netlink, NodeNetwork, TunnelMaker,
-    VnicRequest, device_name, format_mac, hard_reset, is_device_name, parse_alias,
+    VethStandIn, VnicRequest, device_name, format_mac, hard_reset, is_device_name, parse_alias,
 };
 use ciao_launcher::payloads::Reason;
 use ciao_launcher::payloads::outgoing::TenantEvent;
@@ -139,7 +139,8 @@ impl Drop for Netns {
 /// What the veth stand-in tunnel was asked to make.
 type Made = Arc<Mutex<Vec<(String, Ipv4Addr, Ipv4Addr, u32)>>>;
 
-/// Stand-in for gretap: a veth pair whose far end is `tpr<hex>`.
+/// The launcher's gretap stand-in (a veth pair, far end `tpr_<hex>`),
+/// recording what it was asked to make.
 #[derive(Debug, Default)]
 struct VethTunnel {
     made: Made,
@@ -154,7 +155,7 @@ impl TunnelMaker for VethTunnel {
         remote: Ipv4Addr,
         key: u32,
     ) -> Result<(), NetError> {
-        nl.create_veth(name, &format!("tpr{}", &name[4..]))?;
+        VethStandIn.create(nl, name, local, remote, key)?;
         self.made
             .lock()
             .expect("made")
@@ -162,7 +163,7 @@ impl TunnelMaker for VethTunnel {
         Ok(())
     }
     fn kind(&self) -> &'static str {
-        "veth"
+        VethStandIn.kind()
     }
 }
 
@@ -658,9 +659,8 @@ fn namespace_is_removed_even_after_a_panic() {
 fn instance_threads_sharing_the_lock_get_one_added_and_one_removed() {
     let ns = Netns::compute_node("10.99.0.11");
     ns.run(|| {
-        use ciao_launcher::network::SharedNetwork;
         let made = Made::default();
-        let net: SharedNetwork = Arc::new(Mutex::new(
+        let net = Arc::new(Mutex::new(
             NodeNetwork::init(config(&made, 0xa00, false)).expect("init"),
         ));
         let reqs: Vec<VnicRequest> = (2..6)

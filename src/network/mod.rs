@@ -6,8 +6,8 @@
 //! [`NodeNetwork`] owns the node's topology (which subnet has which bridge
 //! and tunnel, which VNICs hang on it). It has no thread of its own and no
 //! internal locking: the launcher keeps exactly **one** of it behind one
-//! node-wide `Mutex` ([`SharedNetwork`]) and every instance thread takes that
-//! lock for the whole of a create or delete. ciao runs its network library
+//! node-wide `Mutex` (in [`TenantNetwork`]) and every instance thread takes
+//! that lock for the whole of a create or delete. ciao runs its network library
 //! with a concurrency of 1 as well; serialising is what makes "first VNIC of
 //! a subnet sends TenantAdded, last one sends TenantRemoved" exact without
 //! per-device ready signals. Only the network step is serialised; instances
@@ -76,7 +76,6 @@ mod tenant;
 
 use std::fmt;
 use std::io;
-use std::sync::{Arc, Mutex};
 
 use crate::payloads::Reason;
 
@@ -89,12 +88,9 @@ pub use names::{
 pub use netlink::{Link, Netlink, create_persistent_tap, open_macvtap};
 pub use node::{
     ContainerVnic, GreTap, NameSource, NetConfig, NodeNetwork, RandomNames, TunnelMaker,
-    VnicGranted, VnicRequest, hard_reset,
+    VethStandIn, VnicGranted, VnicRequest, hard_reset,
 };
-pub use tenant::{NetSetup, TenantNetwork, TunnelKind, VethStandIn};
-
-/// The node's one network object behind its one lock.
-pub type SharedNetwork = Arc<Mutex<NodeNetwork>>;
+pub use tenant::{NetSetup, TenantNetwork, TunnelKind};
 
 /// What went wrong, by who is to blame.
 #[derive(Debug)]
@@ -181,6 +177,6 @@ mod tests {
         assert!(e.to_string().starts_with("create bridge sbr_1: "), "{e}");
         // The one object must be able to live behind the node-wide lock.
         fn shared<T: Send + Sync>() {}
-        shared::<SharedNetwork>();
+        shared::<TenantNetwork>();
     }
 }

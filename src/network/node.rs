@@ -64,6 +64,29 @@ impl TunnelMaker for GreTap {
     }
 }
 
+/// Stand-in for gretap on kernels without GRE: a veth pair whose far end
+/// is named `tpr` + the tunnel's hex. It carries nothing anywhere; tests
+/// that need the concentrator side wire the far end themselves.
+#[derive(Debug, Default)]
+pub struct VethStandIn;
+
+impl TunnelMaker for VethStandIn {
+    fn create(
+        &mut self,
+        nl: &mut Netlink,
+        name: &str,
+        _local: Ipv4Addr,
+        _remote: Ipv4Addr,
+        _key: u32,
+    ) -> Result<(), NetError> {
+        let hex = name.strip_prefix("sgt_").unwrap_or(name);
+        nl.create_veth(name, &format!("tpr_{hex}"))
+    }
+    fn kind(&self) -> &'static str {
+        "veth"
+    }
+}
+
 /// Where the random part of device names comes from.
 pub trait NameSource: Send + fmt::Debug {
     /// A number for the next `role` device name.

@@ -16,15 +16,15 @@
 //! READY and STATS read a copy of the reported addresses kept outside the
 //! node lock, so a report never waits for a create in progress.
 
-use std::net::Ipv4Addr;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use log::{error, info, warn};
 
 use super::node::{
-    ContainerVnic, GreTap, NetConfig, NodeNetwork, RandomNames, TunnelMaker, VnicGranted,
+    ContainerVnic, GreTap, NetConfig, NodeNetwork, RandomNames, TunnelMaker, VethStandIn,
+    VnicGranted,
 };
-use super::{NetError, Netlink, VnicRequest};
+use super::{NetError, VnicRequest};
 use crate::payloads::outgoing::{NetworkInfo, TenantEvent};
 
 /// Which device carries a subnet's traffic to its concentrator.
@@ -49,29 +49,6 @@ impl TunnelKind {
     /// The rtnetlink kind of the tunnel links (for the hard reset).
     pub fn link_kind(self) -> &'static str {
         self.maker().kind()
-    }
-}
-
-/// Stand-in for gretap on kernels without GRE: a veth pair whose far end
-/// is named `tpr` + the tunnel's hex. It carries nothing anywhere; tests
-/// that need the concentrator side wire the far end themselves.
-#[derive(Debug, Default)]
-pub struct VethStandIn;
-
-impl TunnelMaker for VethStandIn {
-    fn create(
-        &mut self,
-        nl: &mut Netlink,
-        name: &str,
-        _local: Ipv4Addr,
-        _remote: Ipv4Addr,
-        _key: u32,
-    ) -> Result<(), NetError> {
-        let hex = name.strip_prefix("sgt_").unwrap_or(name);
-        nl.create_veth(name, &format!("tpr_{hex}"))
-    }
-    fn kind(&self) -> &'static str {
-        "veth"
     }
 }
 
