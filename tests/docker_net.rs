@@ -293,9 +293,7 @@ fn a_container_and_a_vm_of_one_subnet_ping_each_other() {
     require_qemu();
     let engine = engine();
     let node = Node::new(2);
-    let images = node.env.dir.join("data/images");
-    std::fs::create_dir_all(&images).expect("images dir");
-    std::fs::copy(guest_image(), images.join(GUEST)).expect("install the guest image");
+    node.env.install_guest(GUEST);
     let _launcher = node.launcher(&engine);
 
     let c1 = node.start_tenant(T_A, C_A, "172.16.0.2", "02:00:ac:10:00:02");

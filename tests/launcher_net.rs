@@ -60,9 +60,12 @@ fn vnics_bridges_and_events_follow_the_instances_across_a_kill9() {
         );
         std::thread::sleep(Duration::from_millis(50));
     }
+    let host = nix::unistd::gethostname().expect("host name");
+    let host = host.to_string_lossy();
     assert!(
-        !node.env.serve_log().contains("hostname: \"\""),
-        "hostname reported"
+        node.env.serve_log().contains(&format!("hostname: {host}")),
+        "hostname {host} not reported:\n{}",
+        node.env.serve_log()
     );
 
     let a1 = node.start_sim(T_A, C_A, "172.16.0.2", "02:00:ac:10:00:02");
@@ -268,9 +271,7 @@ fn two_vms_of_a_subnet_ping_each_other_and_not_the_other_tenant_across_a_kill9()
     require_qemu();
     require(&[(&["busybox"], "busybox-static")]);
     let node = Node::new(5);
-    let images = node.env.dir.join("data/images");
-    std::fs::create_dir_all(&images).expect("images dir");
-    std::fs::copy(guest_image(), images.join(IMAGE)).expect("install the guest image");
+    node.env.install_guest(IMAGE);
     let net = [
         "--network",
         "cn",
@@ -438,9 +439,7 @@ fn two_vms_of_a_subnet_ping_each_other_and_not_the_other_tenant_across_a_kill9()
 fn a_vm_start_failing_after_its_vnic_was_made_removes_it_again() {
     require_qemu();
     let node = Node::new(6);
-    let images = node.env.dir.join("data/images");
-    std::fs::create_dir_all(&images).expect("images dir");
-    std::fs::copy(guest_image(), images.join(IMAGE)).expect("install the guest image");
+    node.env.install_guest(IMAGE);
     // A QEMU that passes the start-up checks but refuses to boot (the
     // launch is not what this test is about): the START fails at launch,
     // after the VNIC (and the subnet's bridge and tunnel) were made.

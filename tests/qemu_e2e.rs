@@ -25,9 +25,7 @@ fn setup(profile: &str, extra: &[&str]) -> (Env, Proc, std::net::SocketAddr, Pro
     // Before the guest is built or anything started: a missing QEMU is one line, at once.
     require_qemu();
     let env = Env::new();
-    let images = env.dir.join("data/images");
-    std::fs::create_dir_all(&images).expect("images dir");
-    std::fs::copy(guest_image(), images.join(IMAGE)).expect("install the guest image");
+    env.install_guest(IMAGE);
     let (serve, addr) = env.serve("127.0.0.1:0", profile);
     let launcher = launcher(&env, addr, profile, extra);
     env.wait_connected();
@@ -659,9 +657,7 @@ fn serve_configured(env: &Env, profile: &str, child_user: &str) -> (Serve, std::
 
 fn configured_setup(child_user: &str, extra: &[&str]) -> (Env, Serve, Proc) {
     let env = Env::new();
-    let images = env.dir.join("data/images");
-    std::fs::create_dir_all(&images).expect("images dir");
-    std::fs::copy(guest_image(), images.join(IMAGE)).expect("install the guest image");
+    env.install_guest(IMAGE);
     let (serve, addr) = serve_configured(&env, "2018", child_user);
     let launcher = launcher(&env, addr, "2018", extra);
     env.wait_connected();

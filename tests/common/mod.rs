@@ -375,6 +375,13 @@ impl Env {
         std::fs::read_to_string(self.dir.join("launcher.log")).unwrap_or_default()
     }
 
+    /// Installs the test guest as backing image `uuid` of this data directory.
+    pub fn install_guest(&self, uuid: &str) {
+        let images = self.dir.join("data/images");
+        std::fs::create_dir_all(&images).expect("images dir");
+        std::fs::copy(guest_image(), images.join(uuid)).expect("install the guest image");
+    }
+
     /// The serial console of VM `id` so far (CR LF made LF).
     pub fn console(&self, id: &str) -> String {
         std::fs::read_to_string(self.dir.join("data/instances").join(id).join("console.log"))
