@@ -276,8 +276,7 @@ fn bad_container_networking_is_invalid_data_and_creates_nothing() {
     let no_ip = node.start_plain(&["--tenant", T_A, "--vnic-mac", "02:00:ac:10:00:05"]);
     node.env
         .wait_log_line(&[&no_ip, "StartFailure", "invalid_data"], WAIT);
-    assert_eq!(node.ns.our_links(), Vec::<String>::new());
-    assert_eq!(node.ns.forward_rules(), 0);
+    node.ns.assert_nothing_of_ours("after bad input");
     for id in [&bad_mac, &no_ip] {
         assert!(!docker(&engine, &["inspect", id]).status.success(), "{id}");
     }
@@ -368,8 +367,7 @@ fn a_network_refusal_after_the_container_started_fails_the_start_and_leaves_noth
     wait_until("its container removed", || {
         !docker(&engine, &["inspect", &id]).status.success()
     });
-    assert_eq!(node.ns.our_links(), Vec::<String>::new(), "rolled back");
-    assert_eq!(node.ns.forward_rules(), 0);
+    node.ns.assert_nothing_of_ours("rolled back");
     assert_eq!(node.events_n("Tenant Added"), 0);
     assert_eq!(node.env.instance_dirs(), 0);
 }

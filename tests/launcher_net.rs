@@ -126,12 +126,7 @@ fn vnics_bridges_and_events_follow_the_instances_across_a_kill9() {
     node.env.lc_ok(&["delete", &b1]);
     node.wait_events("Tenant Removed", 2);
     node.env.wait_list("all gone", |l| l.is_empty());
-    assert_eq!(
-        node.ns.our_links(),
-        Vec::<String>::new(),
-        "nothing of ours left"
-    );
-    assert_eq!(node.ns.forward_rules(), 0);
+    node.ns.assert_nothing_of_ours("after the last DELETE");
 }
 
 #[test]
@@ -145,8 +140,7 @@ fn a_kernel_refusal_mid_create_leaves_nothing_and_the_node_serves_on() {
     assert!(line.contains("StartFailure"), "{line}");
     node.env
         .wait_list("refused START gone", |l| state_of(l, &id).is_none());
-    assert_eq!(node.ns.our_links(), Vec::<String>::new(), "rolled back");
-    assert_eq!(node.ns.forward_rules(), 0);
+    node.ns.assert_nothing_of_ours("rolled back");
     assert!(node.events("Tenant Added").is_empty());
     assert_eq!(node.env.instance_dirs(), 0);
     // An instance without tenant networking fields is refused the same way
@@ -427,12 +421,7 @@ fn two_vms_of_a_subnet_ping_each_other_and_not_the_other_tenant_across_a_kill9()
     node.wait_events("Tenant Removed", 2);
     node.env.wait_list("all gone", |l| l.is_empty());
     assert!(node.env.vm_pids().is_empty(), "QEMU left running");
-    assert_eq!(
-        node.ns.our_links(),
-        Vec::<String>::new(),
-        "nothing of ours left"
-    );
-    assert_eq!(node.ns.forward_rules(), 0);
+    node.ns.assert_nothing_of_ours("after the last DELETE");
 }
 
 #[test]
@@ -474,12 +463,7 @@ fn a_vm_start_failing_after_its_vnic_was_made_removes_it_again() {
     let removed = node.wait_events("Tenant Removed", 1);
     assert!(added[0].contains(T_A) && removed[0].contains(T_A));
     node.env.wait_list("failed START gone", |l| l.is_empty());
-    assert_eq!(
-        node.ns.our_links(),
-        Vec::<String>::new(),
-        "nothing of ours left"
-    );
-    assert_eq!(node.ns.forward_rules(), 0);
+    node.ns.assert_nothing_of_ours("after the last DELETE");
     assert_eq!(node.env.instance_dirs(), 0);
 }
 

@@ -786,6 +786,18 @@ impl Netns {
     }
 }
 
+impl Netns {
+    /// No device and no FORWARD rule of ours is left in the namespace.
+    pub fn assert_nothing_of_ours(&self, when: &str) {
+        assert_eq!(
+            self.our_links(),
+            Vec::<String>::new(),
+            "{when}: devices left"
+        );
+        assert_eq!(self.forward_rules(), 0, "{when}: FORWARD rules left");
+    }
+}
+
 /// How many of `links` start with `prefix`.
 pub fn count(links: &[String], prefix: &str) -> usize {
     links.iter().filter(|l| l.starts_with(prefix)).count()
