@@ -7,9 +7,12 @@
 //! and the usage tick. The shutdown channel (closed by the overseer) is
 //! selected only while a command waits for something (a stopping instance,
 //! the overseer's forgetting it): an idle thread is not woken by a shutdown.
-//! Outputs: error frames through the node's outbox, and [`InstanceUpdate`]s
-//! to the overseer (state, usage, "send STATUS now", "gone", and commands
-//! that reached the thread after the instance had gone).
+//! Outputs: error frames and TenantAdded/TenantRemoved events through the
+//! node's outbox, and [`InstanceUpdate`]s to the overseer (state, usage,
+//! "send STATUS now", "gone", and commands that reached the thread after the
+//! instance had gone). The instance's tenant NIC is made and removed here,
+//! under the node-wide network lock (`network::TenantNetwork`): a VM's tap
+//! before its image, a container's veth once it runs.
 //!
 //! The life of an instance is one value of [`Life`]; every handler is a
 //! `match` on it, and a monitor exists exactly while the instance is

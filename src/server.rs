@@ -5,7 +5,9 @@
 //! (a malformed one is answered with the right error frame and reason; the
 //! node carries on) and hands the typed request to the overseer, which
 //! admits STARTs and routes every command to its instance (one hop, no
-//! reply awaited). Node commands (EVACUATE, Restore) go there too.
+//! reply awaited). Node commands (EVACUATE, Restore) go there too. The
+//! first CONNECTED's cluster configuration is applied here, once: the
+//! child user and, when the command line named none, the tenant networks.
 
 use crossbeam_channel::{Receiver, Sender, select};
 use log::{debug, info, warn};
