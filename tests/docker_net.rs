@@ -179,6 +179,8 @@ fn containers_ping_over_the_tenant_bridge_across_restart_kill9_and_dockerd_resta
 
     assert_eth0(&engine, &a1, "172.16.0.2", "02:00:ac:10:00:02");
     assert_eth0(&engine, &a2, "172.16.0.3", "02:00:ac:10:00:03");
+    // B has its network (so its isolation below is not for want of one).
+    assert_eth0(&engine, &b1, "172.16.0.4", "02:00:ac:10:00:14");
     let resolv = exec_ok(&engine, &a1, &["cat", "/etc/resolv.conf"]);
     assert!(resolv.contains("nameserver 172.16.0.1"), "{resolv}");
     assert!(reaches(&engine, &a1, "172.16.0.3", 5), "a1 → a2");

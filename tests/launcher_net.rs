@@ -339,6 +339,9 @@ fn two_vms_of_a_subnet_ping_each_other_and_not_the_other_tenant_across_a_kill9()
             .contains("A2-ANSWERED"),
         "A2 reached A1"
     );
+    // B has its NIC (so its isolation is not for want of one).
+    node.env
+        .wait_console(&b1, "GUEST-NIC eth0 mac=02:00:ac:10:00:14", BOOT);
     let b = node.env.wait_console(&b1, "B1-", BOOT);
     assert!(
         b.contains("B1-NO-ANSWER"),
