@@ -42,9 +42,12 @@ name=ciao-launcher
 version=$(sed -n 's/^version *= *"\(.*\)"/\1/p' Cargo.toml | head -n 1)
 [ -n "$version" ] || die "no version in Cargo.toml"
 arch=$(dpkg --print-architecture)
-# The glibc the binaries need: the newest GLIBC_x.y symbol version they use.
-glibc=$(objdump -T "$bin_dir/ciao-launcher" "$bin_dir/ciao-lc" 2>/dev/null \
-    | grep -o 'GLIBC_[0-9.]*' | sed 's/GLIBC_//' | sort -uV | tail -n 1 || true)
+# The glibc the binaries need: the newest GLIBC_x.y version they require,
+# and 2.36 if they are linked with packed relative relocations (DT_RELR,
+# build.rs), which older loaders cannot read.
+glibc=$( { objdump -p "$bin_dir/ciao-launcher" "$bin_dir/ciao-lc" 2>/dev/null \
+    | grep -o 'GLIBC_[0-9.]*[0-9]\|GLIBC_ABI_DT_RELR' \
+    | sed 's/GLIBC_ABI_DT_RELR/2.36/; s/GLIBC_//'; } | sort -uV | tail -n 1 || true)
 libc_dep=libc6${glibc:+ (>= $glibc)}
 
 mkdir -p "$out"
