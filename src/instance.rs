@@ -898,7 +898,7 @@ impl Instance {
             .store
             .remove_state(&self.id)
             .map_err(|e| e.to_string())?;
-        if let Err(e) = self.ctx.store.remove(&self.id) {
+        if let Err(e) = self.ctx.store.remove_dir(&self.id) {
             // No state any more: the instance is gone; recovery sweeps the rest.
             warn!("{}: {e}", self.id);
         }

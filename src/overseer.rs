@@ -375,7 +375,7 @@ impl Overseer {
                     }
                     n += 1;
                 }
-                Err(StateError::NoState { id, path }) => match self.ctx.store.remove(&id) {
+                Err(StateError::NoState { id, path }) => match self.ctx.store.remove_dir(&id) {
                     Ok(()) => info!(
                         "removed {}: an interrupted START of {id} left it without a state",
                         path.display()
