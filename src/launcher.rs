@@ -97,7 +97,9 @@ pub struct Stuck {
 }
 
 /// The launcher's own threads besides the instances'.
-const CORE_THREADS: [&str; 4] = ["server", "ssntp-io", "overseer", "state-journal"];
+/// (`state-journal` is not one: alive until the server stops it last, it is
+/// waited for only as part of the server.)
+const CORE_THREADS: [&str; 3] = ["server", "ssntp-io", "overseer"];
 
 impl Launcher {
     /// Creates the directories, recovers instances and starts the threads.
