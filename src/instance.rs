@@ -774,7 +774,13 @@ impl Instance {
     /// Carries out the START this thread was spawned for; `state`: the
     /// state file's text, if the server encoded it.
     fn start(&mut self, state: Option<Vec<u8>>) {
-        match self.ctx.store.create_instance_dir(&self.id) {
+        let dir = if self.vm.keeps_files() {
+            self.ctx.store.create_instance_dir(&self.id)
+        } else {
+            // Made with the state file, after the acknowledgement.
+            self.ctx.store.claim_instance_dir(&self.id)
+        };
+        match dir {
             Ok(dir) => self.dir = dir,
             Err(e @ StateError::Exists(_)) => {
                 // Files of an instance we do not know: never touch them.

@@ -265,8 +265,27 @@ impl Store {
         }
     }
 
+    /// The instance directory of a new instance whose virtualizer keeps no
+    /// files there ([`crate::virt::Virtualizer::keeps_files`]). With a
+    /// journal it is only checked to be free (anything there, also a
+    /// symbolic link, is [`StateError::Exists`]): the journal makes it with
+    /// the state file, off the acknowledgement path. Without one it is made
+    /// now, as [`Store::create_instance_dir`] does.
+    pub fn claim_instance_dir(&self, id: &str) -> Result<PathBuf, StateError> {
+        if self.journal.is_none() {
+            return self.create_instance_dir(id);
+        }
+        let dir = self.instances.join(canonical(id)?);
+        match fs::symlink_metadata(&dir) {
+            Ok(_) => Err(StateError::Exists(dir)),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(dir),
+            Err(e) => Err(StateError::io(&dir, e)),
+        }
+    }
+
     /// Writes the state of `id` atomically (see the module docs). The
-    /// instance directory must exist.
+    /// instance directory must exist, unless the store is journaled (the
+    /// journal makes a missing one).
     pub fn save(&self, id: &str, state: &StateFile) -> Result<(), StateError> {
         self.save_config(id, &state.config, state.stopped)
     }

@@ -63,10 +63,10 @@
 //! 3. The journal is kept and every replayed instance is pending: the thread
 //!    compacts them later, so a restart costs no fsync per instance.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::fs::{self, DirBuilder, File, OpenOptions, Permissions};
 use std::io::{self, Read, Write};
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, FileExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -95,8 +95,13 @@ const KIND_STATE: u8 = 1;
 const KIND_DELETED: u8 = 2;
 /// Most requests in one batch (one write, one fdatasync).
 pub const BATCH_RECORDS: usize = 1024;
+/// State files are written once the journal had no request for this long.
+pub const SETTLE: Duration = Duration::from_millis(20);
 /// Compaction begins after this long without a request.
 pub const QUIET: Duration = Duration::from_secs(1);
+/// State files still to be written beyond which they are written whatever
+/// the requests.
+pub const MAX_UNWRITTEN: usize = 4096;
 /// Compaction begins at once when the journal is larger than this.
 pub const MAX_BYTES: u64 = 64 << 20;
 /// The batch buffer is given back when a batch made it larger than this.
@@ -163,19 +168,27 @@ impl JournalLink {
     }
 }
 
-/// When compaction begins (module docs, "Compaction").
+/// When state files are written and compacted (module docs). `None`: not
+/// after a quiet period, only past the bounds or when asked
+/// (deterministic tests).
 #[derive(Debug, Clone, Copy)]
 pub struct JournalSettings {
-    /// After this long without a request; `None`: only past `max_bytes` or
-    /// when asked (deterministic tests).
+    /// State files are written after this long without a request.
+    pub settle: Option<Duration>,
+    /// Compaction begins after this long without a request.
     pub quiet: Option<Duration>,
+    /// State files are written whatever the requests past this many.
+    pub max_unwritten: usize,
+    /// Both are done whatever the requests past this journal size.
     pub max_bytes: u64,
 }
 
 impl Default for JournalSettings {
     fn default() -> Self {
         JournalSettings {
+            settle: Some(SETTLE),
             quiet: Some(QUIET),
+            max_unwritten: MAX_UNWRITTEN,
             max_bytes: MAX_BYTES,
         }
     }
@@ -284,6 +297,7 @@ impl Journal {
             bytes: whole as u64,
             seq: next_seq,
             pending,
+            queue: VecDeque::new(),
             round: Vec::new(),
             syncs: Arc::default(),
             settings,
@@ -371,16 +385,18 @@ impl Drop for JournalThread {
     }
 }
 
-/// What compaction still has to do for an instance.
-#[derive(Debug)]
+/// What is still to be done for an instance whose record is in the journal.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Pending {
-    /// Its state file was written: fsync it and its directory.
+    /// Its state file is still to be written, from the state text at
+    /// `at` (`len` bytes) in the journal.
+    ToWrite { at: u64, len: usize },
+    /// Deleted: its state file is still to be removed.
+    ToRemove,
+    /// Its state file was written; compaction fsyncs it and its directory.
     Written,
-    /// Its state file could not be written after its record: write it
-    /// durably.
-    Unwritten(Vec<u8>),
-    /// Deleted: make its state file's removal durable.
-    Deleted,
+    /// Its state file was removed; compaction fsyncs its directory.
+    Removed,
 }
 
 /// One record read back.
@@ -431,8 +447,9 @@ fn parse_one(b: &[u8]) -> Option<(Record, usize)> {
     Some((Record { seq, id, entry }, HEADER + len))
 }
 
-/// Appends the record of `entry` for `id` (canonical) to `buf`.
-fn frame(buf: &mut Vec<u8>, seq: u64, id: &str, entry: &Entry) {
+/// Appends the record of `entry` for `id` (canonical) to `buf`; where in
+/// `buf` its state text begins.
+fn frame(buf: &mut Vec<u8>, seq: u64, id: &str, entry: &Entry) -> usize {
     let (kind, data): (u8, &[u8]) = match entry {
         Entry::State(text) => (KIND_STATE, text),
         Entry::Deleted => (KIND_DELETED, &[]),
@@ -449,6 +466,7 @@ fn frame(buf: &mut Vec<u8>, seq: u64, id: &str, entry: &Entry) {
     let sum = fnv1a64(&buf[payload..]);
     buf[start + 4..start + 8].copy_from_slice(&len.to_le_bytes());
     buf[start + 8..start + 16].copy_from_slice(&sum.to_le_bytes());
+    payload + PAYLOAD_HEAD
 }
 
 /// Applies the last record of `id` to its state file at replay; whether the
@@ -471,8 +489,8 @@ fn replay_one(plain: &Store, id: &str, entry: &Entry) -> Result<(Pending, bool),
             Ok((Pending::Written, true))
         }
         Entry::Deleted => match fs::remove_file(&path) {
-            Ok(()) => Ok((Pending::Deleted, true)),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok((Pending::Deleted, false)),
+            Ok(()) => Ok((Pending::Removed, true)),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok((Pending::Removed, false)),
             Err(e) => Err(StateError::io(&path, e)),
         },
     }
@@ -488,8 +506,12 @@ struct Writer {
     /// Length of the journal (whole records).
     bytes: u64,
     seq: u64,
-    /// Instances whose state file is not known durable.
+    /// Instances with a record in the journal whose state file is not known
+    /// durable.
     pending: HashMap<String, Pending>,
+    /// The instances whose state file is still to be written or removed,
+    /// oldest first (each once).
+    queue: VecDeque<String>,
     /// The instances the current compaction round has still to visit.
     round: Vec<String>,
     syncs: Arc<AtomicU64>,
@@ -497,20 +519,42 @@ struct Writer {
     buf: Vec<u8>,
 }
 
-/// A write accepted into the current batch.
-type Accepted = (String, Entry, Sender<Result<(), StateError>>);
+/// A write accepted into the current batch, and where its text begins in
+/// the batch.
+type Accepted = (String, Entry, usize, Sender<Result<(), StateError>>);
+
+/// What the thread does when no request is waiting.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Chore {
+    Nothing,
+    Files,
+    Compaction,
+}
 
 impl Writer {
+    /// The chore at hand, and whether it is due whatever the requests (its
+    /// backlog is past its bound).
+    fn chore(&self) -> (Chore, bool) {
+        if !self.queue.is_empty() {
+            (
+                Chore::Files,
+                self.queue.len() > self.settings.max_unwritten
+                    || self.bytes > self.settings.max_bytes,
+            )
+        } else if !self.pending.is_empty() {
+            (Chore::Compaction, self.bytes > self.settings.max_bytes)
+        } else {
+            (Chore::Nothing, false)
+        }
+    }
+
     fn run(mut self, requests: &Receiver<JournalReq>, stop: &Receiver<()>) {
-        let mut compacting = false;
+        // The chore begun once its quiet period passed; a request ends it
+        // unless it is due.
+        let mut begun = Chore::Nothing;
         loop {
-            let first = if self.pending.is_empty() {
-                compacting = false;
-                select! {
-                    recv(requests) -> r => r.ok(),
-                    recv(stop) -> _ => None,
-                }
-            } else if compacting {
+            let (chore, due) = self.chore();
+            let req = if chore != Chore::Nothing && (due || begun == chore) {
                 match requests.try_recv() {
                     Ok(r) => Some(r),
                     Err(TryRecvError::Disconnected) => None,
@@ -518,36 +562,48 @@ impl Writer {
                         if matches!(stop.try_recv(), Err(TryRecvError::Disconnected)) {
                             break;
                         }
-                        if let Err(e) = self.compact_step() {
+                        let done = match chore {
+                            Chore::Files => {
+                                self.write_step();
+                                Ok(())
+                            }
+                            _ => self.compact_step(),
+                        };
+                        if let Err(e) = done {
                             warn!("journal compaction stopped: {e}");
-                            compacting = false;
+                            begun = Chore::Nothing;
                         }
                         continue;
                     }
                 }
             } else {
-                let quiet = self
-                    .settings
-                    .quiet
-                    .map_or_else(crossbeam_channel::never, crossbeam_channel::after);
+                let wait = match chore {
+                    Chore::Files => self.settings.settle,
+                    Chore::Compaction => self.settings.quiet,
+                    Chore::Nothing => None,
+                };
+                let timer = wait.map_or_else(crossbeam_channel::never, crossbeam_channel::after);
                 select! {
                     recv(requests) -> r => r.ok(),
                     recv(stop) -> _ => None,
-                    recv(quiet) -> _ => {
-                        compacting = true;
+                    recv(timer) -> _ => {
+                        begun = chore;
                         continue;
                     }
                 }
             };
-            let Some(first) = first else { break };
-            self.serve(first, requests);
-            if self.bytes > self.settings.max_bytes {
-                compacting = true;
-            }
+            let Some(req) = req else { break };
+            begun = Chore::Nothing;
+            self.serve(req, requests);
         }
-        // Stopping: writers still waiting are served.
+        // Stopping: writers still waiting are served, and every state file
+        // is written (tools and the next start read them; the journal
+        // keeps them durable meanwhile).
         while let Ok(r) = requests.try_recv() {
             self.serve(r, requests);
+        }
+        while !self.queue.is_empty() {
+            self.write_step();
         }
     }
 
@@ -562,9 +618,9 @@ impl Writer {
             match req {
                 JournalReq::Write { id, entry, reply } => match self.check(&id, &entry) {
                     Ok(()) => {
-                        frame(&mut self.buf, self.seq, &id, &entry);
+                        let at = frame(&mut self.buf, self.seq, &id, &entry);
                         self.seq += 1;
-                        accepted.push((id, entry, reply));
+                        accepted.push((id, entry, at, reply));
                     }
                     Err(e) => {
                         let _ = reply.send(Err(e));
@@ -577,10 +633,18 @@ impl Writer {
             }
         }
         if !accepted.is_empty() {
+            let base = self.bytes;
             match self.append() {
                 Ok(()) => {
-                    for (id, entry, reply) in accepted {
-                        self.apply(id, entry);
+                    for (id, entry, at, reply) in accepted {
+                        let p = match entry {
+                            Entry::State(text) => Pending::ToWrite {
+                                at: base + at as u64,
+                                len: text.len(),
+                            },
+                            Entry::Deleted => Pending::ToRemove,
+                        };
+                        self.note(id, p);
                         let _ = reply.send(Ok(()));
                     }
                 }
@@ -606,17 +670,17 @@ impl Writer {
     }
 
     /// A write is accepted only if it can be applied: its id is canonical,
-    /// its text not too large, and a state's instance directory exists.
+    /// its text not too large, and its instance directory not a symbolic
+    /// link (a missing one is made when its file is written).
     fn check(&self, id: &str, entry: &Entry) -> Result<(), StateError> {
         if valid_instance_id(id).as_deref() != Some(id) {
             return Err(StateError::BadId(id.to_owned()));
         }
         let dir = self.plain.instance_dir(id)?;
-        if let Entry::State(text) = entry {
-            if text.len() as u64 > STATE_LIMIT {
-                return Err(StateError::corrupt(&dir, "state too large"));
-            }
-            fs::symlink_metadata(&dir).map_err(|e| StateError::io(&dir, e))?;
+        if let Entry::State(text) = entry
+            && text.len() as u64 > STATE_LIMIT
+        {
+            return Err(StateError::corrupt(&dir, "state too large"));
         }
         Ok(())
     }
@@ -630,30 +694,83 @@ impl Writer {
         Ok(())
     }
 
-    /// A durable record reaches its state file (no fsync: it is pending).
-    fn apply(&mut self, id: String, entry: Entry) {
-        let path = self.plain.instances_dir().join(&id).join(STATE_FILE);
-        let pending = match entry {
-            Entry::State(text) => match replace_file(&path, &text, STATE_MODE, false) {
-                Ok(()) => Pending::Written,
-                Err(e) => {
-                    warn!(
-                        "{}: {e} (the state is in the journal; written again at compaction)",
-                        path.display()
-                    );
-                    Pending::Unwritten(text)
-                }
-            },
-            Entry::Deleted => {
-                match fs::remove_file(&path) {
-                    Ok(()) => {}
-                    Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-                    Err(e) => warn!("{}: {e} (removed again at compaction)", path.display()),
-                }
-                Pending::Deleted
-            }
+    /// A durable record: its file is queued to be written or removed.
+    fn note(&mut self, id: String, p: Pending) {
+        let queued = matches!(
+            self.pending.get(&id),
+            Some(Pending::ToWrite { .. } | Pending::ToRemove)
+        );
+        if !queued {
+            self.queue.push_back(id.clone());
+        }
+        self.pending.insert(id, p);
+    }
+
+    /// The state text of a record, read back from the journal.
+    fn text_at(&self, at: u64, len: usize) -> Result<Vec<u8>, StateError> {
+        let mut text = vec![0; len];
+        self.file
+            .read_exact_at(&mut text, at)
+            .map_err(|e| StateError::io(&self.path, e))?;
+        Ok(text)
+    }
+
+    /// Writes (no fsync) or removes the state file of the oldest queued
+    /// instance. A failure is logged; compaction tries again, durably.
+    fn write_step(&mut self) {
+        let Some(id) = self.queue.pop_front() else {
+            return;
         };
-        self.pending.insert(id, pending);
+        let next = match self.pending.get(&id).copied() {
+            Some(Pending::ToWrite { at, len }) => self
+                .text_at(at, len)
+                .and_then(|text| self.write_file(&id, &text, false))
+                .map(|()| Pending::Written),
+            Some(Pending::ToRemove) => self.remove_file(&id).map(|()| Pending::Removed),
+            _ => return,
+        };
+        match next {
+            Ok(p) => {
+                self.pending.insert(id, p);
+            }
+            Err(e) => warn!("{e} (the journal holds it; done again at compaction)"),
+        }
+    }
+
+    /// The state file of `id`, its directory made if missing. A new file is
+    /// written in place: its record is durable, so replay mends a torn one.
+    /// An existing one is replaced (temporary file and rename), so readers
+    /// always see a whole state.
+    fn write_file(&self, id: &str, text: &[u8], durable: bool) -> Result<(), StateError> {
+        let dir = self.plain.instance_dir(id)?;
+        match DirBuilder::new().mode(DIR_MODE).create(&dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(StateError::io(&dir, e)),
+        }
+        let path = dir.join(STATE_FILE);
+        if !durable {
+            let created = OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(STATE_MODE)
+                .open(&path);
+            match created {
+                Ok(mut f) => return f.write_all(text).map_err(|e| StateError::io(&path, e)),
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+                Err(e) => return Err(StateError::io(&path, e)),
+            }
+        }
+        replace_file(&path, text, STATE_MODE, durable).map_err(|e| StateError::io(&path, e))
+    }
+
+    fn remove_file(&self, id: &str) -> Result<(), StateError> {
+        let path = self.plain.instance_dir(id)?.join(STATE_FILE);
+        match fs::remove_file(&path) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(StateError::io(&path, e)),
+        }
     }
 
     /// Compaction step 2 for one instance, or step 3 when none is left.
@@ -662,7 +779,7 @@ impl Writer {
             self.round = self.pending.keys().cloned().collect();
         }
         if let Some(id) = self.round.pop()
-            && let Some(p) = self.pending.get(&id)
+            && let Some(p) = self.pending.get(&id).copied()
         {
             self.compact_one(&id, p)?;
             self.pending.remove(&id);
@@ -674,6 +791,9 @@ impl Writer {
     }
 
     fn compact_all(&mut self) -> Result<usize, StateError> {
+        while !self.queue.is_empty() {
+            self.write_step();
+        }
         let n = self.pending.len();
         while !self.pending.is_empty() {
             self.compact_step()?;
@@ -685,7 +805,7 @@ impl Writer {
     }
 
     /// Makes what the journal says of `id` durable in its own files.
-    fn compact_one(&self, id: &str, p: &Pending) -> Result<(), StateError> {
+    fn compact_one(&self, id: &str, p: Pending) -> Result<(), StateError> {
         let dir = self.plain.instance_dir(id)?;
         let path = dir.join(STATE_FILE);
         match p {
@@ -705,20 +825,10 @@ impl Writer {
                 }
                 sync_dir(&dir).map_err(|e| StateError::io(&dir, e))
             }
-            Pending::Unwritten(text) => {
-                match DirBuilder::new().mode(DIR_MODE).create(&dir) {
-                    Ok(()) => {}
-                    Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
-                    Err(e) => return Err(StateError::io(&dir, e)),
-                }
-                replace_file(&path, text, STATE_MODE, true).map_err(|e| StateError::io(&path, e))
-            }
-            Pending::Deleted => {
-                match fs::remove_file(&path) {
-                    Ok(()) => {}
-                    Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-                    Err(e) => return Err(StateError::io(&path, e)),
-                }
+            // Its file could not be written earlier: now, durably.
+            Pending::ToWrite { at, len } => self.write_file(id, &self.text_at(at, len)?, true),
+            Pending::ToRemove | Pending::Removed => {
+                self.remove_file(id)?;
                 match sync_dir(&dir) {
                     Err(e) if e.kind() != io::ErrorKind::NotFound => Err(StateError::io(&dir, e)),
                     _ => Ok(()),
@@ -793,7 +903,9 @@ mod tests {
 
     fn manual() -> JournalSettings {
         JournalSettings {
+            settle: None,
             quiet: None,
+            max_unwritten: MAX_UNWRITTEN,
             max_bytes: MAX_BYTES,
         }
     }
@@ -835,16 +947,19 @@ mod tests {
             recv(r).unwrap();
         }
         assert_eq!(thread.syncs(), 1, "200 queued writes, one fdatasync");
-        // Each is in its state file at once (before any compaction).
-        assert_eq!(scanned(&store).len(), 200);
+        // The answers did not wait for the state files (no quiet period
+        // here: they are written when asked).
+        assert!(scanned(&store).is_empty());
         // A write after that is a batch of its own.
         store
             .save_encoded(&ids[0], &state_of(&ids[0], true))
             .unwrap();
         assert_eq!(thread.syncs(), 2);
-        assert!(store.load(&ids[0]).unwrap().stopped);
-        // Compaction truncates the journal.
+        // Compaction writes the files, fsyncs them, truncates the journal.
         assert_eq!(thread.compact().unwrap(), 200);
+        assert_eq!(scanned(&store).len(), 200);
+        assert!(store.load(&ids[0]).unwrap().stopped);
+        assert_eq!(thread.syncs(), 3);
         assert_eq!(fs::metadata(tmp.0.join(JOURNAL_FILE)).unwrap().len(), 0);
         assert_eq!(
             fs::metadata(tmp.0.join(JOURNAL_FILE))
@@ -884,8 +999,9 @@ mod tests {
         store
             .save_encoded(&ids[3], &state_of(&ids[3], true))
             .unwrap();
-        // Killed before compaction.
+        // Stopped before compaction: it writes the state files, no fsync.
         thread.stop();
+        assert_eq!(scanned(&store).len(), 5);
         assert!(fs::metadata(tmp.0.join(JOURNAL_FILE)).unwrap().len() > 0);
 
         let inst = store.instances_dir().to_path_buf();
@@ -994,15 +1110,25 @@ mod tests {
         let link = store.journal.clone().unwrap();
         let thread = journal.spawn().unwrap();
         let a = id_n(7);
-        // No instance directory.
-        let e = store.save_encoded(&a, &state_of(&a, false)).unwrap_err();
-        assert!(e.is_not_found(), "{e}");
         let e = recv(&link.submit("../x", Entry::Deleted)).unwrap_err();
+        assert!(matches!(e, StateError::BadId(_)), "{e}");
+        let e =
+            recv(&link.submit("D7D86208-B46C-4465-9018-FE14087D415F", Entry::Deleted)).unwrap_err();
         assert!(matches!(e, StateError::BadId(_)), "{e}");
         assert_eq!(thread.syncs(), 0);
         assert_eq!(fs::metadata(tmp.0.join(JOURNAL_FILE)).unwrap().len(), 0);
+        // An instance directory that is a symbolic link is refused.
+        let outside = tmp.0.join("outside");
+        fs::create_dir(&outside).unwrap();
+        std::os::unix::fs::symlink(&outside, store.instances_dir().join(&a)).unwrap();
+        let e = store.save_encoded(&a, &state_of(&a, false)).unwrap_err();
+        assert!(matches!(e, StateError::Corrupt { .. }), "{e}");
+        fs::remove_file(store.instances_dir().join(&a)).unwrap();
+        // A missing one is made with the state file.
+        store.save_encoded(&a, &state_of(&a, false)).unwrap();
         thread.stop();
-        store.create_instance_dir(&a).unwrap();
+        assert!(!store.load(&a).unwrap().stopped);
+        assert_eq!(fs::read_dir(&outside).unwrap().count(), 0);
         let t = Instant::now();
         let e = store.save_encoded(&a, &state_of(&a, false)).unwrap_err();
         assert!(e.to_string().contains("stopped"), "{e}");
