@@ -33,6 +33,18 @@
 //! dirty data on each START (it made 20 parallel VM STARTs 50 % slower).
 //! Concurrent fsyncs still share journal commits in the kernel.
 //!
+//! # The node journal
+//!
+//! The launcher's store is journaled ([`journal`]): a state write or a
+//! deletion is made durable as a record in `<data-dir>/journal`, many
+//! instances' records with one fdatasync, and is acknowledged then; the
+//! `state` file is written afterwards by the journal thread (no fsync) and
+//! made durable by compaction, after which the journal is truncated. So a
+//! `state` file may be missing or stale after a power cut while its record
+//! is in the journal: [`journal::Journal::open`] replays the journal into
+//! the files before recovery scans them. A store from [`Store::new`] (tools,
+//! tests) writes each file durably itself, as above.
+//!
 //! # Why state files are sealed
 //!
 //! A state file is its YAML between a header line and an end line that
