@@ -53,6 +53,7 @@ use crate::signals::SignalThread;
 use crate::ssntp::client::{self, ClientConfig, NodeUuid};
 use crate::ssntp::tls::{CertificateDer, Identity, TlsError};
 use crate::ssntp::{Profile, Role, StartError, tls};
+use crate::state::journal::{Journal, JournalSettings};
 use crate::state::{StateError, Store};
 use crate::virt::docker::DockerFactory;
 use crate::virt::docker_api::{DockerApi, DockerError};
@@ -548,6 +549,10 @@ fn child_users(cfg: &Config) -> Arc<qemu::ChildUsers> {
 fn hard_reset(cfg: &Config) -> Result<(), DaemonError> {
     let data_dir = &cfg.data_dir;
     let store = Store::new(data_dir);
+    // States only the journal holds (a power cut) are instances too.
+    if let Err(e) = Journal::open(data_dir, JournalSettings::default()) {
+        warn!("hard reset: state journal not replayed: {e}");
+    }
     for (id, state) in store.scan().into_iter().flatten() {
         match state.config.vm_type {
             VmType::Qemu => {

@@ -774,7 +774,13 @@ impl Instance {
     /// Carries out the START this thread was spawned for; `state`: the
     /// state file's text, if the server encoded it.
     fn start(&mut self, state: Option<Vec<u8>>) {
-        match self.ctx.store.create_instance_dir(&self.id) {
+        let dir = if self.vm.keeps_files() {
+            self.ctx.store.create_instance_dir(&self.id)
+        } else {
+            // Made with the state file, after the acknowledgement.
+            self.ctx.store.claim_instance_dir(&self.id)
+        };
+        match dir {
             Ok(dir) => self.dir = dir,
             Err(e @ StateError::Exists(_)) => {
                 // Files of an instance we do not know: never touch them.
@@ -898,7 +904,7 @@ impl Instance {
             .store
             .remove_state(&self.id)
             .map_err(|e| e.to_string())?;
-        if let Err(e) = self.ctx.store.remove(&self.id) {
+        if let Err(e) = self.ctx.store.remove_dir(&self.id) {
             // No state any more: the instance is gone; recovery sweeps the rest.
             warn!("{}: {e}", self.id);
         }

@@ -1,6 +1,7 @@
 //! The running launcher as a library object: [`Launcher::start`] spawns the
-//! `server` thread (which owns the SSNTP client's `ssntp-io` thread and the
-//! `overseer`, which owns the instance threads) and returns a handle;
+//! `server` thread (which owns the SSNTP client's `ssntp-io` thread, the
+//! `overseer`, which owns the instance threads, and the `state-journal`
+//! thread, which makes instance states durable) and returns a handle;
 //! [`Launcher::stop`] broadcasts shutdown by dropping a sender and waits,
 //! within a deadline, for the threads that are in the middle of something:
 //! the server, ssntp-io, the overseer and every instance thread with work in
@@ -11,8 +12,13 @@
 //!
 //! ```text
 //! main ──> server ──> ssntp-io
-//!             └─────> overseer ──> instance-<id> …
+//!             ├─────> overseer ──> instance-<id> …
+//!             └─────> state-journal
 //! ```
+//!
+//! The journal is replayed into the state files before recovery scans them,
+//! and stopped once the overseer has joined the instance threads with work
+//! in hand (they may still be writing a state).
 
 use std::fs;
 use std::path::PathBuf;
@@ -32,6 +38,7 @@ use crate::overseer::{Awaited, HealthSetup, IdleThreads, Limits, Overseer, Overs
 use crate::ssntp::client::{Client, ClientConfig};
 use crate::ssntp::{Profile, StartError};
 use crate::state::Store;
+use crate::state::journal::{Journal, JournalSettings};
 use crate::virt::VirtualizerFactory;
 
 /// Everything a launcher needs, resolved.
@@ -90,15 +97,26 @@ pub struct Stuck {
 }
 
 /// The launcher's own threads besides the instances'.
+/// (`state-journal` is not one: alive until the server stops it last, it is
+/// waited for only as part of the server.)
 const CORE_THREADS: [&str; 3] = ["server", "ssntp-io", "overseer"];
 
 impl Launcher {
     /// Creates the directories, recovers instances and starts the threads.
     pub fn start(s: Settings) -> Result<Launcher, StartError> {
-        let store = Store::new(&s.data_dir);
-        store
-            .ensure_dirs()
-            .map_err(|e| StartError::Io(std::io::Error::other(e.to_string())))?;
+        let io_error =
+            |e: crate::state::StateError| StartError::Io(std::io::Error::other(e.to_string()));
+        Store::new(&s.data_dir).ensure_dirs().map_err(io_error)?;
+        let (journal, replayed) =
+            Journal::open(&s.data_dir, JournalSettings::default()).map_err(io_error)?;
+        if replayed.records > 0 {
+            info!(
+                "state journal: {} record(s) replayed, {} state file(s) written again, {} removed",
+                replayed.records, replayed.restored, replayed.deleted
+            );
+        }
+        let store = journal.store();
+        let journal = journal.spawn().map_err(StartError::Io)?;
         let scheduler = s.client.servers.join(", ");
         let client = Client::start(s.client)?;
         let (errors, errors_rx) = ErrorNotes::channel();
@@ -155,6 +173,9 @@ impl Launcher {
                     warn!("the overseer thread panicked");
                     IdleThreads::default()
                 });
+                // No instance thread is writing now; what is not compacted
+                // is in the journal.
+                journal.stop();
                 client.close();
                 let _ = done_tx.send(end.map_or(Ended::Stopped, Ended::ClientFailed));
                 idle

@@ -375,7 +375,7 @@ impl Overseer {
                     }
                     n += 1;
                 }
-                Err(StateError::NoState { id, path }) => match self.ctx.store.remove(&id) {
+                Err(StateError::NoState { id, path }) => match self.ctx.store.remove_dir(&id) {
                     Ok(()) => info!(
                         "removed {}: an interrupted START of {id} left it without a state",
                         path.display()
@@ -401,7 +401,11 @@ impl Overseer {
     /// before anything else, so its resources are never taken for leftovers.
     fn sweep(&self) {
         let store = &self.ctx.store;
-        let recorded = |id: &str| store.instance_dir(id).is_ok_and(|d| d.exists());
+        // A live instance counts even before the journal has made its
+        // directory (`Store::claim_instance_dir`).
+        let recorded = |id: &str| {
+            self.instances.contains_key(id) || store.instance_dir(id).is_ok_and(|d| d.exists())
+        };
         for what in self.ctx.factory.sweep(&recorded) {
             info!("removed {what}: left by an interrupted START");
         }

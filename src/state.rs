@@ -33,6 +33,18 @@
 //! dirty data on each START (it made 20 parallel VM STARTs 50 % slower).
 //! Concurrent fsyncs still share journal commits in the kernel.
 //!
+//! # The node journal
+//!
+//! The launcher's store is journaled ([`journal`]): a state write or a
+//! deletion is made durable as a record in `<data-dir>/journal`, many
+//! instances' records with one fdatasync, and is acknowledged then; the
+//! `state` file is written afterwards by the journal thread (no fsync) and
+//! made durable by compaction, after which the journal is truncated. So a
+//! `state` file may be missing or stale after a power cut while its record
+//! is in the journal: [`journal::Journal::open`] replays the journal into
+//! the files before recovery scans them. A store from [`Store::new`] (tools,
+//! tests) writes each file durably itself, as above.
+//!
 //! # Why state files are sealed
 //!
 //! A state file is its YAML between a header line and an end line that
@@ -63,6 +75,10 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 
 use crate::payloads::config::InstanceConfig;
+
+pub mod journal;
+
+use journal::{Entry, JournalLink};
 
 /// Name of the state file inside an instance directory.
 pub const STATE_FILE: &str = "state";
@@ -171,6 +187,11 @@ impl std::error::Error for StateError {
     }
 }
 
+/// The canonical form of `id`, or `BadId`.
+fn canonical(id: &str) -> Result<String, StateError> {
+    valid_instance_id(id).ok_or_else(|| StateError::BadId(id.to_owned()))
+}
+
 /// The canonical (lower-case) form of a strict hyphenated UUID
 /// (`8-4-4-4-12` hex digits, 36 characters), or `None`. Braced, URN and
 /// un-hyphenated forms are refused: only the canonical form is a path name.
@@ -193,9 +214,13 @@ pub fn valid_instance_id(id: &str) -> Option<String> {
 
 /// The instances directory of one data directory; cheap to clone and share
 /// between threads (each instance thread only touches its own directory).
+/// A store made by [`journal::Journal::store`] writes and deletes states
+/// through the node journal (group commit); one made by [`Store::new`]
+/// writes each state file durably by itself (tools, tests).
 #[derive(Debug, Clone)]
 pub struct Store {
     instances: Arc<Path>,
+    journal: Option<JournalLink>,
 }
 
 impl Store {
@@ -203,6 +228,7 @@ impl Store {
     pub fn new(data_dir: &Path) -> Self {
         Store {
             instances: Arc::from(data_dir.join("instances")),
+            journal: None,
         }
     }
 
@@ -251,8 +277,27 @@ impl Store {
         }
     }
 
+    /// The instance directory of a new instance whose virtualizer keeps no
+    /// files there ([`crate::virt::Virtualizer::keeps_files`]). With a
+    /// journal it is only checked to be free (anything there, also a
+    /// symbolic link, is [`StateError::Exists`]): the journal makes it with
+    /// the state file, off the acknowledgement path. Without one it is made
+    /// now, as [`Store::create_instance_dir`] does.
+    pub fn claim_instance_dir(&self, id: &str) -> Result<PathBuf, StateError> {
+        if self.journal.is_none() {
+            return self.create_instance_dir(id);
+        }
+        let dir = self.instances.join(canonical(id)?);
+        match fs::symlink_metadata(&dir) {
+            Ok(_) => Err(StateError::Exists(dir)),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(dir),
+            Err(e) => Err(StateError::io(&dir, e)),
+        }
+    }
+
     /// Writes the state of `id` atomically (see the module docs). The
-    /// instance directory must exist.
+    /// instance directory must exist, unless the store is journaled (the
+    /// journal makes a missing one).
     pub fn save(&self, id: &str, state: &StateFile) -> Result<(), StateError> {
         self.save_config(id, &state.config, state.stopped)
     }
@@ -270,9 +315,13 @@ impl Store {
         self.save_encoded(id, &text)
     }
 
-    /// Writes `text`, made by [`encode`], as the state of `id`.
+    /// Writes `text`, made by [`encode`], as the state of `id`: durable
+    /// when this returns (in the journal, or in the file itself).
     pub fn save_encoded(&self, id: &str, text: &[u8]) -> Result<(), StateError> {
         let path = self.instance_dir(id)?.join(STATE_FILE);
+        if let Some(j) = &self.journal {
+            return j.write(&canonical(id)?, Entry::State(text.to_vec()));
+        }
         let first = fs::symlink_metadata(&path).is_err();
         write_atomic(&path, text, STATE_MODE).map_err(|e| StateError::io(&path, e))?;
         if first {
@@ -323,6 +372,10 @@ impl Store {
     /// state is swept at the next start). A missing state is `Ok`.
     pub fn remove_state(&self, id: &str) -> Result<(), StateError> {
         let dir = self.instance_dir(id)?;
+        if let Some(j) = &self.journal {
+            // The deletion record; the journal thread removes the file.
+            return j.write(&canonical(id)?, Entry::Deleted);
+        }
         let path = dir.join(STATE_FILE);
         match fs::remove_file(&path) {
             Ok(()) => sync_dir(&dir).map_err(|e| StateError::io(&dir, e)),
@@ -335,7 +388,20 @@ impl Store {
     /// inside are removed, never followed; a missing directory is `Ok`. An
     /// instance directory that is itself a symbolic link, or that has a file
     /// system mounted inside (e.g. a volume), is refused.
+    /// With a journal, a deletion record is made durable first, so a state
+    /// the journal holds cannot come back.
     pub fn remove(&self, id: &str) -> Result<(), StateError> {
+        let dir = self.instance_dir(id)?;
+        if self.journal.is_some() {
+            self.remove_state(id)?;
+        }
+        remove_tree(&dir)
+    }
+
+    /// [`Store::remove`] without the deletion record: only where the journal
+    /// cannot hold a state of `id` (after [`Store::remove_state`], or a
+    /// directory recovery found without a state).
+    pub fn remove_dir(&self, id: &str) -> Result<(), StateError> {
         let dir = self.instance_dir(id)?;
         remove_tree(&dir)
     }
@@ -406,9 +472,19 @@ impl Store {
 
     /// Removes every entry of the instances directory (instance directories,
     /// and stray files or symbolic links, which are unlinked, not followed);
-    /// keeps the instances directory itself. Returns how many directories
-    /// were removed. Goes on after a failure and returns the first one.
+    /// keeps the instances directory itself, after removing the node
+    /// journal beside it (which would bring states back). Returns how many
+    /// directories were removed. Goes on after a failure and returns the
+    /// first one.
     pub fn hard_reset(&self) -> Result<usize, StateError> {
+        if let Some(data_dir) = self.instances.parent() {
+            let journal = data_dir.join(journal::JOURNAL_FILE);
+            match fs::remove_file(&journal) {
+                Ok(()) => sync_dir(data_dir).map_err(|e| StateError::io(data_dir, e))?,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(StateError::io(&journal, e)),
+            }
+        }
         let entries = match fs::read_dir(&self.instances) {
             Ok(rd) => rd,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(0),
@@ -637,6 +713,13 @@ fn unescape_octal(field: &[u8]) -> Vec<u8> {
 /// itself survives a crash. On failure the temporary file is removed and
 /// `path` is untouched.
 pub fn write_atomic(path: &Path, data: &[u8], mode: u32) -> io::Result<()> {
+    replace_file(path, data, mode, true)
+}
+
+/// [`write_atomic`], or with `durable` false the same without its fsyncs:
+/// readers still see the old or the new whole file, but a power cut may
+/// lose it (the journal's copy covers that, see [`journal`]).
+fn replace_file(path: &Path, data: &[u8], mode: u32, durable: bool) -> io::Result<()> {
     let (dir, tmp) = temp_path(path)?;
 
     // create_new (O_EXCL) never follows or reuses an existing file.
@@ -649,7 +732,9 @@ pub fn write_atomic(path: &Path, data: &[u8], mode: u32) -> io::Result<()> {
         // Exact mode whatever the umask.
         file.set_permissions(Permissions::from_mode(mode))?;
         file.write_all(data)?;
-        file.sync_all()?;
+        if durable {
+            file.sync_all()?;
+        }
         drop(file);
         fs::rename(&tmp, path)
     })();
@@ -657,7 +742,7 @@ pub fn write_atomic(path: &Path, data: &[u8], mode: u32) -> io::Result<()> {
         let _ = fs::remove_file(&tmp);
         return Err(e);
     }
-    sync_dir(&dir)
+    if durable { sync_dir(&dir) } else { Ok(()) }
 }
 
 /// The directory of `path` and a fresh temporary name beside it.

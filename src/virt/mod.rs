@@ -206,6 +206,14 @@ pub trait Virtualizer: Send + fmt::Debug {
     fn usage_varies(&self) -> bool {
         true
     }
+    /// Whether it keeps files of its own in the instance directory (disk
+    /// images, a config drive, sockets), which must then exist before the
+    /// image is made. One that keeps none (the simulation) lets a journaled
+    /// store make the directory later, with the state file, off the
+    /// acknowledgement path.
+    fn keeps_files(&self) -> bool {
+        true
+    }
     /// Checks that the volume `id` can be attached at the next boot
     /// (AttachVolume while the instance is not running; a running one's
     /// monitor checks as it hot-plugs).

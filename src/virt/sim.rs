@@ -281,6 +281,11 @@ impl Virtualizer for Sim {
         false
     }
 
+    /// A simulated instance has no files: only its state.
+    fn keeps_files(&self) -> bool {
+        false
+    }
+
     fn stats(&mut self) -> Usage {
         self.usage
     }
