@@ -9,7 +9,9 @@
 //! write and ONE fdatasync of one append-only file, `<data-dir>/journal`
 //! (0600), written by one thread, `state-journal`. The per-instance state
 //! files stay the recovery format that recovery and tools read: they are
-//! written right after the journal, without fsyncs, and made durable later,
+//! written by this thread once its requests pause (without fsyncs; at a
+//! stop, the ones not written yet are left to the next start's replay),
+//! and made durable later,
 //! off the acknowledgement path (compaction), after which the journal is
 //! truncated.
 //!
@@ -596,14 +598,18 @@ impl Writer {
             begun = Chore::Nothing;
             self.serve(req, requests);
         }
-        // Stopping: writers still waiting are served, and every state file
-        // is written (tools and the next start read them; the journal
-        // keeps them durable meanwhile).
+        // Stopping: writers still waiting are served. State files not
+        // written yet are left to the next start's replay: their records
+        // are durable, and writing thousands of new files here would hold
+        // the shutdown for longer than the exit itself takes.
         while let Ok(r) = requests.try_recv() {
             self.serve(r, requests);
         }
-        while !self.queue.is_empty() {
-            self.write_step();
+        if !self.queue.is_empty() {
+            log::info!(
+                "{} state files are left to the next start (their journal records are durable)",
+                self.queue.len()
+            );
         }
     }
 
