@@ -803,7 +803,14 @@ impl Instance {
     /// an instance that cannot be watched is treated as having exited.
     fn watch(&mut self, boot: bool) {
         match self.vm.monitor(self.mon_tx.clone(), boot) {
-            Ok(m) => self.become_(Life::Starting(m)),
+            Ok(m) => {
+                let up = m.running_at_attach();
+                self.become_(Life::Starting(m));
+                if up {
+                    // As if it had come through the channel.
+                    self.monitor_event(MonitorEvent::Running);
+                }
+            }
             Err(e) => {
                 warn!("{}: cannot watch the instance: {e}", self.id);
                 self.life = Life::Exited;
@@ -977,7 +984,7 @@ impl Instance {
                 recv(self.mon_rx) -> ev => match ev {
                     Ok(MonitorEvent::Exited(why) | MonitorEvent::Vanished(why)) => return Ok(why),
                     Ok(MonitorEvent::Running) => continue,
-                    Ok(MonitorEvent::Usage(u)) => self.send_usage(u),
+                    Ok(MonitorEvent::Usage(u)) => self.send_usage(*u),
                     Err(_) => return Err(WaitError::MonitorGone),
                 },
                 recv(shutdown) -> _ => return Err(WaitError::Shutdown),
@@ -1157,7 +1164,7 @@ impl Instance {
     #[inline(never)] // Keeps the waiting frame small (`Body::run`).
     fn monitor_event(&mut self, ev: MonitorEvent) {
         match ev {
-            MonitorEvent::Usage(u) => self.send_usage(u),
+            MonitorEvent::Usage(u) => self.send_usage(*u),
             MonitorEvent::Running => {
                 // Recovered, or the engine came back: still on its network?
                 self.ensure_container_nic();
