@@ -293,6 +293,12 @@ pub struct Wiring {
 }
 
 /// Starts the thread of instance `id` (a validated, canonical UUID).
+///
+/// The instance (its configuration, virtualizer and monitor channel) is
+/// built here, on the caller's thread, before its own thread exists: what
+/// that building allocates and frees then never lands in the instance
+/// thread's heap (glibc keeps a thread's freed chunks in a per-thread cache
+/// for as long as the thread lives) or deepens its stack.
 pub fn spawn(
     ctx: NodeContext,
     id: String,
@@ -303,11 +309,20 @@ pub fn spawn(
     let name = thread_name(&id);
     let stack = ctx.instance_stack;
     let in_hand = InHand::new();
-    let held = in_hand.clone();
+    let (inst, first, tick) = Instance::new(ctx, id, seed, wiring.updates, wiring.tick);
+    let body = Body {
+        inst,
+        first,
+        cmds,
+        tick,
+        shutdown: wiring.shutdown,
+        closing: wiring.closing,
+        in_hand: in_hand.clone(),
+    };
     let thread = thread::Builder::new()
         .name(name)
         .stack_size(stack)
-        .spawn(move || run(ctx, id, seed, cmds, wiring, held))?;
+        .spawn(move || body.run())?;
     Ok(InstanceHandle {
         inbox,
         thread,
@@ -320,93 +335,91 @@ pub fn thread_name(id: &str) -> String {
     format!("instance-{}", &id[..id.len().min(8)])
 }
 
-/// The thread's body: carry out the seed, serve the inbox until the instance
-/// goes or the launcher shuts down, then settle what is left in the inbox.
-fn run(
-    ctx: NodeContext,
-    id: String,
-    seed: Seed,
+/// What the thread's first piece of work is.
+#[derive(Debug)]
+enum First {
+    /// Carry out the START; the state file's text if the server encoded it.
+    Start(Option<Vec<u8>>),
+    /// Re-attach to an instance found on disk, `stopped` or not.
+    Recover { stopped: bool },
+}
+
+/// Everything an instance thread owns, moved into it at spawn.
+#[derive(Debug)]
+struct Body {
+    inst: Box<Instance>,
+    first: First,
     cmds: Receiver<InstanceCmd>,
-    w: Wiring,
+    /// The usage tick, or `never` for a virtualizer whose usage cannot change.
+    tick: Receiver<Instant>,
+    shutdown: Receiver<Never>,
+    closing: Arc<Closing>,
     in_hand: Arc<InHand>,
-) {
-    let (mon_tx, mon_rx) = crossbeam_channel::unbounded();
-    let dir = ctx.store.instance_dir(&id).unwrap_or_default();
-    let (cfg, recovered, state) = match seed {
-        Seed::New(s) => {
-            let s = *s;
-            (s.cfg, None, s.state)
+}
+
+impl Body {
+    /// The thread's body: carry out the seed, serve the inbox until the
+    /// instance goes or the launcher shuts down, then settle what is left
+    /// in the inbox. The work itself happens in functions that are never
+    /// inlined here, so that the frame an idle thread waits in stays small
+    /// (every stack page a thread ever touched stays resident).
+    fn run(self) {
+        let Body {
+            mut inst,
+            first,
+            cmds,
+            tick,
+            shutdown,
+            closing,
+            in_hand,
+        } = self;
+        // Step 1: the seed is in hand from birth.
+        match first {
+            First::Start(state) => inst.start(state),
+            First::Recover { stopped } => inst.recover(stopped),
         }
-        Seed::Recovered(s) => {
-            let s = *s;
-            (s.config, Some(s.stopped), None)
-        }
-    };
-    let vm = ctx.factory.create(&cfg);
-    // A usage that cannot change is reported at each change of life only.
-    let tick = if vm.usage_varies() {
-        w.tick
-    } else {
-        crossbeam_channel::never()
-    };
-    let mut inst = Instance {
-        ctx,
-        id,
-        dir,
-        cfg,
-        vm,
-        life: Life::Creating,
-        vnic_made: false,
-        mon_tx,
-        mon_rx,
-        updates: w.updates,
-    };
-    // Step 1: the seed is in hand from birth.
-    match recovered {
-        None => inst.start(state),
-        Some(stopped) => inst.recover(stopped),
-    }
-    in_hand.put_down();
-    while !inst.life.is_gone() && !w.closing.is_set() {
-        // No shutdown arm: an idle thread is left blocked at shutdown.
-        select! {
-            recv(cmds) -> c => match c {
-                // Step 2: the overseer took it up for us.
-                Ok(c) => {
-                    if w.closing.is_set() {
-                        inst.refuse_shutting_down(&c);
-                    } else {
-                        inst.handle(c, &w.shutdown, &w.closing);
+        in_hand.put_down();
+        while !inst.life.is_gone() && !closing.is_set() {
+            // No shutdown arm: an idle thread is left blocked at shutdown.
+            select! {
+                recv(cmds) -> c => match c {
+                    // Step 2: the overseer took it up for us.
+                    Ok(c) => {
+                        if closing.is_set() {
+                            inst.refuse_shutting_down(&c);
+                        } else {
+                            inst.handle(c, &shutdown, &closing);
+                        }
+                        in_hand.put_down();
+                    }
+                    // The overseer forgot this instance (after Gone, or a
+                    // shutdown's idle threads being let go in-process).
+                    Err(_) => break,
+                },
+                recv(inst.mon_rx) -> ev => if let Ok(ev) = ev {
+                    // Step 3.
+                    in_hand.take_up();
+                    if !closing.is_set() {
+                        inst.monitor_event(ev);
+                    }
+                    in_hand.put_down();
+                },
+                recv(tick) -> _ => {
+                    in_hand.take_up();
+                    if !closing.is_set() {
+                        inst.report_usage();
                     }
                     in_hand.put_down();
                 }
-                // The overseer forgot this instance (after Gone, or a
-                // shutdown's idle threads being let go in-process).
-                Err(_) => break,
-            },
-            recv(inst.mon_rx) -> ev => if let Ok(ev) = ev {
-                // Step 3.
-                in_hand.take_up();
-                if !w.closing.is_set() {
-                    inst.monitor_event(ev);
-                }
-                in_hand.put_down();
-            },
-            recv(tick) -> _ => {
-                in_hand.take_up();
-                if !w.closing.is_set() {
-                    inst.report_usage();
-                }
-                in_hand.put_down();
             }
         }
+        if inst.life.is_gone() {
+            inst.hand_back(&cmds, &shutdown, &in_hand);
+        } else {
+            inst.refuse_queued(&cmds, &in_hand);
+        }
+        // Dropping the monitor detaches it; the instance keeps running.
     }
-    if inst.life.is_gone() {
-        inst.hand_back(&cmds, &w.shutdown, &in_hand);
-    } else {
-        inst.refuse_queued(&cmds, &in_hand);
-    }
-    // Dropping the monitor detaches it; the instance keeps running.
 }
 
 /// The life of an instance. A monitor exists exactly while it is starting or
@@ -475,6 +488,50 @@ struct Instance {
 }
 
 impl Instance {
+    /// The instance of `seed`, not yet started or recovered, with its first
+    /// piece of work and its usage tick (`never` when its usage cannot
+    /// change: reported at each change of life only).
+    fn new(
+        ctx: NodeContext,
+        id: String,
+        seed: Seed,
+        updates: Sender<InstanceUpdate>,
+        tick: Receiver<Instant>,
+    ) -> (Box<Instance>, First, Receiver<Instant>) {
+        let (mon_tx, mon_rx) = crossbeam_channel::unbounded();
+        let (cfg, first, dir) = match seed {
+            // Its directory is made by the START.
+            Seed::New(s) => {
+                let s = *s;
+                (s.cfg, First::Start(s.state), PathBuf::new())
+            }
+            Seed::Recovered(s) => {
+                let s = *s;
+                let dir = ctx.store.instance_dir(&id).unwrap_or_default();
+                (s.config, First::Recover { stopped: s.stopped }, dir)
+            }
+        };
+        let vm = ctx.factory.create(&cfg);
+        let tick = if vm.usage_varies() {
+            tick
+        } else {
+            crossbeam_channel::never()
+        };
+        let inst = Box::new(Instance {
+            ctx,
+            id,
+            dir,
+            cfg,
+            vm,
+            life: Life::Creating,
+            vnic_made: false,
+            mon_tx,
+            mon_rx,
+            updates,
+        });
+        (inst, first, tick)
+    }
+
     fn update(&self, u: InstanceUpdate) {
         // The overseer always drains this channel; it only fails at shutdown.
         let _ = self.updates.send(u);
@@ -489,6 +546,7 @@ impl Instance {
         });
     }
 
+    #[inline(never)] // Keeps the waiting frame small (`Body::run`).
     fn report_usage(&mut self) {
         let usage = self.vm.stats();
         self.send_usage(usage);
@@ -675,6 +733,7 @@ impl Instance {
     /// After `Gone`: every command that still reaches the inbox goes back to
     /// the overseer, until the overseer has dropped the inbox. One the
     /// overseer can no longer take (it is shutting down) is answered here.
+    #[inline(never)] // Keeps the waiting frame small (`Body::run`).
     fn hand_back(
         &self,
         cmds: &Receiver<InstanceCmd>,
@@ -704,6 +763,7 @@ impl Instance {
     }
 
     /// At shutdown: what is still queued is answered, not dropped.
+    #[inline(never)] // Keeps the waiting frame small (`Body::run`).
     fn refuse_queued(&self, cmds: &Receiver<InstanceCmd>, in_hand: &InHand) {
         while let Ok(cmd) = cmds.try_recv() {
             self.refuse_shutting_down(&cmd);
@@ -711,6 +771,7 @@ impl Instance {
         }
     }
 
+    #[inline(never)] // Keeps the waiting frame small (`Body::run`).
     fn refuse_shutting_down(&self, cmd: &InstanceCmd) {
         info!(
             "{}: {} not carried out: the launcher is shutting down",
@@ -720,6 +781,7 @@ impl Instance {
         cmd.refuse(&self.ctx, &self.id, Reason::InstanceBusy);
     }
 
+    #[inline(never)] // Keeps the waiting frame small (`Body::run`).
     fn recover(&mut self, stopped: bool) {
         self.vm.init(&self.cfg, &self.dir);
         if self.ctx.network.is_on() && !self.cfg.networking.vnic_mac.is_empty() {
@@ -741,7 +803,14 @@ impl Instance {
     /// an instance that cannot be watched is treated as having exited.
     fn watch(&mut self, boot: bool) {
         match self.vm.monitor(self.mon_tx.clone(), boot) {
-            Ok(m) => self.become_(Life::Starting(m)),
+            Ok(m) => {
+                let up = m.running_at_attach();
+                self.become_(Life::Starting(m));
+                if up {
+                    // As if it had come through the channel.
+                    self.monitor_event(MonitorEvent::Running);
+                }
+            }
             Err(e) => {
                 warn!("{}: cannot watch the instance: {e}", self.id);
                 self.life = Life::Exited;
@@ -750,6 +819,7 @@ impl Instance {
         }
     }
 
+    #[inline(never)] // Keeps the waiting frame small (`Body::run`).
     fn handle(&mut self, cmd: InstanceCmd, shutdown: &Receiver<Never>, closing: &Closing) {
         match cmd {
             InstanceCmd::Start(s) => self.start_again(&s.cfg),
@@ -773,6 +843,7 @@ impl Instance {
 
     /// Carries out the START this thread was spawned for; `state`: the
     /// state file's text, if the server encoded it.
+    #[inline(never)] // Keeps the waiting frame small (`Body::run`).
     fn start(&mut self, state: Option<Vec<u8>>) {
         let dir = if self.vm.keeps_files() {
             self.ctx.store.create_instance_dir(&self.id)
@@ -919,7 +990,7 @@ impl Instance {
                 recv(self.mon_rx) -> ev => match ev {
                     Ok(MonitorEvent::Exited(why) | MonitorEvent::Vanished(why)) => return Ok(why),
                     Ok(MonitorEvent::Running) => continue,
-                    Ok(MonitorEvent::Usage(u)) => self.send_usage(u),
+                    Ok(MonitorEvent::Usage(u)) => self.send_usage(*u),
                     Err(_) => return Err(WaitError::MonitorGone),
                 },
                 recv(shutdown) -> _ => return Err(WaitError::Shutdown),
@@ -1096,9 +1167,10 @@ impl Instance {
         self.report_usage();
     }
 
+    #[inline(never)] // Keeps the waiting frame small (`Body::run`).
     fn monitor_event(&mut self, ev: MonitorEvent) {
         match ev {
-            MonitorEvent::Usage(u) => self.send_usage(u),
+            MonitorEvent::Usage(u) => self.send_usage(*u),
             MonitorEvent::Running => {
                 // Recovered, or the engine came back: still on its network?
                 self.ensure_container_nic();

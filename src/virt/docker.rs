@@ -515,7 +515,7 @@ impl Sampler {
         sh.latest = usage;
         if let Some(events) = &sh.events {
             // Unbounded; fails only when the instance thread is gone.
-            let _ = events.send(MonitorEvent::Usage(usage));
+            let _ = events.send(MonitorEvent::Usage(Box::new(usage)));
         }
     }
 
@@ -898,7 +898,7 @@ mod tests {
         s.request("c", &engine.socket, None, 1);
         gate.send(()).expect("stats answered");
         let ev = rx.recv_timeout(Duration::from_secs(10)).expect("a sample");
-        assert_eq!(ev, MonitorEvent::Usage(SAMPLED));
+        assert_eq!(ev, MonitorEvent::Usage(Box::new(SAMPLED)));
         assert_eq!(s.latest(), SAMPLED);
         // (It may still be ending after sending.)
         let t = s.busy.take().expect("the first sample");
@@ -938,7 +938,7 @@ mod tests {
         s.events(events);
         s.request("c", Path::new("/nonexistent/ciao/docker.sock"), None, 1);
         let ev = rx.recv_timeout(Duration::from_secs(10)).expect("a sample");
-        assert_eq!(ev, MonitorEvent::Usage(Usage::default()));
+        assert_eq!(ev, MonitorEvent::Usage(Box::default()));
     }
 
     #[test]

@@ -3,7 +3,8 @@
 //! Nothing runs: a "started" instance is a flag in a table shared by every
 //! simulated instance of the process ([`SimControl`]). It needs no thread of
 //! its own, so 10 000 simulated instances cost 10 000 instance threads and
-//! nothing more. The monitor reports `Running` as soon as it is attached,
+//! nothing more. The monitor reports `Running` as soon as it is attached
+//! (by [`Monitor::running_at_attach`], not through the event channel),
 //! unless the control is in *manual* mode, where a test releases each
 //! instance with [`SimControl::report_running`]. Tests inject failures
 //! ([`SimControl::fail_image`], [`SimControl::fail_start`]) and crashes
@@ -178,9 +179,14 @@ impl Sim {
 struct SimMonitor {
     id: String,
     control: SimControl,
+    running_at_attach: bool,
 }
 
 impl Monitor for SimMonitor {
+    fn running_at_attach(&self) -> bool {
+        self.running_at_attach
+    }
+
     fn stop(&mut self) -> Result<(), VirtError> {
         let mut t = self.control.lock();
         if t.hang_stop.contains(&self.id) {
@@ -261,18 +267,22 @@ impl Virtualizer for Sim {
             t.running.insert(self.id.clone());
         }
         let up = t.running.contains(&self.id);
+        let mut running_at_attach = false;
         if !up {
             // Re-attached after a "reboot", or never started.
             let _ = events.send(MonitorEvent::Exited("not running".into()));
         } else if t.manual {
             t.held.insert(self.id.clone());
         } else {
-            let _ = events.send(MonitorEvent::Running);
+            // Said by the return value, not sent: most simulated instances
+            // then never send anything through their channel.
+            running_at_attach = true;
         }
         t.monitors.insert(self.id.clone(), events);
         Ok(Box::new(SimMonitor {
             id: self.id.clone(),
             control: self.control.clone(),
+            running_at_attach,
         }))
     }
 
@@ -326,7 +336,8 @@ mod tests {
         v.start().expect("start");
         let (tx, rx) = crossbeam_channel::unbounded();
         let mut m = v.monitor(tx, false).expect("monitor");
-        assert_eq!(rx.try_recv(), Ok(MonitorEvent::Running));
+        assert!(m.running_at_attach());
+        assert!(rx.try_recv().is_err(), "said by the monitor, not sent");
         m.stop().expect("stop");
         assert!(matches!(rx.try_recv(), Ok(MonitorEvent::Exited(_))));
         assert!(!c.is_running("a"));
@@ -340,11 +351,12 @@ mod tests {
         v.start().expect("start");
         let (tx, rx) = crossbeam_channel::unbounded();
         let m = v.monitor(tx.clone(), false).expect("monitor");
-        assert_eq!(rx.try_recv(), Ok(MonitorEvent::Running));
+        assert!(m.running_at_attach());
         drop(m); // detach: still running
         assert!(c.is_running("b"));
-        let _m = v.monitor(tx, true).expect("re-attach");
-        assert_eq!(rx.try_recv(), Ok(MonitorEvent::Running));
+        let m = v.monitor(tx, true).expect("re-attach");
+        assert!(m.running_at_attach());
+        assert!(rx.try_recv().is_err());
         assert!(c.crash("b"));
         assert!(matches!(rx.try_recv(), Ok(MonitorEvent::Exited(_))));
         assert!(!c.crash("b"));
@@ -362,7 +374,8 @@ mod tests {
         assert!(v.start().is_err());
         v.start().expect("second start");
         let (tx, rx) = crossbeam_channel::unbounded();
-        let _m = v.monitor(tx, false).expect("monitor");
+        let m = v.monitor(tx, false).expect("monitor");
+        assert!(!m.running_at_attach(), "held back in manual mode");
         assert!(rx.try_recv().is_err());
         assert!(c.report_running("c"));
         assert_eq!(rx.try_recv(), Ok(MonitorEvent::Running));
@@ -374,8 +387,9 @@ mod tests {
         let c = SimControl::new();
         let mut v = sim(&c, "e");
         let (tx, rx) = crossbeam_channel::unbounded();
-        let _m = v.monitor(tx, true).expect("re-attach");
-        assert_eq!(rx.try_recv(), Ok(MonitorEvent::Running));
+        let m = v.monitor(tx, true).expect("re-attach");
+        assert!(m.running_at_attach());
+        assert!(rx.try_recv().is_err());
         assert!(c.is_running("e"));
     }
 
@@ -386,7 +400,8 @@ mod tests {
         v.start().expect("start");
         c.power_cut();
         let (tx, rx) = crossbeam_channel::unbounded();
-        let _m = v.monitor(tx, true).expect("monitor");
+        let m = v.monitor(tx, true).expect("monitor");
+        assert!(!m.running_at_attach());
         assert!(matches!(rx.try_recv(), Ok(MonitorEvent::Exited(_))));
     }
 }
