@@ -325,7 +325,7 @@ impl Journal {
 
     /// Starts the `state-journal` thread.
     pub fn spawn(self) -> io::Result<JournalThread> {
-        let (stop_tx, stop) = crossbeam_channel::bounded::<()>(0);
+        let (stop_tx, stop) = crossbeam_channel::bounded::<()>(1);
         let syncs = self.writer.syncs.clone();
         let link = self.link.clone();
         let requests = self.requests;
@@ -370,9 +370,24 @@ impl JournalThread {
     }
 
     /// Ends the thread once what is queued is served, and waits for it.
-    /// Nothing is lost: what it did not compact is in the journal.
+    /// Nothing is lost: what it did not compact is in the journal, and
+    /// state files not written yet are left to the next start's replay.
     pub fn stop(mut self) {
         self.stop.take();
+        self.join();
+    }
+
+    /// As [`JournalThread::stop`], but every state file not written yet is
+    /// written first (no fsync; tools and tests that read the files at once).
+    pub fn stop_writing_files(mut self) {
+        if let Some(tx) = self.stop.take() {
+            // Capacity 1 and the only sender: this never blocks.
+            let _ = tx.try_send(());
+        }
+        self.join();
+    }
+
+    fn join(&mut self) {
         if let Some(t) = self.thread.take()
             && t.join().is_err()
         {
@@ -554,6 +569,8 @@ impl Writer {
         // The chore begun once its quiet period passed; a request ends it
         // unless it is due.
         let mut begun = Chore::Nothing;
+        // Asked by `stop_writing_files`.
+        let mut write_files = false;
         loop {
             let (chore, due) = self.chore();
             let req = if chore != Chore::Nothing && (due || begun == chore) {
@@ -561,8 +578,13 @@ impl Writer {
                     Ok(r) => Some(r),
                     Err(TryRecvError::Disconnected) => None,
                     Err(TryRecvError::Empty) => {
-                        if matches!(stop.try_recv(), Err(TryRecvError::Disconnected)) {
-                            break;
+                        match stop.try_recv() {
+                            Err(TryRecvError::Disconnected) => break,
+                            Ok(()) => {
+                                write_files = true;
+                                break;
+                            }
+                            Err(TryRecvError::Empty) => {}
                         }
                         let done = match chore {
                             Chore::Files => {
@@ -587,7 +609,10 @@ impl Writer {
                 let timer = wait.map_or_else(crossbeam_channel::never, crossbeam_channel::after);
                 select! {
                     recv(requests) -> r => r.ok(),
-                    recv(stop) -> _ => None,
+                    recv(stop) -> m => {
+                        write_files = m.is_ok();
+                        None
+                    }
                     recv(timer) -> _ => {
                         begun = chore;
                         continue;
@@ -604,6 +629,9 @@ impl Writer {
         // the shutdown for longer than the exit itself takes.
         while let Ok(r) = requests.try_recv() {
             self.serve(r, requests);
+        }
+        while write_files && !self.queue.is_empty() {
+            self.write_step();
         }
         if !self.queue.is_empty() {
             log::info!(
@@ -1005,8 +1033,8 @@ mod tests {
         store
             .save_encoded(&ids[3], &state_of(&ids[3], true))
             .unwrap();
-        // Stopped before compaction: it writes the state files, no fsync.
-        thread.stop();
+        // Stopped before compaction, writing the state files (no fsync).
+        thread.stop_writing_files();
         assert_eq!(scanned(&store).len(), 5);
         assert!(fs::metadata(tmp.0.join(JOURNAL_FILE)).unwrap().len() > 0);
 
@@ -1132,7 +1160,7 @@ mod tests {
         fs::remove_file(store.instances_dir().join(&a)).unwrap();
         // A missing one is made with the state file.
         store.save_encoded(&a, &state_of(&a, false)).unwrap();
-        thread.stop();
+        thread.stop_writing_files();
         assert!(!store.load(&a).unwrap().stopped);
         assert_eq!(fs::read_dir(&outside).unwrap().count(), 0);
         let t = Instant::now();
