@@ -25,14 +25,23 @@
 //! A write, in steps:
 //! 1. Block for the first request, then take every request already queued
 //!    (at most [`BATCH_RECORDS`]).
-//! 2. Check each (a state's instance directory must exist) and frame it as a
+//! 2. Check each (a canonical id, a state of sane size) and frame it as a
 //!    record: magic, payload length, FNV-1a of the payload; the payload is
 //!    the kind (state or deleted), a sequence number, the instance id and
 //!    the sealed state text.
 //! 3. Append all records with one write, then ONE fdatasync.
-//! 4. Now each state is durable: replace its state file (temporary file and
-//!    rename, no fsync) or remove it for a deletion, note the instance as
-//!    pending (its file is not known durable), and answer its writer.
+//! 4. Now each state is durable: queue its instance's file to be written
+//!    (or removed, for a deletion), and answer its writer.
+//!
+//! The files, in steps:
+//! 1. Once no request came for the settle period (or the queue passed its
+//!    bound), the queued files are written one at a time (temporary file
+//!    and rename, no fsync; the instance directory made if missing) or
+//!    removed, from the state text at its record's place in the journal.
+//!    A request that arrives meanwhile is served first.
+//! 2. A stop leaves the ones still queued to the next start's replay
+//!    (their records are durable), unless asked to write them
+//!    ([`JournalThread::stop_writing_files`]).
 //!
 //! Compaction, in steps:
 //! 1. It begins once no request came for the quiet period, once the journal
