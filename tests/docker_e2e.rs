@@ -3,18 +3,7 @@
 
 mod common;
 
-use std::process::Command;
-
 use common::*;
-
-fn docker(engine: &Engine, args: &[&str]) -> std::process::Output {
-    Command::new("docker")
-        .arg("-H")
-        .arg(format!("unix://{}", engine.socket.display()))
-        .args(args)
-        .output()
-        .expect("docker CLI")
-}
 
 fn launcher(env: &Env, engine: &Engine, addr: std::net::SocketAddr, profile: &str) -> Proc {
     let socket = engine.socket.display().to_string();
@@ -86,7 +75,7 @@ fn container_lifecycle_2016() {
     );
     env.wait_list("running", |l| state_of(l, &id) == Some("running"));
     // The runcmd ran inside the container.
-    let out = docker(&engine, &["exec", &id, "cat", "/tmp/marker"]);
+    let out = engine.cli(&["exec", &id, "cat", "/tmp/marker"]);
     assert_eq!(text(&out.stdout).trim(), "hi", "{}", text(&out.stderr));
     // STATS carry the container's real figures (sampled every 0.5 s): known
     // memory (a busybox sleep uses under 1 MiB, so it may read 0), CPU, and
@@ -117,8 +106,7 @@ fn container_lifecycle_2016() {
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
     // Limits and labels from the payload.
-    let out = docker(
-        &engine,
+    let out = engine.cli(
         &[
             "inspect",
             "-f",
@@ -137,7 +125,7 @@ fn container_lifecycle_2016() {
     env.wait_list("running again", |l| state_of(l, &id) == Some("running"));
     env.lc_ok(&["delete", &id]);
     env.wait_list("deleted", |l| state_of(l, &id).is_none());
-    let out = docker(&engine, &["inspect", &id]);
+    let out = engine.cli(&["inspect", &id]);
     assert!(!out.status.success(), "container still there");
     assert_eq!(env.instance_dirs(), 0);
 }
@@ -164,7 +152,7 @@ fn missing_image_is_an_image_failure_and_leaves_nothing() {
     wait_log(&env, "image_failure");
     env.wait_list("nothing listed", |l| state_of(l, &id).is_none());
     assert_eq!(env.instance_dirs(), 0);
-    assert!(!docker(&engine, &["inspect", &id]).status.success());
+    assert!(!engine.cli(&["inspect", &id]).status.success());
 }
 
 #[test]
@@ -197,7 +185,7 @@ fn kill9_with_5_containers_then_restart_finds_and_stops_them() {
         ids.iter().all(|i| state_of(l, i) == Some("exited"))
     });
     for id in &ids {
-        let out = docker(&engine, &["inspect", "-f", "{{.State.Running}}", id]);
+        let out = engine.cli(&["inspect", "-f", "{{.State.Running}}", id]);
         assert_eq!(text(&out.stdout).trim(), "false", "{id}");
         env.lc_ok(&["delete", id]);
     }
@@ -262,7 +250,7 @@ fn container_that_exits_by_itself_is_stopped_and_gone_2018() {
     wait_log(&env, "exited with code 4");
     env.wait_list("gone", |l| state_of(l, &id).is_none());
     let deadline = std::time::Instant::now() + WAIT;
-    while docker(&engine, &["inspect", &id]).status.success() {
+    while engine.cli(&["inspect", &id]).status.success() {
         assert!(
             std::time::Instant::now() < deadline,
             "container {id} still there"
@@ -275,7 +263,8 @@ fn container_that_exits_by_itself_is_stopped_and_gone_2018() {
 // ---- Reliability: each test below failed on the code before the fix ----
 
 fn container_exists(engine: &Engine, name: &str) -> bool {
-    docker(engine, &["inspect", "-f", "{{.Id}}", name])
+    engine
+        .cli(&["inspect", "-f", "{{.Id}}", name])
         .status
         .success()
 }
@@ -299,21 +288,18 @@ fn wait_for(what: &str, env: &Env, done: impl Fn() -> bool) {
 fn failed_start_never_removes_a_foreign_container() {
     let (engine, env, _serve, _addr, _launcher) = setup("2016");
     let id = uuid::Uuid::new_v4().to_string();
-    let made = docker(
-        &engine,
-        &[
-            "create",
-            "--name",
-            &id,
-            "--label",
-            "owner=someone-else",
-            "--network",
-            "none",
-            IMAGE,
-            "sleep",
-            "300",
-        ],
-    );
+    let made = engine.cli(&[
+        "create",
+        "--name",
+        &id,
+        "--label",
+        "owner=someone-else",
+        "--network",
+        "none",
+        IMAGE,
+        "sleep",
+        "300",
+    ]);
     assert!(made.status.success(), "{}", text(&made.stderr));
     let out = env.lc(&["start", "--docker-image", IMAGE, "--instance", &id]);
     assert!(out.status.success(), "{}", text(&out.stderr));
@@ -324,14 +310,11 @@ fn failed_start_never_removes_a_foreign_container() {
         container_exists(&engine, &id),
         "the foreign container was removed"
     );
-    let labels = docker(
-        &engine,
-        &["inspect", "-f", "{{index .Config.Labels \"owner\"}}", &id],
-    );
+    let labels = engine.cli(&["inspect", "-f", "{{index .Config.Labels \"owner\"}}", &id]);
     assert_eq!(text(&labels.stdout).trim(), "someone-else");
     env.wait_list("nothing listed", |l| state_of(l, &id).is_none());
     assert!(!env.dir.join("data/instances").join(&id).exists());
-    docker(&engine, &["rm", "-f", &id]);
+    engine.cli(&["rm", "-f", &id]);
 }
 
 /// The node UUID a launcher on `env` uses (its persisted identity).
@@ -356,44 +339,38 @@ fn recovery_removes_an_interrupted_starts_container() {
     std::fs::create_dir_all(env.dir.join("data/instances").join(&id)).expect("dir");
     let label_instance = format!("org.ciao.instance={id}");
     let label_node = format!("org.ciao.node={node}");
-    let made = docker(
-        &engine,
-        &[
-            "create",
-            "--name",
-            &id,
-            "--label",
-            &label_instance,
-            "--label",
-            &label_node,
-            "--network",
-            "none",
-            IMAGE,
-            "sleep",
-            "300",
-        ],
-    );
+    let made = engine.cli(&[
+        "create",
+        "--name",
+        &id,
+        "--label",
+        &label_instance,
+        "--label",
+        &label_node,
+        "--network",
+        "none",
+        IMAGE,
+        "sleep",
+        "300",
+    ]);
     assert!(made.status.success(), "{}", text(&made.stderr));
     // Another node's container with an instance label: not ours.
     let other = uuid::Uuid::new_v4().to_string();
     let other_label = format!("org.ciao.instance={other}");
-    let made = docker(
-        &engine,
-        &[
-            "create",
-            "--name",
-            &other,
-            "--label",
-            &other_label,
-            "--label",
-            "org.ciao.node=another-node",
-            "--network",
-            "none",
-            IMAGE,
-            "sleep",
-            "300",
-        ],
-    );
+    let made = engine.cli(&[
+        "create",
+        "--name",
+        &other,
+        "--label",
+        &other_label,
+        "--label",
+        "org.ciao.node=another-node",
+        "--network",
+        "none",
+        IMAGE,
+        "sleep",
+        "300",
+    ]);
     assert!(made.status.success(), "{}", text(&made.stderr));
 
     // The first launcher may have been killed before it said it runs (its
@@ -434,7 +411,7 @@ fn recovery_removes_an_interrupted_starts_container() {
     });
     env.lc_ok(&["delete", &id]);
     env.wait_list("deleted", |l| state_of(l, &id).is_none());
-    docker(&engine, &["rm", "-f", &other]);
+    engine.cli(&["rm", "-f", &other]);
 }
 
 fn launcher_again(env: &Env, engine: &Engine, addr: std::net::SocketAddr) -> Proc {
@@ -453,7 +430,7 @@ fn recovery_sees_a_vanished_container_for_what_it_is() {
     env.wait_list("exited", |l| state_of(l, &id) == Some("exited"));
     launcher.kill9();
     // The DELETE removed the container, then the launcher was killed.
-    assert!(docker(&engine, &["rm", "-f", &id]).status.success());
+    assert!(engine.cli(&["rm", "-f", &id]).status.success());
     let _launcher = launcher_again(&env, &engine, addr);
     env.wait_connected();
     // The list can be empty before the recovered instance's thread has

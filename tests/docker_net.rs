@@ -9,27 +9,17 @@
 
 mod common;
 
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::*;
 
 const SLEEPER: &str = "#cloud-config\nruncmd:\n  - [ sleep, \"600\" ]\n";
 
-fn docker(engine: &Engine, args: &[&str]) -> std::process::Output {
-    Command::new("docker")
-        .arg("-H")
-        .arg(format!("unix://{}", engine.socket.display()))
-        .args(args)
-        .output()
-        .expect("docker CLI")
-}
-
 /// `docker exec <id> <args>`'s stdout; it must succeed.
 fn exec_ok(engine: &Engine, id: &str, args: &[&str]) -> String {
     let mut all = vec!["exec", id];
     all.extend_from_slice(args);
-    let out = docker(engine, &all);
+    let out = engine.cli(&all);
     assert!(
         out.status.success(),
         "docker exec {id} {args:?}: {}{}",
@@ -41,12 +31,10 @@ fn exec_ok(engine: &Engine, id: &str, args: &[&str]) -> String {
 
 /// One ping from container `id` to `ip` (1 s timeout).
 fn pings(engine: &Engine, id: &str, ip: &str) -> bool {
-    docker(
-        engine,
-        &["exec", id, "busybox", "ping", "-c", "1", "-W", "1", ip],
-    )
-    .status
-    .success()
+    engine
+        .cli(&["exec", id, "busybox", "ping", "-c", "1", "-W", "1", ip])
+        .status
+        .success()
 }
 
 /// Pings until an answer, at most `tries` times (ARP may eat the first).
@@ -210,7 +198,7 @@ fn containers_ping_over_the_tenant_bridge_across_restart_kill9_and_dockerd_resta
     launcher.kill9();
     // Meanwhile b1 is restarted behind the launcher's back: it runs in a
     // new namespace without its NIC, which the new launcher notices.
-    let out = docker(&engine, &["restart", "-t", "0", &b1]);
+    let out = engine.cli(&["restart", "-t", "0", &b1]);
     assert!(
         out.status.success(),
         "docker restart: {}",
@@ -261,7 +249,7 @@ fn containers_ping_over_the_tenant_bridge_across_restart_kill9_and_dockerd_resta
     wait_until("no device of ours", || node.ns.our_links().is_empty());
     assert_eq!(node.ns.forward_rules(), 0);
     for id in [&a1, &a2, &b1] {
-        assert!(!docker(&engine, &["inspect", id]).status.success(), "{id}");
+        assert!(!engine.cli(&["inspect", id]).status.success(), "{id}");
     }
     drop(launcher);
 }
@@ -280,7 +268,7 @@ fn bad_container_networking_is_invalid_data_and_creates_nothing() {
         .wait_log_line(&[&no_ip, "StartFailure", "invalid_data"], WAIT);
     node.ns.assert_nothing_of_ours("after bad input");
     for id in [&bad_mac, &no_ip] {
-        assert!(!docker(&engine, &["inspect", id]).status.success(), "{id}");
+        assert!(!engine.cli(&["inspect", id]).status.success(), "{id}");
     }
     assert_eq!(node.events_n("Tenant Added"), 0);
 }
@@ -367,7 +355,7 @@ fn a_network_refusal_after_the_container_started_fails_the_start_and_leaves_noth
     node.env
         .wait_list("failed START gone", |l| state_of(l, &id).is_none());
     wait_until("its container removed", || {
-        !docker(&engine, &["inspect", &id]).status.success()
+        !engine.cli(&["inspect", &id]).status.success()
     });
     node.ns.assert_nothing_of_ours("rolled back");
     assert_eq!(node.events_n("Tenant Added"), 0);
@@ -401,7 +389,7 @@ fn a_restart_that_cannot_plug_the_nic_leaves_the_container_stopped() {
     // One outcome: not restarted, the container ended again.
     node.env
         .wait_list("exited again", |l| state_of(l, &id) == Some("exited"));
-    let running = docker(&engine, &["inspect", "-f", "{{.State.Running}}", &id]);
+    let running = engine.cli(&["inspect", "-f", "{{.State.Running}}", &id]);
     assert_eq!(
         text(&running.stdout).trim(),
         "false",

@@ -106,11 +106,7 @@ fn second_launcher_on_the_same_data_dir_is_refused() {
         .output()
         .expect("second launcher");
     assert_eq!(out.status.code(), Some(1), "{out:?}");
-    assert!(
-        text(&out.stderr).contains("another launcher"),
-        "{}",
-        text(&out.stderr)
-    );
+    assert_says(&out.stderr, "another launcher");
 }
 
 #[test]
@@ -130,11 +126,7 @@ fn hard_reset_removes_every_instance() {
         .output()
         .expect("hard reset");
     assert!(out.status.success(), "{out:?}");
-    assert!(
-        text(&out.stdout).contains("removed 3 instance(s)"),
-        "{}",
-        text(&out.stdout)
-    );
+    assert_says(&out.stdout, "removed 3 instance(s)");
     assert_eq!(env.instance_dirs(), 0);
 }
 
@@ -146,11 +138,7 @@ fn node_status_after_connect_start_and_disconnect() {
     let env = Env::new();
     let out = env.node_status();
     assert_eq!(out.status.code(), Some(1), "{out:?}");
-    assert!(
-        text(&out.stderr).contains("no status file"),
-        "{}",
-        text(&out.stderr)
-    );
+    assert_says(&out.stderr, "no status file");
 
     let (serve, addr) = env.serve("127.0.0.1:0", "2016");
     let launcher = env.launcher(addr, "2016");
@@ -222,11 +210,7 @@ fn node_status_after_connect_start_and_disconnect() {
     assert_eq!(launcher.terminate(Duration::from_secs(5)), Some(0));
     let out = env.node_status();
     assert!(out.status.success(), "{out:?}");
-    assert!(
-        text(&out.stdout).contains("launcher: not running"),
-        "{}",
-        text(&out.stdout)
-    );
+    assert_says(&out.stdout, "launcher: not running");
 }
 
 #[test]

@@ -195,11 +195,7 @@ fn hard_reset_removes_our_devices_and_leaves_a_foreign_aliased_link() {
         .output()
         .expect("hard reset");
     assert!(out.status.success(), "{}", text(&out.stderr));
-    assert!(
-        text(&out.stdout).contains("removed network devices"),
-        "{}",
-        text(&out.stdout)
-    );
+    assert_says(&out.stdout, "removed network devices");
     assert_eq!(node.ns.our_links(), vec!["sbr_f00".to_string()]);
     assert_eq!(node.ns.forward_rules(), 0);
 }

@@ -757,25 +757,10 @@ impl FakeContainer {
         self.child.id()
     }
 
-    /// `ip -n <ns> <args>`'s output (must succeed).
-    fn ip_out(&self, args: &str) -> String {
-        let out = Command::new("ip")
-            .args(["-n", &self.ns.name])
-            .args(args.split_whitespace())
-            .output()
-            .expect("run ip");
-        assert!(
-            out.status.success(),
-            "ip -n {} {args}: {}",
-            self.ns.name,
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    }
-
     /// Names of the links inside.
     fn link_names(&self) -> Vec<String> {
-        self.ip_out("-o link show")
+        self.ns
+            .ip_out("-o link show")
             .lines()
             .filter_map(|l| l.split(": ").nth(1))
             .map(|n| n.split('@').next().unwrap_or(n).to_string())
@@ -832,13 +817,13 @@ fn container(instance: &str, tenant: &str, conc: &str, ip: &str, mac: &str) -> V
 
 /// `eth0` inside `c` is the tenant NIC of `ip` with `mac`, read with `ip`.
 fn assert_eth0(c: &FakeContainer, ip: &str, mac: &str) {
-    let link = c.ip_out("link show eth0");
+    let link = c.ns.ip_out("link show eth0");
     assert!(link.contains(" mtu 1400 "), "{link}");
     assert!(link.contains(&format!("link/ether {mac} ")), "{link}");
     assert!(link.contains(",UP,") || link.contains("<UP,"), "{link}");
-    let addr = c.ip_out("-4 -o addr show dev eth0");
+    let addr = c.ns.ip_out("-4 -o addr show dev eth0");
     assert!(addr.contains(&format!("inet {ip}/21 ")), "{addr}");
-    let route = c.ip_out("-4 route show default");
+    let route = c.ns.ip_out("-4 route show default");
     assert_eq!(
         route.split_whitespace().take(5).collect::<Vec<_>>(),
         ["default", "via", "192.168.8.1", "dev", "eth0"],

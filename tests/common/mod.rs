@@ -528,6 +528,14 @@ pub fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
 }
 
+/// Asserts that a command's output (`stdout` or `stderr`) says `needle`,
+/// and shows the whole output when it does not.
+#[track_caller]
+pub fn assert_says(output: &[u8], needle: &str) {
+    let t = text(output);
+    assert!(t.contains(needle), "{needle:?} not in:\n{t}");
+}
+
 pub fn lines_of(r: impl std::io::Read + Send + 'static) -> Receiver<String> {
     let (tx, rx) = crossbeam_channel::unbounded();
     std::thread::spawn(move || {
@@ -555,6 +563,17 @@ pub struct Engine {
 }
 
 impl Engine {
+    /// `docker -H <this engine> args…`, its output (the CLI of the private
+    /// engine, never the host's).
+    pub fn cli(&self, args: &[&str]) -> std::process::Output {
+        Command::new("docker")
+            .arg("-H")
+            .arg(format!("unix://{}", self.socket.display()))
+            .args(args)
+            .output()
+            .expect("docker CLI")
+    }
+
     /// The pid of this engine's dockerd, if it runs (from its pidfile,
     /// checked against the process's command line: pids get reused).
     pub fn daemon_pid(&self) -> Option<i32> {
