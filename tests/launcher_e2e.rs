@@ -143,13 +143,7 @@ fn node_status_after_connect_start_and_disconnect() {
     let (serve, addr) = env.serve("127.0.0.1:0", "2016");
     let launcher = env.launcher(addr, "2016");
     env.wait_connected();
-    let stats = env.lc_ok(&["stats"]);
-    let node = stats
-        .lines()
-        .nth(1)
-        .and_then(|l| l.split_whitespace().next())
-        .expect("a node in stats")
-        .to_string();
+    let node = env.node_uuid();
     let s = env.wait_node_status("connected", |s| {
         s.get("connected").map(String::as_str) == Some("yes")
     });
@@ -219,13 +213,7 @@ fn watch_node_streams_only_that_nodes_events() {
     let (_serve, addr) = env.serve("127.0.0.1:0", "2016");
     let _launcher = env.launcher(addr, "2016");
     env.wait_connected();
-    let stats = env.lc_ok(&["stats"]);
-    let node = stats
-        .lines()
-        .nth(1)
-        .and_then(|l| l.split_whitespace().next())
-        .expect("the launcher's node UUID")
-        .to_string();
+    let node = env.node_uuid();
     let other = uuid::Uuid::new_v4().to_string();
     let watch = |n: &str| {
         let mut child = Command::new(LC)

@@ -234,6 +234,18 @@ impl Env {
         text(&out.stdout)
     }
 
+    /// The connected node's UUID, as `ciao-lc stats` shows it (first column
+    /// of the first row under the heading).
+    pub fn node_uuid(&self) -> String {
+        let stats = self.lc_ok(&["stats"]);
+        stats
+            .lines()
+            .nth(1)
+            .and_then(|l| l.split_whitespace().next())
+            .unwrap_or_else(|| panic!("no node in ciao-lc stats:\n{stats}"))
+            .to_string()
+    }
+
     /// (instance, state) from `ciao-lc list`.
     pub fn list(&self) -> Vec<(String, String)> {
         let out = self.lc(&["list"]);
