@@ -926,7 +926,9 @@ impl Instance {
         state: Option<Vec<u8>>,
     ) -> (Result<(), VirtError>, Result<(), StateError>) {
         let (store, id, vm, cfg) = (&self.ctx.store, &self.id, &mut self.vm, &self.cfg);
-        let save = || match &state {
+        // Called once; the server's text is handed over to the store.
+        let mut state = Some(state);
+        let mut save = || match state.take().flatten() {
             Some(text) => store.save_encoded(id, text),
             None => store.save_config(id, cfg, false),
         };

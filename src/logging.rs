@@ -22,9 +22,18 @@
 //! connect/disconnect loop alternates two of them. A peer that makes the
 //! launcher fail the same way over and over thus costs a few lines a minute,
 //! not a gigabyte a day.
+//!
+//! Logging allocates nothing for an ordinary line: a line is formatted into
+//! a buffer on the stack (the heap only for a line longer than
+//! [`STACK_LINE`]), and the rate limit keys lines by a 64-bit hash, keeping
+//! a line's text only once a repetition of it is left out. Instance threads
+//! log from START paths, and every chunk a thread frees stays in its glibc
+//! cache for as long as it lives.
 
 use std::collections::HashMap;
+use std::fmt;
 use std::fs::{self, File, OpenOptions};
+use std::hash::{DefaultHasher, Hash, Hasher};
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -81,13 +90,21 @@ impl Log for GlogLogger {
         if to_file.is_none() && !to_stderr {
             return;
         }
-        let line = format_line(record, SystemTime::now());
+        let now = SystemTime::now();
+        let mut stack = StackLine::default();
+        let long;
+        let line = if write_line(&mut stack, record, now).is_ok() {
+            stack.bytes()
+        } else {
+            long = format_line(record, now);
+            long.as_bytes()
+        };
         if let Some((_, file)) = to_file {
             let mut f = file.lock().unwrap_or_else(|p| p.into_inner());
-            let _ = f.write_all(line.as_bytes());
+            let _ = f.write_all(line);
         }
         if to_stderr {
-            let _ = io::stderr().lock().write_all(line.as_bytes());
+            let _ = io::stderr().lock().write_all(line);
         }
     }
 
@@ -109,23 +126,74 @@ pub fn letter(level: log::Level) -> char {
     }
 }
 
+/// Longest line formatted on the stack.
+pub const STACK_LINE: usize = 256;
+
+/// A line being formatted on the stack; writing past [`STACK_LINE`] fails.
+struct StackLine {
+    buf: [u8; STACK_LINE],
+    len: usize,
+}
+
+impl Default for StackLine {
+    fn default() -> Self {
+        StackLine {
+            buf: [0; STACK_LINE],
+            len: 0,
+        }
+    }
+}
+
+impl StackLine {
+    fn bytes(&self) -> &[u8] {
+        &self.buf[..self.len]
+    }
+}
+
+impl fmt::Write for StackLine {
+    fn write_str(&mut self, s: &str) -> fmt::Result {
+        let end = self.len + s.len();
+        let room = self.buf.get_mut(self.len..end).ok_or(fmt::Error)?;
+        room.copy_from_slice(s.as_bytes());
+        self.len = end;
+        Ok(())
+    }
+}
+
+/// The calling thread's name, or its kernel id when unnamed.
+struct ThreadName(std::thread::Thread);
+
+impl fmt::Display for ThreadName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.0.name() {
+            Some(n) => f.write_str(n),
+            None => write!(f, "{}", nix::unistd::gettid()),
+        }
+    }
+}
+
 /// One line, newline included.
 pub fn format_line(record: &Record, now: SystemTime) -> String {
+    let mut line = String::new();
+    // Writing to a String cannot fail.
+    let _ = write_line(&mut line, record, now);
+    line
+}
+
+/// Writes one line, newline included, to `out`.
+fn write_line(out: &mut impl fmt::Write, record: &Record, now: SystemTime) -> fmt::Result {
     let since = now.duration_since(UNIX_EPOCH).unwrap_or_default();
     let secs = since.as_secs();
     let (_, month, day) = civil_from_days((secs / 86_400) as i64);
     let sod = secs % 86_400;
-    let thread = std::thread::current();
-    let name = match thread.name() {
-        Some(n) => n.to_string(),
-        None => nix::unistd::gettid().to_string(),
-    };
+    let name = ThreadName(std::thread::current());
     let file = record
         .file()
         .map(|f| f.rsplit('/').next().unwrap_or(f))
         .unwrap_or("?");
-    format!(
-        "{}{month:02}{day:02} {:02}:{:02}:{:02}.{:06} {name} {file}:{}] {}\n",
+    writeln!(
+        out,
+        "{}{month:02}{day:02} {:02}:{:02}:{:02}.{:06} {name} {file}:{}] {}",
         letter(record.level()),
         sod / 3600,
         sod / 60 % 60,
@@ -216,12 +284,49 @@ const MAX_KEYS: usize = 256;
 /// The time source of [`RateLimited`] (injected in tests).
 pub type Clock = Arc<dyn Fn() -> Instant + Send + Sync>;
 
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-struct Key {
+/// A line's identity: a 64-bit hash of its level, target, thread and text,
+/// made without formatting the text into memory. (Two different lines
+/// with the same hash would share one count: a chance of 2⁻⁶⁴ per pair.)
+type Key = u64;
+
+fn key_of(record: &Record<'_>) -> Key {
+    /// Feeds formatted text to the hasher as it is produced.
+    struct Feed<'a>(&'a mut DefaultHasher);
+    impl fmt::Write for Feed<'_> {
+        fn write_str(&mut self, s: &str) -> fmt::Result {
+            self.0.write(s.as_bytes());
+            Ok(())
+        }
+    }
+    let mut h = DefaultHasher::new();
+    record.level().hash(&mut h);
+    record.target().hash(&mut h);
+    std::thread::current().name().hash(&mut h);
+    let _ = fmt::write(&mut Feed(&mut h), *record.args());
+    h.finish()
+}
+
+/// What a summary line repeats: kept once a repetition is left out.
+#[derive(Debug)]
+struct Sample {
     level: Level,
     target: String,
     thread: String,
     text: String,
+}
+
+impl Sample {
+    fn of(record: &Record<'_>) -> Box<Sample> {
+        Box::new(Sample {
+            level: record.level(),
+            target: record.target().to_owned(),
+            thread: std::thread::current()
+                .name()
+                .unwrap_or("unnamed")
+                .to_owned(),
+            text: record.args().to_string(),
+        })
+    }
 }
 
 #[derive(Debug)]
@@ -232,6 +337,8 @@ struct Entry {
     suppressed: u64,
     /// Order of first sight, to forget the oldest.
     order: u64,
+    /// The line, from its first left-out repetition on.
+    sample: Option<Box<Sample>>,
 }
 
 #[derive(Debug, Default)]
@@ -280,17 +387,20 @@ impl<L: Log> RateLimited<L> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// The line that stands for `n` left-out repetitions of `key`.
-    fn summary(&self, key: &Key, n: u64) {
+    /// The line that stands for `n` left-out repetitions of `sample`.
+    fn summary(&self, sample: Option<Box<Sample>>, n: u64) {
+        let Some(s) = sample.filter(|_| n > 0) else {
+            return;
+        };
         self.inner.log(
             &Record::builder()
-                .level(key.level)
-                .target(&key.target)
+                .level(s.level)
+                .target(&s.target)
                 .args(format_args!(
                     "last message repeated {n} times in {}s ({}): {}",
                     self.window.as_secs(),
-                    key.thread,
-                    key.text
+                    s.thread,
+                    s.text
                 ))
                 .build(),
         );
@@ -299,22 +409,23 @@ impl<L: Log> RateLimited<L> {
     /// Writes the counts of windows that are over (all of them if `all`).
     fn sweep(&self, st: &mut State, now: Instant, all: bool) {
         let window = self.window;
-        let mut due: Vec<(Key, u64)> = Vec::new();
-        st.entries.retain(|k, e| {
+        let mut due: Vec<(Option<Box<Sample>>, u64)> = Vec::new();
+        st.entries.retain(|_, e| {
             let over = now.saturating_duration_since(e.window_start) >= window;
             if (over || all) && e.suppressed > 0 {
-                due.push((k.clone(), e.suppressed));
+                due.push((e.sample.take(), std::mem::take(&mut e.suppressed)));
             }
             !over && !all
         });
-        for (k, n) in due {
-            self.summary(&k, n);
+        for (sample, n) in due {
+            self.summary(sample, n);
         }
         st.last_sweep = Some(now);
     }
 
-    /// Whether to write this line now (counting it either way).
-    fn admit(&self, key: Key, now: Instant) -> bool {
+    /// Whether to write `record` (whose key is `key`) now, counting it
+    /// either way.
+    fn admit(&self, key: Key, record: &Record<'_>, now: Instant) -> bool {
         let mut st = self.lock();
         if st
             .last_sweep
@@ -326,17 +437,19 @@ impl<L: Log> RateLimited<L> {
             if now.saturating_duration_since(e.window_start) < self.window {
                 e.seen = e.seen.saturating_add(1);
                 if e.seen > self.burst {
+                    if e.sample.is_none() {
+                        e.sample = Some(Sample::of(record));
+                    }
                     e.suppressed += 1;
                     return false;
                 }
                 return true;
             }
             let n = std::mem::take(&mut e.suppressed);
+            let sample = e.sample.take();
             e.window_start = now;
             e.seen = 1;
-            if n > 0 {
-                self.summary(&key, n);
-            }
+            self.summary(sample, n);
             return true;
         }
         if st.entries.len() >= MAX_KEYS {
@@ -344,12 +457,9 @@ impl<L: Log> RateLimited<L> {
                 .entries
                 .iter()
                 .min_by_key(|(_, e)| e.order)
-                .map(|(k, e)| (k.clone(), e.suppressed));
-            if let Some((k, n)) = oldest {
-                st.entries.remove(&k);
-                if n > 0 {
-                    self.summary(&k, n);
-                }
+                .map(|(&k, _)| k);
+            if let Some(e) = oldest.and_then(|k| st.entries.remove(&k)) {
+                self.summary(e.sample, e.suppressed);
             }
         }
         let order = st.next_order;
@@ -361,6 +471,7 @@ impl<L: Log> RateLimited<L> {
                 seen: 1,
                 suppressed: 0,
                 order,
+                sample: None,
             },
         );
         true
@@ -376,16 +487,7 @@ impl<L: Log> Log for RateLimited<L> {
         if !self.inner.enabled(record.metadata()) {
             return;
         }
-        let key = Key {
-            level: record.level(),
-            target: record.target().to_string(),
-            thread: std::thread::current()
-                .name()
-                .unwrap_or("unnamed")
-                .to_string(),
-            text: record.args().to_string(),
-        };
-        if self.admit(key, (self.clock)()) {
+        if self.admit(key_of(record), record, (self.clock)()) {
             self.inner.log(record);
         }
     }
@@ -439,6 +541,29 @@ mod tests {
             line,
             "W1207 02:15:00.000042 overseer qemu.rs:42] a message\n"
         );
+    }
+
+    #[test]
+    fn lines_past_the_stack_buffer_are_written_whole() {
+        let path = std::env::temp_dir().join(format!("ciao-log-{}", std::process::id()));
+        let file = File::create(&path).expect("log file");
+        let logger = GlogLogger::new(Some((LevelFilter::Info, file)), LevelFilter::Off);
+        let short = "s".repeat(10);
+        let long = "l".repeat(STACK_LINE * 3);
+        for text in [&short, &long] {
+            logger.log(
+                &Record::builder()
+                    .level(log::Level::Info)
+                    .args(format_args!("{text}"))
+                    .build(),
+            );
+        }
+        let written = fs::read_to_string(&path).expect("read log");
+        let _ = fs::remove_file(&path);
+        let lines: Vec<&str> = written.lines().collect();
+        assert_eq!(lines.len(), 2, "{written}");
+        assert!(lines[0].ends_with(&format!("] {short}")), "{written}");
+        assert!(lines[1].ends_with(&format!("] {long}")), "{written}");
     }
 
     #[test]

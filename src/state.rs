@@ -63,6 +63,7 @@
 //! `..`, contain `/` or NUL, or be absolute) and refuses an instance directory
 //! that is a symbolic link, so a path never leaves `instances/`.
 
+use std::borrow::Cow;
 use std::ffi::OsString;
 use std::fmt;
 use std::fs::{self, DirBuilder, File, OpenOptions, Permissions};
@@ -187,29 +188,34 @@ impl std::error::Error for StateError {
     }
 }
 
-/// The canonical form of `id`, or `BadId`.
-fn canonical(id: &str) -> Result<String, StateError> {
-    valid_instance_id(id).ok_or_else(|| StateError::BadId(id.to_owned()))
+/// The canonical form of `id`, or `BadId`; borrowed when `id` already is
+/// canonical (an instance thread's own id always is), so that checking it
+/// allocates nothing.
+fn canonical(id: &str) -> Result<Cow<'_, str>, StateError> {
+    if is_uuid_shape(id) {
+        if id.bytes().any(|b| b.is_ascii_uppercase()) {
+            return Ok(Cow::Owned(id.to_ascii_lowercase()));
+        }
+        return Ok(Cow::Borrowed(id));
+    }
+    Err(StateError::BadId(id.to_owned()))
+}
+
+/// Whether `id` is a strict hyphenated UUID, in any case.
+fn is_uuid_shape(id: &str) -> bool {
+    let bytes = id.as_bytes();
+    bytes.len() == 36
+        && bytes.iter().enumerate().all(|(i, &b)| match i {
+            8 | 13 | 18 | 23 => b == b'-',
+            _ => b.is_ascii_hexdigit(),
+        })
 }
 
 /// The canonical (lower-case) form of a strict hyphenated UUID
 /// (`8-4-4-4-12` hex digits, 36 characters), or `None`. Braced, URN and
 /// un-hyphenated forms are refused: only the canonical form is a path name.
 pub fn valid_instance_id(id: &str) -> Option<String> {
-    let bytes = id.as_bytes();
-    if bytes.len() != 36 {
-        return None;
-    }
-    for (i, &b) in bytes.iter().enumerate() {
-        let ok = match i {
-            8 | 13 | 18 | 23 => b == b'-',
-            _ => b.is_ascii_hexdigit(),
-        };
-        if !ok {
-            return None;
-        }
-    }
-    Some(id.to_ascii_lowercase())
+    is_uuid_shape(id).then(|| id.to_ascii_lowercase())
 }
 
 /// The instances directory of one data directory; cheap to clone and share
@@ -236,6 +242,16 @@ impl Store {
         &self.instances
     }
 
+    /// `instances/<canon>`, allocated once at its final size (a path that
+    /// grows as it is joined leaves its smaller buffers freed on the
+    /// calling thread, where glibc keeps them for the thread's life).
+    fn dir_of(&self, canon: &str) -> PathBuf {
+        let mut dir = PathBuf::with_capacity(self.instances.as_os_str().len() + 1 + canon.len());
+        dir.push(&self.instances);
+        dir.push(canon);
+        dir
+    }
+
     /// Creates the instances directory (and missing parents), mode 0755.
     pub fn ensure_dirs(&self) -> Result<(), StateError> {
         DirBuilder::new()
@@ -248,8 +264,7 @@ impl Store {
     /// `instances/<canonical id>`, after checking the id, and that the
     /// directory, if it exists, is a real directory (not a symbolic link).
     pub fn instance_dir(&self, id: &str) -> Result<PathBuf, StateError> {
-        let canon = valid_instance_id(id).ok_or_else(|| StateError::BadId(id.to_owned()))?;
-        let dir = self.instances.join(canon);
+        let dir = self.dir_of(&canonical(id)?);
         match fs::symlink_metadata(&dir) {
             Ok(m) if m.file_type().is_symlink() => Err(StateError::corrupt(
                 &dir,
@@ -267,9 +282,9 @@ impl Store {
     /// existing one (directory, file or symbolic link) gives
     /// [`StateError::Exists`]: two STARTs of one id cannot share a directory.
     pub fn create_instance_dir(&self, id: &str) -> Result<PathBuf, StateError> {
-        let canon = valid_instance_id(id).ok_or_else(|| StateError::BadId(id.to_owned()))?;
+        let canon = canonical(id)?;
         self.ensure_dirs()?;
-        let dir = self.instances.join(canon);
+        let dir = self.dir_of(&canon);
         match DirBuilder::new().mode(DIR_MODE).create(&dir) {
             Ok(()) => Ok(dir),
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Err(StateError::Exists(dir)),
@@ -287,7 +302,7 @@ impl Store {
         if self.journal.is_none() {
             return self.create_instance_dir(id);
         }
-        let dir = self.instances.join(canonical(id)?);
+        let dir = self.dir_of(&canonical(id)?);
         match fs::symlink_metadata(&dir) {
             Ok(_) => Err(StateError::Exists(dir)),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(dir),
@@ -310,20 +325,29 @@ impl Store {
         config: &InstanceConfig,
         stopped: bool,
     ) -> Result<(), StateError> {
-        let path = self.instance_dir(id)?.join(STATE_FILE);
-        let text = encode(config, stopped).map_err(|e| StateError::corrupt(&path, e))?;
-        self.save_encoded(id, &text)
+        let text = encode(config, stopped)
+            .map_err(|e| StateError::corrupt(&self.state_path(id).unwrap_or_default(), e))?;
+        self.save_encoded(id, text)
+    }
+
+    /// `instances/<id>/state`, after the checks of [`Store::instance_dir`].
+    fn state_path(&self, id: &str) -> Result<PathBuf, StateError> {
+        Ok(self.instance_dir(id)?.join(STATE_FILE))
     }
 
     /// Writes `text`, made by [`encode`], as the state of `id`: durable
     /// when this returns (in the journal, or in the file itself).
-    pub fn save_encoded(&self, id: &str, text: &[u8]) -> Result<(), StateError> {
-        let path = self.instance_dir(id)?.join(STATE_FILE);
+    ///
+    /// The text is handed over, not copied: with a journal it is freed on
+    /// the journal thread, and the caller (an instance thread) keeps no
+    /// freed buffer of its size. The journal thread checks the directory.
+    pub fn save_encoded(&self, id: &str, text: Vec<u8>) -> Result<(), StateError> {
         if let Some(j) = &self.journal {
-            return j.write(&canonical(id)?, Entry::State(text.to_vec()));
+            return j.write(&canonical(id)?, Entry::State(text));
         }
+        let path = self.state_path(id)?;
         let first = fs::symlink_metadata(&path).is_err();
-        write_atomic(&path, text, STATE_MODE).map_err(|e| StateError::io(&path, e))?;
+        write_atomic(&path, &text, STATE_MODE).map_err(|e| StateError::io(&path, e))?;
         if first {
             // The instance directory's own entry in instances/.
             sync_dir(&self.instances).map_err(|e| StateError::io(&self.instances, e))?;

@@ -313,6 +313,7 @@ impl Journal {
             syncs: Arc::default(),
             settings,
             buf: Vec::new(),
+            answered: Default::default(),
         };
         Ok((
             Journal {
@@ -543,6 +544,12 @@ struct Writer {
     syncs: Arc<AtomicU64>,
     settings: JournalSettings,
     buf: Vec<u8>,
+    /// The reply senders of the last two batches (older, newer). A writer
+    /// drops its receiver as soon as it has the answer; dropping the sender
+    /// a batch later frees the reply channel here rather than on the
+    /// writer's thread, where glibc would keep the freed chunks in that
+    /// thread's cache for as long as it lives (an idle instance thread).
+    answered: [Vec<Sender<Result<(), StateError>>>; 2],
 }
 
 /// A write accepted into the current batch, and where its text begins in
@@ -623,6 +630,7 @@ impl Writer {
                         None
                     }
                     recv(timer) -> _ => {
+                        self.answered = Default::default();
                         begun = chore;
                         continue;
                     }
@@ -656,6 +664,8 @@ impl Writer {
         let mut accepted: Vec<Accepted> = Vec::new();
         let mut compacts = Vec::new();
         self.buf.clear();
+        let [older, newer] = &mut self.answered;
+        *older = std::mem::take(newer);
         let mut next = Some(first);
         while let Some(req) = next.take() {
             match req {
@@ -689,6 +699,7 @@ impl Writer {
                         };
                         self.note(id, p);
                         let _ = reply.send(Ok(()));
+                        self.answered[1].push(reply);
                     }
                 }
                 Err(e) => {
@@ -995,7 +1006,7 @@ mod tests {
         assert!(scanned(&store).is_empty());
         // A write after that is a batch of its own.
         store
-            .save_encoded(&ids[0], &state_of(&ids[0], true))
+            .save_encoded(&ids[0], state_of(&ids[0], true))
             .unwrap();
         assert_eq!(thread.syncs(), 2);
         // Compaction writes the files, fsyncs them, truncates the journal.
@@ -1028,10 +1039,10 @@ mod tests {
         let ids: Vec<String> = (0..6).map(id_n).collect();
         for id in &ids {
             store.create_instance_dir(id).unwrap();
-            store.save_encoded(id, &state_of(id, false)).unwrap();
+            store.save_encoded(id, state_of(id, false)).unwrap();
         }
         store
-            .save_encoded(&ids[1], &state_of(&ids[1], true))
+            .save_encoded(&ids[1], state_of(&ids[1], true))
             .unwrap();
         // ids[2] is deleted (state, then the directory).
         store.remove_state(&ids[2]).unwrap();
@@ -1040,7 +1051,7 @@ mod tests {
         store.remove(&ids[3]).unwrap();
         store.create_instance_dir(&ids[3]).unwrap();
         store
-            .save_encoded(&ids[3], &state_of(&ids[3], true))
+            .save_encoded(&ids[3], state_of(&ids[3], true))
             .unwrap();
         // Stopped before compaction, writing the state files (no fsync).
         thread.stop_writing_files();
@@ -1101,11 +1112,11 @@ mod tests {
         let thread = journal.spawn().unwrap();
         let (a, b) = (id_n(1), id_n(2));
         store.create_instance_dir(&a).unwrap();
-        store.save_encoded(&a, &state_of(&a, false)).unwrap();
+        store.save_encoded(&a, state_of(&a, false)).unwrap();
         let path = tmp.0.join(JOURNAL_FILE);
         let first = fs::metadata(&path).unwrap().len() as usize;
         store.create_instance_dir(&b).unwrap();
-        store.save_encoded(&b, &state_of(&b, true)).unwrap();
+        store.save_encoded(&b, state_of(&b, true)).unwrap();
         thread.stop();
         let whole = fs::read(&path).unwrap();
         let inst = store.instances_dir().to_path_buf();
@@ -1135,7 +1146,7 @@ mod tests {
         let (j, _) = Journal::open(&tmp.0, manual()).unwrap();
         let store = j.store();
         let thread = j.spawn().unwrap();
-        store.save_encoded(&b, &state_of(&b, true)).unwrap();
+        store.save_encoded(&b, state_of(&b, true)).unwrap();
         thread.stop();
         fs::remove_dir_all(inst.join(&b)).unwrap();
         let (j, replayed) = Journal::open(&tmp.0, manual()).unwrap();
@@ -1164,16 +1175,16 @@ mod tests {
         let outside = tmp.0.join("outside");
         fs::create_dir(&outside).unwrap();
         std::os::unix::fs::symlink(&outside, store.instances_dir().join(&a)).unwrap();
-        let e = store.save_encoded(&a, &state_of(&a, false)).unwrap_err();
+        let e = store.save_encoded(&a, state_of(&a, false)).unwrap_err();
         assert!(matches!(e, StateError::Corrupt { .. }), "{e}");
         fs::remove_file(store.instances_dir().join(&a)).unwrap();
         // A missing one is made with the state file.
-        store.save_encoded(&a, &state_of(&a, false)).unwrap();
+        store.save_encoded(&a, state_of(&a, false)).unwrap();
         thread.stop_writing_files();
         assert!(!store.load(&a).unwrap().stopped);
         assert_eq!(fs::read_dir(&outside).unwrap().count(), 0);
         let t = Instant::now();
-        let e = store.save_encoded(&a, &state_of(&a, false)).unwrap_err();
+        let e = store.save_encoded(&a, state_of(&a, false)).unwrap_err();
         assert!(e.to_string().contains("stopped"), "{e}");
         assert!(t.elapsed() < WAIT);
     }
