@@ -325,9 +325,10 @@ impl Store {
         config: &InstanceConfig,
         stopped: bool,
     ) -> Result<(), StateError> {
+        let canon = canonical(id)?;
         let text = encode(config, stopped)
-            .map_err(|e| StateError::corrupt(&self.state_path(id).unwrap_or_default(), e))?;
-        self.save_encoded(id, text)
+            .map_err(|e| StateError::corrupt(&self.dir_of(&canon).join(STATE_FILE), e))?;
+        self.save_encoded(&canon, text)
     }
 
     /// `instances/<id>/state`, after the checks of [`Store::instance_dir`].
