@@ -579,6 +579,40 @@ fn bulk_transfer_larger_than_every_buffer_in_both_directions() {
 }
 
 #[test]
+fn close_is_not_held_by_frames_nobody_reads() {
+    // The consumer stops reading with its queue full and the io thread
+    // waiting to hand over the next frame (a SIGTERM in a START burst):
+    // closing the client must still end the io thread.
+    let pki = Pki::new();
+    let server = server_with(pki.ca_identity(), pki.anchors(), |_| {});
+    let client = client_with(
+        pki.leaf(Role::AGENT),
+        pki.anchors(),
+        server.local_addr(),
+        |_| {},
+    );
+    expect_connected(&client);
+    let (uuid, _) = expect_server_connected(&server);
+    for i in 0..2_000 {
+        server
+            .send(&uuid, frame(1, server.uuid(), &format!("frame {i}")))
+            .expect("queued");
+    }
+    let deadline = Instant::now() + WAIT;
+    while !client.events().is_full() {
+        assert!(Instant::now() < deadline, "the client's queue never filled");
+        thread::yield_now();
+    }
+    let (done_tx, done) = crossbeam_channel::bounded(1);
+    thread::spawn(move || {
+        client.close();
+        let _ = done_tx.send(());
+    });
+    done.recv_timeout(WAIT)
+        .expect("close() held by frames waiting for a consumer that stopped reading");
+}
+
+#[test]
 fn saturated_outbound_queue_keeps_draining() {
     // A sender that keeps the queue full while the io thread alternates
     // between a full socket and an empty one: the io thread must never park

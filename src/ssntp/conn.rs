@@ -48,6 +48,9 @@ const TLS_BUFFER_LIMIT: usize = 256 * 1024;
 const READ_CHUNK: usize = 64 * 1024;
 /// Plaintext encoded ahead before handing it to rustls in one go.
 const WRITE_BATCH: usize = 64 * 1024;
+/// The capacity of drained plaintext kept for the next frames: a batch and
+/// a frame of ordinary size.
+const PENDING_KEEP: usize = 2 * WRITE_BATCH;
 /// How long a begun gob message may take to arrive in full (module doc).
 /// SSNTP frames are kilobytes; even a 16 MiB one needs only ~280 KB/s.
 pub const DEFAULT_FRAME_TIMEOUT: Duration = Duration::from_secs(60);
@@ -413,6 +416,12 @@ impl Transport {
         if self.pending_off == self.pending.len() {
             self.pending.clear();
             self.pending_off = 0;
+            // A large frame (a STATS of thousands of instances) grew the
+            // buffer: give that back rather than keep it for the
+            // connection's life.
+            if self.pending.capacity() > PENDING_KEEP {
+                self.pending = Vec::new();
+            }
         }
         self.enc.encode(v, &mut self.pending);
     }

@@ -918,13 +918,45 @@ impl<'a> StructWriter<'a> {
     }
 }
 
+/// The longest gob unsigned integer: a count byte and eight bytes.
+const MAX_UINT_LEN: usize = 9;
+
+/// Appends one gob message to `out`: its length, then what `body` writes.
+/// The body is written in place, after room for the longest length, and
+/// moved down once its length is known. No second buffer: one would keep
+/// the capacity of the largest message ever sent (a STATS of thousands of
+/// instances is most of a megabyte) for the connection's life.
+fn append_message(out: &mut Vec<u8>, body: impl FnOnce(&mut Vec<u8>)) {
+    let start = out.len();
+    out.extend_from_slice(&[0; MAX_UINT_LEN]);
+    body(out);
+    let len = out.len() - start - MAX_UINT_LEN;
+    let mut head = [0u8; MAX_UINT_LEN];
+    let n = uint_into(&mut head, len as u64);
+    out.copy_within(start + MAX_UINT_LEN.., start + n);
+    out.truncate(start + n + len);
+    out[start..start + n].copy_from_slice(&head[..n]);
+}
+
+/// Writes `v` as a gob unsigned integer at the start of `buf`; its length.
+fn uint_into(buf: &mut [u8; MAX_UINT_LEN], v: u64) -> usize {
+    if v < 0x80 {
+        buf[0] = v as u8;
+        return 1;
+    }
+    let n = 8 - (v.leading_zeros() / 8) as usize;
+    // The count byte is the negated length, as in `write_uint`.
+    buf[0] = (256 - n) as u8;
+    buf[1..=n].copy_from_slice(&v.to_be_bytes()[8 - n..]);
+    n + 1
+}
+
 /// A gob stream encoder for one connection direction.
 #[derive(Debug)]
 pub struct Encoder {
     next_id: TypeId,
     /// (type name, id, definition sent); a handful of entries, so a Vec.
     types: Vec<(&'static str, TypeId, bool)>,
-    scratch: Vec<u8>,
 }
 
 impl Default for Encoder {
@@ -945,7 +977,6 @@ impl Encoder {
         Encoder {
             next_id: first_id.max(ids::FIRST_USER),
             types: Vec::new(),
-            scratch: Vec::new(),
         }
     }
 
@@ -1004,61 +1035,59 @@ impl Encoder {
         self.types[i].2 = true;
         let id = self.types[i].1;
 
-        let mut body = std::mem::take(&mut self.scratch);
-        body.clear();
-        write_int(&mut body, -id);
-        let common = |w: &mut StructWriter<'_>| {
-            w.field(0);
-            let mut c = StructWriter::new(w.out);
-            c.bytes(0, t.name().as_bytes());
-            c.int(1, id);
-            c.end();
-        };
-        let mut wt = StructWriter::new(&mut body);
-        match t {
-            TypeDesc::Array { elem, len, .. } => {
-                wt.field(0);
-                let mut a = StructWriter::new(wt.out);
-                common(&mut a);
-                a.int(1, self.id_of(elem));
-                a.int(2, *len as i64);
-                a.end();
-            }
-            TypeDesc::Slice { elem, .. } => {
-                wt.field(1);
-                let mut s = StructWriter::new(wt.out);
-                common(&mut s);
-                s.int(1, self.id_of(elem));
-                s.end();
-            }
-            TypeDesc::Struct { fields, .. } => {
-                wt.field(2);
-                let mut s = StructWriter::new(wt.out);
-                common(&mut s);
-                if !fields.is_empty() {
-                    s.field(1);
-                    write_uint(s.out, fields.len() as u64);
-                    for (fname, ft) in fields.iter() {
-                        let mut f = StructWriter::new(s.out);
-                        f.bytes(0, fname.as_bytes());
-                        f.int(1, self.id_of(ft));
-                        f.end();
-                    }
+        let this = &*self;
+        append_message(out, |body| {
+            write_int(body, -id);
+            let common = |w: &mut StructWriter<'_>| {
+                w.field(0);
+                let mut c = StructWriter::new(w.out);
+                c.bytes(0, t.name().as_bytes());
+                c.int(1, id);
+                c.end();
+            };
+            let mut wt = StructWriter::new(body);
+            match t {
+                TypeDesc::Array { elem, len, .. } => {
+                    wt.field(0);
+                    let mut a = StructWriter::new(wt.out);
+                    common(&mut a);
+                    a.int(1, this.id_of(elem));
+                    a.int(2, *len as i64);
+                    a.end();
                 }
-                s.end();
+                TypeDesc::Slice { elem, .. } => {
+                    wt.field(1);
+                    let mut s = StructWriter::new(wt.out);
+                    common(&mut s);
+                    s.int(1, this.id_of(elem));
+                    s.end();
+                }
+                TypeDesc::Struct { fields, .. } => {
+                    wt.field(2);
+                    let mut s = StructWriter::new(wt.out);
+                    common(&mut s);
+                    if !fields.is_empty() {
+                        s.field(1);
+                        write_uint(s.out, fields.len() as u64);
+                        for (fname, ft) in fields.iter() {
+                            let mut f = StructWriter::new(s.out);
+                            f.bytes(0, fname.as_bytes());
+                            f.int(1, this.id_of(ft));
+                            f.end();
+                        }
+                    }
+                    s.end();
+                }
+                TypeDesc::GobEncoder { .. } => {
+                    wt.field(4);
+                    let mut g = StructWriter::new(wt.out);
+                    common(&mut g);
+                    g.end();
+                }
+                _ => {}
             }
-            TypeDesc::GobEncoder { .. } => {
-                wt.field(4);
-                let mut g = StructWriter::new(wt.out);
-                common(&mut g);
-                g.end();
-            }
-            _ => {}
-        }
-        wt.end();
-        write_uint(out, body.len() as u64);
-        out.extend_from_slice(&body);
-        self.scratch = body;
+            wt.end();
+        });
 
         match t {
             TypeDesc::Struct { fields, .. } => {
@@ -1078,15 +1107,12 @@ impl Encoder {
     pub fn encode<T: GobEncode>(&mut self, v: &T, out: &mut Vec<u8>) {
         let id = self.assign(T::TYPE);
         self.send_definitions(T::TYPE, out);
-        let mut body = std::mem::take(&mut self.scratch);
-        body.clear();
-        write_int(&mut body, id);
-        let mut w = StructWriter::new(&mut body);
-        v.encode_fields(&mut w);
-        w.end();
-        write_uint(out, body.len() as u64);
-        out.extend_from_slice(&body);
-        self.scratch = body;
+        append_message(out, |body| {
+            write_int(body, id);
+            let mut w = StructWriter::new(body);
+            v.encode_fields(&mut w);
+            w.end();
+        });
     }
 }
 
