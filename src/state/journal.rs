@@ -88,8 +88,8 @@ use crossbeam_channel::{Receiver, Sender, TryRecvError, select};
 use log::{info, warn};
 
 use super::{
-    DIR_MODE, STATE_FILE, STATE_LIMIT, STATE_MODE, StateError, Store, fnv1a64, replace_file,
-    sync_dir, valid_instance_id,
+    DIR_MODE, STATE_FILE, STATE_LIMIT, STATE_MODE, StateError, Store, fnv1a64, is_uuid_shape,
+    replace_file, sync_dir, valid_instance_id,
 };
 
 /// Name of the journal in the data directory.
@@ -133,7 +133,7 @@ pub enum JournalReq {
     /// Make `entry` durable for instance `id` (canonical), then apply it to
     /// the state file.
     Write {
-        id: String,
+        id: Key,
         entry: Entry,
         reply: Sender<Result<(), StateError>>,
     },
@@ -152,21 +152,19 @@ pub(crate) struct JournalLink {
 
 impl JournalLink {
     /// Queues `entry` for `id`; the answer comes on the receiver.
-    fn submit(&self, id: &str, entry: Entry) -> Receiver<Result<(), StateError>> {
+    fn submit(&self, id: Key, entry: Entry) -> Receiver<Result<(), StateError>> {
         let (reply, rx) = crossbeam_channel::bounded(1);
         // A stopped journal drops the request with its reply sender: the
         // receiver then says so.
-        let _ = self.tx.send(JournalReq::Write {
-            id: id.to_owned(),
-            entry,
-            reply,
-        });
+        let _ = self.tx.send(JournalReq::Write { id, entry, reply });
         rx
     }
 
-    /// Makes `entry` durable for `id` and applies it to its state file.
+    /// Makes `entry` durable for `id` (canonical) and applies it to its
+    /// state file.
     pub(crate) fn write(&self, id: &str, entry: Entry) -> Result<(), StateError> {
-        self.submit(id, entry)
+        let key = Key::of(id).ok_or_else(|| StateError::BadId(id.to_owned()))?;
+        self.submit(key, entry)
             .recv()
             .unwrap_or_else(|_| Err(self.stopped()))
     }
@@ -283,6 +281,8 @@ impl Journal {
         }
         let mut pending = HashMap::new();
         for (id, entry) in last {
+            // Every id `parse` reads back is canonical.
+            let Some(key) = Key::of(&id) else { continue };
             match replay_one(&plain, &id, &entry) {
                 Ok((p, changed)) => {
                     match (&entry, changed) {
@@ -290,7 +290,7 @@ impl Journal {
                         (Entry::Deleted, true) => replayed.deleted += 1,
                         _ => {}
                     }
-                    pending.insert(id, p);
+                    pending.insert(key, p);
                 }
                 // Kept in the journal until the next compaction drops it.
                 Err(e) => warn!("journal replay of {id}: {e}"),
@@ -535,12 +535,12 @@ struct Writer {
     seq: u64,
     /// Instances with a record in the journal whose state file is not known
     /// durable.
-    pending: HashMap<String, Pending>,
+    pending: HashMap<Key, Pending>,
     /// The instances whose state file is still to be written or removed,
     /// oldest first (each once).
-    queue: VecDeque<String>,
+    queue: VecDeque<Key>,
     /// The instances the current compaction round has still to visit.
-    round: Vec<String>,
+    round: Vec<Key>,
     syncs: Arc<AtomicU64>,
     settings: JournalSettings,
     buf: Vec<u8>,
@@ -554,7 +554,57 @@ struct Writer {
 
 /// A write accepted into the current batch, and where its text begins in
 /// the batch.
-type Accepted = (String, Entry, usize, Sender<Result<(), StateError>>);
+type Accepted = (Key, Entry, usize, Sender<Result<(), StateError>>);
+
+/// An instance id as the journal keeps it: the 128 bits of its canonical
+/// text (the only ids it accepts). Sixteen bytes in place, where a String
+/// is 24 and a heap copy, in each of the pending map, the queue and a
+/// compaction round, for every instance not compacted yet; and a writer
+/// allocates nothing to name its instance.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Key(u128);
+
+/// Where the canonical text has its hyphens.
+const HYPHENS: [usize; 4] = [8, 13, 18, 23];
+
+impl Key {
+    /// The key of `id` if it is canonical (lower-case hyphenated UUID).
+    pub fn of(id: &str) -> Option<Key> {
+        if !is_uuid_shape(id) || id.bytes().any(|b| b.is_ascii_uppercase()) {
+            return None;
+        }
+        let mut v = 0u128;
+        for b in id.bytes().filter(|&b| b != b'-') {
+            v = v << 4 | u128::from(char::from(b).to_digit(16)?);
+        }
+        Some(Key(v))
+    }
+
+    /// The canonical text again.
+    pub fn text(self) -> KeyText {
+        const DIGITS: &[u8; 16] = b"0123456789abcdef";
+        let mut out = [b'-'; 36];
+        let mut nibble = 32;
+        for (i, c) in out.iter_mut().enumerate() {
+            if !HYPHENS.contains(&i) {
+                nibble -= 1;
+                *c = DIGITS[(self.0 >> (4 * nibble) & 0xf) as usize];
+            }
+        }
+        KeyText(out)
+    }
+}
+
+/// The text of a [`Key`], on the stack.
+#[derive(Debug)]
+pub struct KeyText([u8; 36]);
+
+impl KeyText {
+    pub fn as_str(&self) -> &str {
+        // Hex digits and hyphens only: always UTF-8.
+        std::str::from_utf8(&self.0).unwrap_or_default()
+    }
+}
 
 /// What the thread does when no request is waiting.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -669,9 +719,9 @@ impl Writer {
         let mut next = Some(first);
         while let Some(req) = next.take() {
             match req {
-                JournalReq::Write { id, entry, reply } => match self.check(&id, &entry) {
+                JournalReq::Write { id, entry, reply } => match self.check(id, &entry) {
                     Ok(()) => {
-                        let at = frame(&mut self.buf, self.seq, &id, &entry);
+                        let at = frame(&mut self.buf, self.seq, id.text().as_str(), &entry);
                         self.seq += 1;
                         accepted.push((id, entry, at, reply));
                     }
@@ -723,14 +773,11 @@ impl Writer {
         }
     }
 
-    /// A write is accepted only if it can be applied: its id is canonical,
-    /// its text not too large, and its instance directory not a symbolic
-    /// link (a missing one is made when its file is written).
-    fn check(&self, id: &str, entry: &Entry) -> Result<(), StateError> {
-        if valid_instance_id(id).as_deref() != Some(id) {
-            return Err(StateError::BadId(id.to_owned()));
-        }
-        let dir = self.plain.instance_dir(id)?;
+    /// A write is accepted only if it can be applied: its id is canonical
+    /// (a [`Key`] is), its text not too large, and its instance directory
+    /// not a symbolic link (a missing one is made when its file is written).
+    fn check(&self, id: Key, entry: &Entry) -> Result<(), StateError> {
+        let dir = self.plain.instance_dir(id.text().as_str())?;
         if let Entry::State(text) = entry
             && text.len() as u64 > STATE_LIMIT
         {
@@ -749,13 +796,13 @@ impl Writer {
     }
 
     /// A durable record: its file is queued to be written or removed.
-    fn note(&mut self, id: String, p: Pending) {
+    fn note(&mut self, id: Key, p: Pending) {
         let queued = matches!(
             self.pending.get(&id),
             Some(Pending::ToWrite { .. } | Pending::ToRemove)
         );
         if !queued {
-            self.queue.push_back(id.clone());
+            self.queue.push_back(id);
         }
         self.pending.insert(id, p);
     }
@@ -778,9 +825,11 @@ impl Writer {
         let next = match self.pending.get(&id).copied() {
             Some(Pending::ToWrite { at, len }) => self
                 .text_at(at, len)
-                .and_then(|text| self.write_file(&id, &text, false))
+                .and_then(|text| self.write_file(id.text().as_str(), &text, false))
                 .map(|()| Pending::Written),
-            Some(Pending::ToRemove) => self.remove_file(&id).map(|()| Pending::Removed),
+            Some(Pending::ToRemove) => self
+                .remove_file(id.text().as_str())
+                .map(|()| Pending::Removed),
             _ => return,
         };
         match next {
@@ -830,12 +879,12 @@ impl Writer {
     /// Compaction step 2 for one instance, or step 3 when none is left.
     fn compact_step(&mut self) -> Result<(), StateError> {
         if self.round.is_empty() {
-            self.round = self.pending.keys().cloned().collect();
+            self.round = self.pending.keys().copied().collect();
         }
         if let Some(id) = self.round.pop()
             && let Some(p) = self.pending.get(&id).copied()
         {
-            self.compact_one(&id, p)?;
+            self.compact_one(id.text().as_str(), p)?;
             self.pending.remove(&id);
         }
         if self.pending.is_empty() {
@@ -994,7 +1043,7 @@ mod tests {
         // Queued before the thread runs: it finds them all waiting.
         let replies: Vec<_> = ids
             .iter()
-            .map(|id| link.submit(id, Entry::State(state_of(id, false))))
+            .map(|id| link.submit(Key::of(id).unwrap(), Entry::State(state_of(id, false))))
             .collect();
         let thread = journal.spawn().unwrap();
         for r in &replies {
@@ -1154,6 +1203,32 @@ mod tests {
         assert!(j.store().load(&b).unwrap().stopped);
     }
 
+    /// A key is the canonical text's 128 bits and gives the same text back;
+    /// any other form of an id has no key.
+    #[test]
+    fn keys_are_canonical_ids() {
+        for id in [
+            "00000000-0000-0000-0000-000000000000",
+            "d7d86208-b46c-4465-9018-fe14087d415f",
+            "ffffffff-ffff-ffff-ffff-ffffffffffff",
+        ] {
+            let key = Key::of(id).unwrap();
+            assert_eq!(key.text().as_str(), id);
+        }
+        let a = Key::of("d7d86208-b46c-4465-9018-fe14087d415f").unwrap();
+        assert_eq!(a.0, 0xd7d86208_b46c_4465_9018_fe14087d415f);
+        for bad in [
+            "D7D86208-B46C-4465-9018-FE14087D415F",
+            "d7d86208b46c44659018fe14087d415f",
+            "{d7d86208-b46c-4465-9018-fe14087d415f}",
+            "d7d86208-b46c-4465-9018-fe14087d415g",
+            "../x",
+            "",
+        ] {
+            assert!(Key::of(bad).is_none(), "{bad}");
+        }
+    }
+
     /// Bad writes are refused one by one and cost the batch nothing; a
     /// stopped journal says so instead of hanging.
     #[test]
@@ -1164,10 +1239,11 @@ mod tests {
         let link = store.journal.clone().unwrap();
         let thread = journal.spawn().unwrap();
         let a = id_n(7);
-        let e = recv(&link.submit("../x", Entry::Deleted)).unwrap_err();
+        let e = link.write("../x", Entry::Deleted).unwrap_err();
         assert!(matches!(e, StateError::BadId(_)), "{e}");
-        let e =
-            recv(&link.submit("D7D86208-B46C-4465-9018-FE14087D415F", Entry::Deleted)).unwrap_err();
+        let e = link
+            .write("D7D86208-B46C-4465-9018-FE14087D415F", Entry::Deleted)
+            .unwrap_err();
         assert!(matches!(e, StateError::BadId(_)), "{e}");
         assert_eq!(thread.syncs(), 0);
         assert_eq!(fs::metadata(tmp.0.join(JOURNAL_FILE)).unwrap().len(), 0);
