@@ -128,12 +128,16 @@ pub enum InstanceCmd {
     Restart,
     /// Stop if running, remove every file; `stop` selects InstanceStopped
     /// over InstanceDeleted (2018).
-    Delete {
-        stop: bool,
-    },
-    AttachVolume {
-        volume: String,
-    },
+    Delete { stop: bool },
+    /// Boxed, as `Start`: the inbox holds [`INBOX`] slots of the largest
+    /// command for each instance's life, and two words per slot do.
+    AttachVolume(Box<VolumeAttach>),
+}
+
+/// The volume of an ATTACH_VOLUME.
+#[derive(Debug)]
+pub struct VolumeAttach {
+    pub volume: String,
 }
 
 impl InstanceCmd {
@@ -144,7 +148,7 @@ impl InstanceCmd {
             InstanceCmd::Stop => ErrorKind::Stop,
             InstanceCmd::Restart => ErrorKind::Restart,
             InstanceCmd::Delete { .. } => ErrorKind::Delete,
-            InstanceCmd::AttachVolume { .. } => ErrorKind::AttachVolume,
+            InstanceCmd::AttachVolume(_) => ErrorKind::AttachVolume,
         }
     }
 
@@ -153,7 +157,7 @@ impl InstanceCmd {
     pub fn refuse(&self, ctx: &NodeContext, id: &str, reason: Reason) {
         let (restart, volume) = match self {
             InstanceCmd::Start(s) => (s.cfg.restart, ""),
-            InstanceCmd::AttachVolume { volume } => (false, volume.as_str()),
+            InstanceCmd::AttachVolume(a) => (false, a.volume.as_str()),
             _ => (false, ""),
         };
         ctx.send_error(self.kind(), id, reason, restart, volume);
@@ -189,6 +193,11 @@ pub enum Farewell {
     Stopped,
 }
 
+// Sizes the inbox and the overseer's queue are built on (slots allocated
+// for every instance, and for the node, up front).
+const _: () = assert!(std::mem::size_of::<InstanceCmd>() == 16);
+const _: () = assert!(std::mem::size_of::<InstanceUpdate>() <= 40);
+
 /// Instance → overseer.
 #[derive(Debug)]
 pub enum InstanceUpdate {
@@ -196,18 +205,12 @@ pub enum InstanceUpdate {
         id: String,
         state: InstanceState,
     },
-    Usage {
-        id: String,
-        usage: Usage,
-        volumes: Vec<String>,
-    },
+    /// Boxed, as `Ssh`: the overseer's queue holds `UPDATES` slots of the
+    /// largest update, and the frequent ones are a String and a word.
+    Usage(Box<UsageUpdate>),
     /// The SSH address STATS shows changed (a forward chosen for a boot);
     /// sent once it is persisted.
-    Ssh {
-        id: String,
-        ip: String,
-        port: u16,
-    },
+    Ssh(Box<SshUpdate>),
     /// Send a STATUS now (after a successful START).
     StatusNow,
     /// The instance's files are gone: forget it, free its allocations, send
@@ -222,6 +225,22 @@ pub enum InstanceUpdate {
         id: String,
         cmd: InstanceCmd,
     },
+}
+
+/// An instance's usage sample and the volumes STATS shows with it.
+#[derive(Debug)]
+pub struct UsageUpdate {
+    pub id: String,
+    pub usage: Usage,
+    pub volumes: Vec<String>,
+}
+
+/// The SSH address STATS shows for an instance.
+#[derive(Debug)]
+pub struct SshUpdate {
+    pub id: String,
+    pub ip: String,
+    pub port: u16,
 }
 
 /// What an instance thread starts from.
@@ -300,7 +319,7 @@ pub struct Wiring {
 /// thread's heap (glibc keeps a thread's freed chunks in a per-thread cache
 /// for as long as the thread lives) or deepens its stack.
 pub fn spawn(
-    ctx: NodeContext,
+    ctx: Arc<NodeContext>,
     id: String,
     seed: Seed,
     wiring: Wiring,
@@ -473,9 +492,9 @@ impl std::fmt::Display for WaitError {
 
 #[derive(Debug)]
 struct Instance {
-    ctx: NodeContext,
-    id: String,
+    ctx: Arc<NodeContext>,
     dir: PathBuf,
+    /// Its `instance_uuid` is the instance's id (no other copy is kept).
     cfg: InstanceConfig,
     vm: Box<dyn Virtualizer>,
     life: Life,
@@ -492,14 +511,14 @@ impl Instance {
     /// piece of work and its usage tick (`never` when its usage cannot
     /// change: reported at each change of life only).
     fn new(
-        ctx: NodeContext,
+        ctx: Arc<NodeContext>,
         id: String,
         seed: Seed,
         updates: Sender<InstanceUpdate>,
         tick: Receiver<Instant>,
     ) -> (Box<Instance>, First, Receiver<Instant>) {
         let (mon_tx, mon_rx) = crossbeam_channel::unbounded();
-        let (cfg, first, dir) = match seed {
+        let (mut cfg, first, dir) = match seed {
             // Its directory is made by the START.
             Seed::New(s) => {
                 let s = *s;
@@ -511,6 +530,11 @@ impl Instance {
                 (s.config, First::Recover { stopped: s.stopped }, dir)
             }
         };
+        // The instance's id is its configuration's (one copy, not two): the
+        // id it was started or found under, for a file whose copy differs.
+        if cfg.instance_uuid != id {
+            cfg.instance_uuid = id;
+        }
         let vm = ctx.factory.create(&cfg);
         let tick = if vm.usage_varies() {
             tick
@@ -519,7 +543,6 @@ impl Instance {
         };
         let inst = Box::new(Instance {
             ctx,
-            id,
             dir,
             cfg,
             vm,
@@ -541,7 +564,7 @@ impl Instance {
     fn become_(&mut self, life: Life) {
         self.life = life;
         self.update(InstanceUpdate::State {
-            id: self.id.clone(),
+            id: self.cfg.instance_uuid.clone(),
             state: self.life.reported(),
         });
     }
@@ -554,21 +577,21 @@ impl Instance {
 
     fn send_usage(&self, usage: Usage) {
         let volumes = self.cfg.volumes.iter().map(|v| v.uuid.clone()).collect();
-        self.update(InstanceUpdate::Usage {
-            id: self.id.clone(),
+        self.update(InstanceUpdate::Usage(Box::new(UsageUpdate {
+            id: self.cfg.instance_uuid.clone(),
             usage,
             volumes,
-        });
+        })));
     }
 
     /// Tells the overseer the SSH address STATS shows (once persisted).
     fn tell_ssh(&self) {
         let (ip, port) = self.cfg.ssh_address();
-        self.update(InstanceUpdate::Ssh {
-            id: self.id.clone(),
+        self.update(InstanceUpdate::Ssh(Box::new(SshUpdate {
+            id: self.cfg.instance_uuid.clone(),
             ip,
             port,
-        });
+        })));
     }
 
     /// Gives the next boot its tenant NIC (networking on, see
@@ -605,7 +628,7 @@ impl Instance {
         }
         info!(
             "{}: VNIC {} with MAC {}",
-            self.id,
+            self.cfg.instance_uuid,
             granted.name,
             crate::network::format_mac(&granted.mac)
         );
@@ -649,7 +672,7 @@ impl Instance {
         }
         info!(
             "{}: VNIC {} plugged in as eth0 ({}/{}, MAC {}, gateway {})",
-            self.id,
+            self.cfg.instance_uuid,
             plugged.name,
             plugged.ip,
             plugged.prefix,
@@ -679,13 +702,19 @@ impl Instance {
             Ok(false) => {
                 info!(
                     "{}: running without its tenant NIC: plugging it in",
-                    self.id
+                    self.cfg.instance_uuid
                 );
                 if let Err((_, cause)) = self.plug_container() {
-                    error!("{}: tenant NIC not plugged in: {cause}", self.id);
+                    error!(
+                        "{}: tenant NIC not plugged in: {cause}",
+                        self.cfg.instance_uuid
+                    );
                 }
             }
-            Err(e) => warn!("{}: cannot check its tenant NIC: {e}", self.id),
+            Err(e) => warn!(
+                "{}: cannot check its tenant NIC: {e}",
+                self.cfg.instance_uuid
+            ),
         }
     }
 
@@ -700,13 +729,15 @@ impl Instance {
         match self.ctx.network.delete_vnic(&VnicRequest::of(&self.cfg)) {
             Ok(Some(ev)) => self.ctx.send_tenant_event(false, &ev),
             Ok(None) => {}
-            Err(e) => warn!("{}: VNIC not removed: {e}", self.id),
+            Err(e) => warn!("{}: VNIC not removed: {e}", self.cfg.instance_uuid),
         }
     }
 
     /// Writes the state file with the `stopped` flag given.
     fn save(&self, stopped: bool) -> Result<(), StateError> {
-        self.ctx.store.save_config(&self.id, &self.cfg, stopped)
+        self.ctx
+            .store
+            .save_config(&self.cfg.instance_uuid, &self.cfg, stopped)
     }
 
     /// An error frame for `kind`, logged once with its cause.
@@ -714,18 +745,18 @@ impl Instance {
         warn!(
             "{} for {}: {} ({cause})",
             kind.name(),
-            self.id,
+            self.cfg.instance_uuid,
             reason.as_str()
         );
         self.ctx
-            .send_error(kind, &self.id, reason, self.cfg.restart, "");
+            .send_error(kind, &self.cfg.instance_uuid, reason, self.cfg.restart, "");
     }
 
     /// The instance's files are gone: tell the overseer, which forgets it.
     fn leave(&mut self, farewell: Farewell) {
         self.life = Life::Gone;
         self.update(InstanceUpdate::Gone {
-            id: self.id.clone(),
+            id: self.cfg.instance_uuid.clone(),
             farewell,
         });
     }
@@ -745,7 +776,7 @@ impl Instance {
                 recv(cmds) -> c => match c {
                     Ok(cmd) => {
                         let back = InstanceUpdate::Unhandled {
-                            id: self.id.clone(),
+                            id: self.cfg.instance_uuid.clone(),
                             cmd,
                         };
                         if let Err(crossbeam_channel::SendError(u)) = self.updates.send(back)
@@ -775,10 +806,10 @@ impl Instance {
     fn refuse_shutting_down(&self, cmd: &InstanceCmd) {
         info!(
             "{}: {} not carried out: the launcher is shutting down",
-            self.id,
+            self.cfg.instance_uuid,
             cmd.kind().name()
         );
-        cmd.refuse(&self.ctx, &self.id, Reason::InstanceBusy);
+        cmd.refuse(&self.ctx, &self.cfg.instance_uuid, Reason::InstanceBusy);
     }
 
     #[inline(never)] // Keeps the waiting frame small (`Body::run`).
@@ -812,7 +843,7 @@ impl Instance {
                 }
             }
             Err(e) => {
-                warn!("{}: cannot watch the instance: {e}", self.id);
+                warn!("{}: cannot watch the instance: {e}", self.cfg.instance_uuid);
                 self.life = Life::Exited;
                 self.exited(&e.to_string());
             }
@@ -826,7 +857,7 @@ impl Instance {
             InstanceCmd::Stop => self.stop(shutdown, closing),
             InstanceCmd::Restart => self.restart(shutdown),
             InstanceCmd::Delete { stop } => self.delete(stop, shutdown, closing),
-            InstanceCmd::AttachVolume { volume } => self.attach_volume(volume),
+            InstanceCmd::AttachVolume(a) => self.attach_volume(a.volume),
         }
     }
 
@@ -836,9 +867,18 @@ impl Instance {
             Life::Starting(_) | Life::Running(_) => Reason::AlreadyRunning,
             _ => Reason::InstanceExists,
         };
-        info!("START {} refused: {}", self.id, reason.as_str());
-        self.ctx
-            .send_error(ErrorKind::Start, &self.id, reason, cfg.restart, "");
+        info!(
+            "START {} refused: {}",
+            self.cfg.instance_uuid,
+            reason.as_str()
+        );
+        self.ctx.send_error(
+            ErrorKind::Start,
+            &self.cfg.instance_uuid,
+            reason,
+            cfg.restart,
+            "",
+        );
     }
 
     /// Carries out the START this thread was spawned for; `state`: the
@@ -846,10 +886,10 @@ impl Instance {
     #[inline(never)] // Keeps the waiting frame small (`Body::run`).
     fn start(&mut self, state: Option<Vec<u8>>) {
         let dir = if self.vm.keeps_files() {
-            self.ctx.store.create_instance_dir(&self.id)
+            self.ctx.store.create_instance_dir(&self.cfg.instance_uuid)
         } else {
             // Made with the state file, after the acknowledgement.
-            self.ctx.store.claim_instance_dir(&self.id)
+            self.ctx.store.claim_instance_dir(&self.cfg.instance_uuid)
         };
         match dir {
             Ok(dir) => self.dir = dir,
@@ -904,10 +944,14 @@ impl Instance {
         if let Err((reason, cause)) = self.plug_container() {
             return self.start_failed(reason, &cause, true);
         }
-        debug!("{}: started {:?} after its START", self.id, t0.elapsed());
+        debug!(
+            "{}: started {:?} after its START",
+            self.cfg.instance_uuid,
+            t0.elapsed()
+        );
         info!(
             "{} started ({}, {} vCPU, {} MB)",
-            self.id,
+            self.cfg.instance_uuid,
             self.cfg.vm_type.name(),
             self.cfg.vcpus,
             self.cfg.mem_mb
@@ -925,7 +969,12 @@ impl Instance {
         &mut self,
         state: Option<Vec<u8>>,
     ) -> (Result<(), VirtError>, Result<(), StateError>) {
-        let (store, id, vm, cfg) = (&self.ctx.store, &self.id, &mut self.vm, &self.cfg);
+        let (store, id, vm, cfg) = (
+            &self.ctx.store,
+            &self.cfg.instance_uuid,
+            &mut self.vm,
+            &self.cfg,
+        );
         // Called once; the server's text is handed over to the store.
         let mut state = Some(state);
         let mut save = || match state.take().flatten() {
@@ -955,14 +1004,20 @@ impl Instance {
     fn start_failed(&mut self, reason: Reason, cause: &dyn std::fmt::Display, made: bool) {
         self.fail(ErrorKind::Start, reason, cause);
         if made && let Err(e) = self.vm.delete_image() {
-            warn!("{}: clean-up after the failed START: {e}", self.id);
+            warn!(
+                "{}: clean-up after the failed START: {e}",
+                self.cfg.instance_uuid
+            );
         }
         if self.vnic_made {
             self.unplug_vnic();
         }
-        if let Err(e) = self.ctx.store.remove(&self.id) {
+        if let Err(e) = self.ctx.store.remove(&self.cfg.instance_uuid) {
             // No usable state is left in it: recovery removes the rest.
-            warn!("{}: clean-up after the failed START: {e}", self.id);
+            warn!(
+                "{}: clean-up after the failed START: {e}",
+                self.cfg.instance_uuid
+            );
         }
         self.leave(Farewell::Silent);
     }
@@ -975,11 +1030,11 @@ impl Instance {
         self.unplug_vnic();
         self.ctx
             .store
-            .remove_state(&self.id)
+            .remove_state(&self.cfg.instance_uuid)
             .map_err(|e| e.to_string())?;
-        if let Err(e) = self.ctx.store.remove_dir(&self.id) {
+        if let Err(e) = self.ctx.store.remove_dir(&self.cfg.instance_uuid) {
             // No state any more: the instance is gone; recovery sweeps the rest.
-            warn!("{}: {e}", self.id);
+            warn!("{}: {e}", self.cfg.instance_uuid);
         }
         Ok(())
     }
@@ -1027,7 +1082,7 @@ impl Instance {
         }
         match self.wait_exit(shutdown) {
             Ok(why) => {
-                info!("{} stopped ({why})", self.id);
+                info!("{} stopped ({why})", self.cfg.instance_uuid);
                 self.vm.lost();
                 drop(m);
                 self.become_(Life::Exited);
@@ -1050,7 +1105,7 @@ impl Instance {
         if let Err(e) = self.end_running(false, shutdown) {
             // Not stopped: the disk says so again.
             if let Err(e) = self.save(false) {
-                error!("{}: state left saying stopped: {e}", self.id);
+                error!("{}: state left saying stopped: {e}", self.cfg.instance_uuid);
             }
             let reason = if closing.is_set() {
                 Reason::InstanceBusy
@@ -1088,7 +1143,7 @@ impl Instance {
         }
         if let Err(e) = self.vm.start() {
             if let Err(e) = self.save(true) {
-                error!("{}: state left saying running: {e}", self.id);
+                error!("{}: state left saying running: {e}", self.cfg.instance_uuid);
             }
             return self.fail(ErrorKind::Restart, e.reason(Reason::LaunchFailure), &e);
         }
@@ -1098,13 +1153,16 @@ impl Instance {
         // the only outcome the scheduler sees.
         if let Err((reason, cause)) = self.plug_container() {
             if let Err(e) = self.end_running(true, shutdown) {
-                error!("{}: running without its tenant NIC: {e}", self.id);
+                error!(
+                    "{}: running without its tenant NIC: {e}",
+                    self.cfg.instance_uuid
+                );
             } else if let Err(e) = self.save(true) {
-                error!("{}: state left saying running: {e}", self.id);
+                error!("{}: state left saying running: {e}", self.cfg.instance_uuid);
             }
             return self.fail(ErrorKind::Restart, reason, &cause);
         }
-        info!("{} restarted", self.id);
+        info!("{} restarted", self.cfg.instance_uuid);
     }
 
     fn delete(&mut self, stop: bool, shutdown: &Receiver<Never>, closing: &Closing) {
@@ -1120,7 +1178,7 @@ impl Instance {
             // Still here, exited: a later DELETE tries again.
             return self.fail(ErrorKind::Delete, Reason::StateFailure, &e);
         }
-        info!("{} deleted", self.id);
+        info!("{} deleted", self.cfg.instance_uuid);
         self.leave(if stop {
             Farewell::Stopped
         } else {
@@ -1132,11 +1190,16 @@ impl Instance {
     fn fail_attach(&self, volume: &str, reason: Reason, cause: &dyn std::fmt::Display) {
         warn!(
             "AttachVolume failure for {} (volume {volume}): {} ({cause})",
-            self.id,
+            self.cfg.instance_uuid,
             reason.as_str()
         );
-        self.ctx
-            .send_error(ErrorKind::AttachVolume, &self.id, reason, false, volume);
+        self.ctx.send_error(
+            ErrorKind::AttachVolume,
+            &self.cfg.instance_uuid,
+            reason,
+            false,
+            volume,
+        );
     }
 
     fn attach_volume(&mut self, volume: String) {
@@ -1156,7 +1219,7 @@ impl Instance {
         if let Err(e) = attached {
             return self.fail_attach(&volume, Reason::AttachFailure, &e);
         }
-        info!("{}: volume {volume} attached", self.id);
+        info!("{}: volume {volume} attached", self.cfg.instance_uuid);
         self.cfg.volumes.push(Volume {
             uuid: volume.clone(),
             bootable: false,
@@ -1189,7 +1252,7 @@ impl Instance {
             MonitorEvent::Exited(why) => {
                 // Late events of a monitor already dropped mean nothing.
                 if matches!(self.life, Life::Starting(_) | Life::Running(_)) {
-                    warn!("{} exited by itself: {why}", self.id);
+                    warn!("{} exited by itself: {why}", self.cfg.instance_uuid);
                     self.life = Life::Exited;
                     self.exited(&why);
                 }
@@ -1212,7 +1275,10 @@ impl Instance {
                 if let Err(e) = self.save(true) {
                     // The disk still says running; at the next start the
                     // monitor sees it exited again.
-                    error!("{}: cannot record that it exited ({why}): {e}", self.id);
+                    error!(
+                        "{}: cannot record that it exited ({why}): {e}",
+                        self.cfg.instance_uuid
+                    );
                 }
                 self.become_(Life::Exited);
             }
@@ -1221,7 +1287,10 @@ impl Instance {
                 self.become_(Life::Exited);
                 match self.remove_all() {
                     Ok(()) => self.leave(Farewell::Stopped),
-                    Err(e) => error!("{}: exited, but cannot be removed: {e}", self.id),
+                    Err(e) => error!(
+                        "{}: exited, but cannot be removed: {e}",
+                        self.cfg.instance_uuid
+                    ),
                 }
             }
         }
@@ -1233,14 +1302,17 @@ impl Instance {
     fn vanished(&mut self, why: &str) {
         warn!(
             "{}: no longer exists ({why}): removing what is left",
-            self.id
+            self.cfg.instance_uuid
         );
         self.life = Life::Exited;
         self.vm.lost();
         match self.remove_all() {
             Ok(()) => self.leave(Farewell::Stopped),
             Err(e) => {
-                error!("{}: cannot remove what is left: {e}", self.id);
+                error!(
+                    "{}: cannot remove what is left: {e}",
+                    self.cfg.instance_uuid
+                );
                 self.become_(Life::Exited);
             }
         }

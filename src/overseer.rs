@@ -57,7 +57,7 @@
 //! (a one-shot timer, armed only after a change, covers the rest of the
 //! second). An idle node writes nothing and is woken by nothing more.
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 use std::fs;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -70,13 +70,13 @@ use log::{error, info, warn};
 use crate::health::{Clock, Counts, Health, Link, Offered, StatusFile};
 use crate::instance::{
     self, Closing, Farewell, InHand, InstanceCmd, InstanceState, InstanceUpdate, NewStart, Seed,
-    Wiring,
+    SshUpdate, UsageUpdate, Wiring,
 };
 use crate::node::{Never, NodeContext};
 use crate::nodestats::{NodeFigures, NodeStatsSource};
 use crate::payloads::Reason;
 use crate::payloads::config::InstanceConfig;
-use crate::payloads::outgoing::{self, ErrorKind, InstanceStat, NodeStatus};
+use crate::payloads::outgoing::{self, ErrorKind, InstanceStatRef, NodeStatus};
 use crate::ssntp::{Command, Operation, Profile, Status};
 use crate::state::StateError;
 use crate::virt::Usage;
@@ -145,11 +145,38 @@ const UPDATES: usize = 4096;
 pub const USAGE_PERIOD: Duration = Duration::from_secs(30);
 
 /// What one instance adds to the used-resource sums (spec §5.2).
-fn contribution(usage: &Usage, mem_mb: i64) -> (i64, i64) {
+fn contribution(usage: Shown, mem_mb: i64) -> (i64, i64) {
     (
-        usage.disk_mb.unwrap_or(0).max(0),
-        usage.memory_mb.map_or(0, |m| m.clamp(0, mem_mb.max(0))),
+        i64::from(usage.disk_mb).max(0),
+        i64::from(usage.memory_mb).clamp(0, mem_mb.max(0)),
     )
+}
+
+/// An instance's last usage sample as its record keeps it: −1 where it is
+/// unknown, as STATS shows it. (Twelve bytes, where `Usage` is 48: there is
+/// a record per instance.)
+#[derive(Debug, Clone, Copy)]
+struct Shown {
+    memory_mb: i32,
+    disk_mb: i32,
+    cpu_percent: i32,
+}
+
+impl Shown {
+    const UNKNOWN: Shown = Shown {
+        memory_mb: -1,
+        disk_mb: -1,
+        cpu_percent: -1,
+    };
+
+    fn of(u: &Usage) -> Shown {
+        let shown = |v: Option<i64>| v.map_or(-1, |v| v.clamp(-1, i64::from(i32::MAX)) as i32);
+        Shown {
+            memory_mb: shown(u.memory_mb),
+            disk_mb: shown(u.disk_mb),
+            cpu_percent: shown(u.cpu_percent),
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -164,33 +191,47 @@ struct Record {
     /// new instance says its first state once its START has booted it), so
     /// that the scheduler never hears of an instance a crash would lose.
     state: Option<InstanceState>,
-    usage: Usage,
+    usage: Shown,
     sizes: Sizes,
 }
 
 /// What the overseer keeps of an instance's configuration: its allocation
 /// and what STATS shows.
+/// (The figures are 32 bits: a START larger than the node is refused.)
 #[derive(Debug)]
 struct Sizes {
     volumes: Vec<String>,
-    vcpus: i64,
-    mem_mb: i64,
-    disk_mb: i64,
+    vcpus: u32,
+    mem_mb: u32,
+    disk_mb: u32,
+    ssh_port: u16,
     ssh_ip: String,
-    ssh_port: i64,
 }
 
 impl Sizes {
     fn of(cfg: &InstanceConfig) -> Sizes {
         let (ssh_ip, ssh_port) = cfg.ssh_address();
+        let mb = |v: u64| u32::try_from(v).unwrap_or(u32::MAX);
         Sizes {
             volumes: cfg.volumes.iter().map(|v| v.uuid.clone()).collect(),
-            vcpus: i64::from(cfg.vcpus),
-            mem_mb: cfg.mem_mb as i64,
-            disk_mb: cfg.disk_mb as i64,
+            vcpus: cfg.vcpus,
+            mem_mb: mb(cfg.mem_mb),
+            disk_mb: mb(cfg.disk_mb),
+            ssh_port,
             ssh_ip,
-            ssh_port: i64::from(ssh_port),
         }
+    }
+
+    fn vcpus(&self) -> i64 {
+        i64::from(self.vcpus)
+    }
+
+    fn mem_mb(&self) -> i64 {
+        i64::from(self.mem_mb)
+    }
+
+    fn disk_mb(&self) -> i64 {
+        i64::from(self.disk_mb)
     }
 }
 
@@ -198,10 +239,14 @@ impl Sizes {
 /// into its thread by [`Overseer::spawn`].
 #[derive(Debug)]
 pub struct Overseer {
-    ctx: NodeContext,
+    /// Shared with every instance thread (one allocation, not a copy each).
+    ctx: Arc<NodeContext>,
     limits: Limits,
     stats: Box<dyn NodeStatsSource>,
-    instances: HashMap<String, Record>,
+    /// A B-tree, not a hash map: a hash table's buckets (a `Record` each)
+    /// are up to half empty, twice the memory at some thousands of
+    /// instances; STATS lists them in this order.
+    instances: BTreeMap<String, Record>,
     /// Threads of instances that said Gone; joined once finished (never
     /// waited for here: the overseer must not block on an instance).
     exiting: Vec<JoinHandle<()>>,
@@ -293,10 +338,10 @@ impl Overseer {
         let (updates_tx, updates) = crossbeam_channel::bounded(UPDATES);
         let (instance_shutdown, instance_shutdown_rx) = crossbeam_channel::bounded(0);
         Overseer {
-            ctx,
+            ctx: Arc::new(ctx),
             limits,
             stats,
-            instances: HashMap::new(),
+            instances: BTreeMap::new(),
             exiting: Vec::new(),
             vcpus_allocated: 0,
             mem_allocated: 0,
@@ -427,16 +472,16 @@ impl Overseer {
                 .map_or_else(crossbeam_channel::never, crossbeam_channel::tick),
         };
         let h = instance::spawn(self.ctx.clone(), id.clone(), seed, wiring)?;
-        self.vcpus_allocated += sizes.vcpus;
-        self.mem_allocated += sizes.mem_mb;
-        self.disk_allocated += sizes.disk_mb;
+        self.vcpus_allocated += sizes.vcpus();
+        self.mem_allocated += sizes.mem_mb();
+        self.disk_allocated += sizes.disk_mb();
         self.counts.add(state);
         let rec = Record {
             inbox: h.inbox,
             thread: Some(h.thread),
             in_hand: h.in_hand,
             state,
-            usage: Usage::default(),
+            usage: Shown::UNKNOWN,
             sizes,
         };
         self.instances.insert(id, rec);
@@ -642,20 +687,23 @@ impl Overseer {
                     r.state = Some(state);
                 }
             }
-            InstanceUpdate::Usage { id, usage, volumes } => {
+            InstanceUpdate::Usage(u) => {
+                let UsageUpdate { id, usage, volumes } = *u;
                 if let Some(r) = self.instances.get_mut(&id) {
-                    let (d0, m0) = contribution(&r.usage, r.sizes.mem_mb);
-                    let (d1, m1) = contribution(&usage, r.sizes.mem_mb);
+                    let usage = Shown::of(&usage);
+                    let (d0, m0) = contribution(r.usage, r.sizes.mem_mb());
+                    let (d1, m1) = contribution(usage, r.sizes.mem_mb());
                     self.disk_used += d1 - d0;
                     self.mem_used += m1 - m0;
                     r.usage = usage;
                     r.sizes.volumes = volumes;
                 }
             }
-            InstanceUpdate::Ssh { id, ip, port } => {
+            InstanceUpdate::Ssh(u) => {
+                let SshUpdate { id, ip, port } = *u;
                 if let Some(r) = self.instances.get_mut(&id) {
                     r.sizes.ssh_ip = ip;
-                    r.sizes.ssh_port = i64::from(port);
+                    r.sizes.ssh_port = port;
                 }
             }
             InstanceUpdate::StatusNow => self.report(false),
@@ -685,12 +733,12 @@ impl Overseer {
     fn forget(&mut self, id: &str) {
         if let Some(mut r) = self.instances.remove(id) {
             self.counts.remove(r.state);
-            let (d, m) = contribution(&r.usage, r.sizes.mem_mb);
+            let (d, m) = contribution(r.usage, r.sizes.mem_mb());
             self.disk_used -= d;
             self.mem_used -= m;
-            self.vcpus_allocated = (self.vcpus_allocated - r.sizes.vcpus).max(0);
-            self.mem_allocated = (self.mem_allocated - r.sizes.mem_mb).max(0);
-            self.disk_allocated = (self.disk_allocated - r.sizes.disk_mb).max(0);
+            self.vcpus_allocated = (self.vcpus_allocated - r.sizes.vcpus()).max(0);
+            self.mem_allocated = (self.mem_allocated - r.sizes.mem_mb()).max(0);
+            self.disk_allocated = (self.disk_allocated - r.sizes.disk_mb()).max(0);
             if let Some(t) = r.thread.take() {
                 self.exiting.push(t);
             }
@@ -833,23 +881,22 @@ impl Overseer {
         if !with_stats {
             return;
         }
-        let mut stats: Vec<InstanceStat> = self
+        // In id order, as the map keeps them; borrowed, not copied.
+        let stats = self
             .instances
             .iter()
             .filter_map(|(id, r)| Some((id, r, r.state?)))
-            .map(|(id, r, state)| InstanceStat {
-                instance_uuid: id.clone(),
-                state: state.wire_name(profile).to_string(),
-                ssh_ip: r.sizes.ssh_ip.clone(),
-                ssh_port: r.sizes.ssh_port,
-                memory_usage_mb: r.usage.memory_mb.unwrap_or(-1),
-                disk_usage_mb: r.usage.disk_mb.unwrap_or(-1),
-                cpu_usage: r.usage.cpu_percent.unwrap_or(-1),
-                volumes: r.sizes.volumes.clone(),
-            })
-            .collect();
-        stats.sort_by(|a, b| a.instance_uuid.cmp(&b.instance_uuid));
-        let payload = outgoing::stats_payload(profile, &node, status_name(status), &stats);
+            .map(|(id, r, state)| InstanceStatRef {
+                instance_uuid: id,
+                state: state.wire_name(profile),
+                ssh_ip: &r.sizes.ssh_ip,
+                ssh_port: i64::from(r.sizes.ssh_port),
+                memory_usage_mb: i64::from(r.usage.memory_mb),
+                disk_usage_mb: i64::from(r.usage.disk_mb),
+                cpu_usage: i64::from(r.usage.cpu_percent),
+                volumes: &r.sizes.volumes,
+            });
+        let payload = outgoing::stats_payload(profile, &node, status_name(status), stats);
         self.ctx
             .outbox
             .send(Operation::Command(Command::Stats), payload);
@@ -863,7 +910,7 @@ impl Overseer {
         drop(self.updates);
         let mut busy = Vec::new();
         let mut idle = IdleThreads::default();
-        for (id, mut r) in self.instances.drain() {
+        for (id, mut r) in std::mem::take(&mut self.instances) {
             let Some(thread) = r.thread.take() else {
                 continue;
             };

@@ -12,7 +12,7 @@
 use crossbeam_channel::{Receiver, Sender, select};
 use log::{debug, info, warn};
 
-use crate::instance::{InstanceCmd, NewStart as InstanceNewStart};
+use crate::instance::{InstanceCmd, NewStart as InstanceNewStart, VolumeAttach};
 use crate::node::Never;
 use crate::node::NodeContext;
 use crate::overseer::OverseerReq;
@@ -137,9 +137,9 @@ impl Server {
             Command::AttachVolume => {
                 commands::parse_attach_volume(payload).map(|a| OverseerReq::Command {
                     id: a.instance_uuid,
-                    cmd: InstanceCmd::AttachVolume {
+                    cmd: InstanceCmd::AttachVolume(Box::new(VolumeAttach {
                         volume: a.volume_uuid,
-                    },
+                    })),
                 })
             }
             // The 2016 launcher ignored EVACUATE.

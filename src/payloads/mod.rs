@@ -309,7 +309,7 @@ mod tests {
             commands::delete_payload(Profile::P2018, id, id, true),
             commands::attach_volume_payload(id, id, id),
             commands::stop_payload(id, id),
-            outgoing::stats_payload(Profile::P2018, &node, "READY", &[stat]),
+            outgoing::stats_payload(Profile::P2018, &node, "READY", [stat.as_ref()]),
             outgoing::error_payload(
                 Profile::P2018,
                 outgoing::ErrorKind::AttachVolume,

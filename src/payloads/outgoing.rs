@@ -82,6 +82,36 @@ pub struct InstanceStat {
     pub volumes: Vec<String>,
 }
 
+/// One instance in STATS as [`stats_payload`] writes it: borrowed from
+/// whoever keeps the instance (the overseer's records), so that a STATS of
+/// thousands of instances copies nothing but its text.
+#[derive(Debug, Clone, Copy)]
+pub struct InstanceStatRef<'a> {
+    pub instance_uuid: &'a str,
+    pub state: &'a str,
+    pub ssh_ip: &'a str,
+    pub ssh_port: i64,
+    pub memory_usage_mb: i64,
+    pub disk_usage_mb: i64,
+    pub cpu_usage: i64,
+    pub volumes: &'a [String],
+}
+
+impl InstanceStat {
+    pub fn as_ref(&self) -> InstanceStatRef<'_> {
+        InstanceStatRef {
+            instance_uuid: &self.instance_uuid,
+            state: &self.state,
+            ssh_ip: &self.ssh_ip,
+            ssh_port: self.ssh_port,
+            memory_usage_mb: self.memory_usage_mb,
+            disk_usage_mb: self.disk_usage_mb,
+            cpu_usage: self.cpu_usage,
+            volumes: &self.volumes,
+        }
+    }
+}
+
 /// A decoded STATS payload.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Stats {
@@ -159,11 +189,11 @@ pub fn ready_payload(profile: Profile, node: &NodeStatus) -> Vec<u8> {
 
 /// STATS payload. Both profiles carry `hostname` and `networks`; only 2018
 /// has the per-instance `volumes` list (added mid-2016, history.md §3).
-pub fn stats_payload(
+pub fn stats_payload<'a>(
     profile: Profile,
     node: &NodeStatus,
     status: &str,
-    instances: &[InstanceStat],
+    instances: impl IntoIterator<Item = InstanceStatRef<'a>>,
 ) -> Vec<u8> {
     let mut e = Emitter::new();
     e.str(0, "node_uuid", &node.node_uuid);
@@ -172,15 +202,15 @@ pub fn stats_payload(
     e.str(0, "hostname", &node.hostname);
     write_networks(&mut e, &node.networks);
     e.map_list(0, "instances", instances, |e, l, i| {
-        e.str(l, "instance_uuid", &i.instance_uuid);
-        e.str(l, "state", &i.state);
-        e.str(l, "ssh_ip", &i.ssh_ip);
+        e.str(l, "instance_uuid", i.instance_uuid);
+        e.str(l, "state", i.state);
+        e.str(l, "ssh_ip", i.ssh_ip);
         e.int(l, "ssh_port", i.ssh_port);
         e.int(l, "memory_usage_mb", i.memory_usage_mb);
         e.int(l, "disk_usage_mb", i.disk_usage_mb);
         e.int(l, "cpu_usage", i.cpu_usage);
         if profile == Profile::P2018 {
-            e.str_list(l, "volumes", &i.volumes);
+            e.str_list(l, "volumes", i.volumes);
         }
     });
     e.finish()
@@ -584,7 +614,7 @@ instances:
                 Profile::P2018,
                 &node(1),
                 "READY",
-                &instances()
+                instances().iter().map(InstanceStat::as_ref)
             )),
             STATS
         );
@@ -595,7 +625,7 @@ instances:
         };
         let want = "node_uuid: 4481631c-dce9-48d6-b83a-a717417072ce\nstatus: FULL\nmem_total_mb: 7856\nmem_available_mb: 5220\ndisk_total_mb: 231782\ndisk_available_mb: 166163\nload: 1\ncpus_online: 4\nhostname: \"\"\nnetworks: []\ninstances: []\n";
         for p in Profile::ALL {
-            assert_eq!(text(stats_payload(p, &empty, "FULL", &[])), want);
+            assert_eq!(text(stats_payload(p, &empty, "FULL", [])), want);
         }
     }
 
@@ -623,12 +653,7 @@ instances:
             volumes: vec!["ignored-in-2016".into()],
         };
         assert_eq!(
-            text(stats_payload(
-                Profile::P2016,
-                &n,
-                "READY",
-                std::slice::from_ref(&i)
-            )),
+            text(stats_payload(Profile::P2016, &n, "READY", [i.as_ref()])),
             STATS_2016
         );
         let parsed = parse_stats(STATS_2016.as_bytes()).expect("valid");
@@ -650,7 +675,12 @@ instances:
             if p == Profile::P2016 {
                 inst.iter_mut().for_each(|i| i.volumes.clear());
             }
-            let payload = stats_payload(p, &node(1), "MAINTENANCE", &inst);
+            let payload = stats_payload(
+                p,
+                &node(1),
+                "MAINTENANCE",
+                inst.iter().map(InstanceStat::as_ref),
+            );
             assert_eq!(
                 parse_stats(&payload),
                 Ok(Stats {

@@ -858,14 +858,17 @@ impl Emitter {
 
     /// A sequence of mappings under `key`; `entry` writes each mapping's
     /// keys at `level + 1` (its first key is moved onto the `- ` line).
-    pub(crate) fn map_list<T>(
+    /// Any iterator: a list made from thousands of records needs no
+    /// collected copy first.
+    pub(crate) fn map_list<I: IntoIterator>(
         &mut self,
         level: usize,
         key: &str,
-        items: &[T],
-        mut entry: impl FnMut(&mut Emitter, usize, &T),
+        items: I,
+        mut entry: impl FnMut(&mut Emitter, usize, I::Item),
     ) {
-        if items.is_empty() {
+        let mut items = items.into_iter().peekable();
+        if items.peek().is_none() {
             self.raw(level, key, "[]");
             return;
         }

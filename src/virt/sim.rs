@@ -27,19 +27,24 @@ use crossbeam_channel::{Receiver, Sender};
 use super::{Monitor, MonitorEvent, Usage, VirtError, Virtualizer, VirtualizerFactory};
 use crate::payloads::config::InstanceConfig;
 
+/// An instance id as the simulation keeps it: shared, not copied.
+type Id = Arc<str>;
+
 #[derive(Debug, Default)]
 struct Table {
-    /// Monitors attached, by instance.
-    monitors: HashMap<String, Sender<MonitorEvent>>,
+    /// Monitors attached, by instance. The instance ids here and in the sets
+    /// of running, stopped and held instances share one allocation with the
+    /// instance's `Sim` (a node of thousands of simulated instances).
+    monitors: HashMap<Id, Sender<MonitorEvent>>,
     /// Instances "running" (survives a launcher restart within the process,
     /// like a VM survives the launcher).
-    running: HashSet<String>,
+    running: HashSet<Id>,
     /// Instances stopped or crashed in this process.
-    stopped: HashSet<String>,
+    stopped: HashSet<Id>,
     /// After [`SimControl::power_cut`] nothing survives.
     rebooted: bool,
     /// Instances whose Running report is held back (manual mode).
-    held: HashSet<String>,
+    held: HashSet<Id>,
     manual: bool,
     fail_image: HashSet<String>,
     fail_start: HashSet<String>,
@@ -90,7 +95,7 @@ impl SimControl {
         if !t.running.remove(id) {
             return false;
         }
-        t.stopped.insert(id.to_string());
+        t.stopped.insert(Id::from(id));
         t.held.remove(id);
         if let Some(m) = t.monitors.get(id) {
             let _ = m.send(MonitorEvent::Exited("simulated crash".into()));
@@ -148,7 +153,7 @@ pub struct SimFactory {
 impl VirtualizerFactory for SimFactory {
     fn create(&self, cfg: &InstanceConfig) -> Box<dyn Virtualizer> {
         Box::new(Sim {
-            id: cfg.instance_uuid.clone(),
+            id: Id::from(cfg.instance_uuid.as_str()),
             usage: Sim::usage_of(cfg),
             control: self.control.clone(),
         })
@@ -158,7 +163,7 @@ impl VirtualizerFactory for SimFactory {
 /// One simulated instance.
 #[derive(Debug)]
 pub struct Sim {
-    id: String,
+    id: Id,
     /// All a simulated instance needs of its configuration (no copy of the
     /// rest is kept: the instance thread has it).
     usage: Usage,
@@ -177,7 +182,7 @@ impl Sim {
 
 #[derive(Debug)]
 struct SimMonitor {
-    id: String,
+    id: Id,
     control: SimControl,
     running_at_attach: bool,
 }
@@ -189,7 +194,7 @@ impl Monitor for SimMonitor {
 
     fn stop(&mut self) -> Result<(), VirtError> {
         let mut t = self.control.lock();
-        if t.hang_stop.contains(&self.id) {
+        if t.hang_stop.contains(&*self.id) {
             return Ok(());
         }
         t.running.remove(&self.id);
@@ -214,8 +219,8 @@ impl Drop for SimMonitor {
 impl Virtualizer for Sim {
     fn init(&mut self, cfg: &InstanceConfig, _dir: &Path) {
         // The factory made it from this configuration: nothing to copy again.
-        if self.id != cfg.instance_uuid {
-            self.id = cfg.instance_uuid.clone();
+        if *self.id != *cfg.instance_uuid {
+            self.id = Id::from(cfg.instance_uuid.as_str());
         }
         self.usage = Sim::usage_of(cfg);
     }
@@ -227,11 +232,11 @@ impl Virtualizer for Sim {
     }
 
     fn ensure_backing_image(&mut self) -> Result<(), VirtError> {
-        let gate = self.control.lock().gates.remove(&self.id);
+        let gate = self.control.lock().gates.remove(&*self.id);
         if let Some(gate) = gate {
             let _ = gate.recv_timeout(std::time::Duration::from_secs(60));
         }
-        if self.control.lock().fail_image.remove(&self.id) {
+        if self.control.lock().fail_image.remove(&*self.id) {
             return Err(VirtError::other("simulated image failure"));
         }
         Ok(())
@@ -247,7 +252,7 @@ impl Virtualizer for Sim {
 
     fn start(&mut self) -> Result<(), VirtError> {
         let mut t = self.control.lock();
-        if t.fail_start.remove(&self.id) {
+        if t.fail_start.remove(&*self.id) {
             return Err(VirtError::other("simulated launch failure"));
         }
         t.running.insert(self.id.clone());
