@@ -38,7 +38,7 @@ mod proc_status;
 #[path = "support/scheduler.rs"]
 mod support_scheduler;
 
-use proc_status::status_field;
+use proc_status::{breakdown, status_field};
 use support_scheduler::{scheduler, spawn_launcher};
 
 const PROFILE: Profile = Profile::P2016;
@@ -120,6 +120,9 @@ struct Measured {
     /// The launcher's VmHWM then, KiB (one launcher process serves every
     /// run and every N, so this is its peak so far).
     hwm_kib: u64,
+    /// Then, per thread kind: threads and the deepest resident stack, KiB
+    /// (instance threads have done their START; see `Breakdown`).
+    stacks: Vec<(String, usize, u64)>,
 }
 
 fn run(a: &Args) -> Result<(), String> {
@@ -228,6 +231,7 @@ fn run(a: &Args) -> Result<(), String> {
                 stop: med(ls.iter().map(|m| m.stop).collect()),
                 threads: ls.iter().map(|m| m.threads).max().unwrap_or(0),
                 hwm_kib: ls.iter().map(|m| m.hwm_kib).max().unwrap_or(0),
+                stacks: deepest(ls.iter().flat_map(|m| m.stacks.iter())),
             };
             let b = (
                 med(bs.iter().map(|b| b.0).collect()),
@@ -245,7 +249,7 @@ fn run(a: &Args) -> Result<(), String> {
             "| N | launcher START → all QMP connected | bare | ratio | bare, QEMU via setsid | ratio | launcher START → all running in STATS | launcher START → all GUEST-BOOTED | bare | ratio | launcher STOP (ACPI) → all exited | launcher peak RSS | threads |"
         );
         println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
-        for (n, l, b, s) in rows {
+        for &(n, ref l, b, s) in &rows {
             println!(
                 "| {n} | {:.0} ms | {:.0} ms | {:.2}× | {:.0} ms | {:.2}× | {:.0} ms | {:.0} ms | {:.0} ms | {:.2}× | {:.0} ms | {:.1} MB | {} |",
                 ms(l.qmp),
@@ -261,6 +265,17 @@ fn run(a: &Args) -> Result<(), String> {
                 l.hwm_kib as f64 / 1024.0,
                 l.threads,
             );
+        }
+        println!(
+            "\nDeepest thread stacks once every guest booted (resident KiB of each kind's stack, the most over all runs; TCB and TLS at the top included):\n"
+        );
+        for (n, l, _, _) in &rows {
+            let s: Vec<String> = l
+                .stacks
+                .iter()
+                .map(|(k, c, max)| format!("{k} {c}× max {max} KiB"))
+                .collect();
+            println!("- N = {n}: {}", s.join(", "));
         }
         println!("\nSTART → all QMP connected, every run (min–max):\n");
         println!("| N | launcher | bare | bare, QEMU via setsid |");
@@ -445,6 +460,11 @@ fn through_launcher(
     let boot = boot_at.iter().flatten().max().copied().unwrap_or_default();
     let threads = status_field(pid, "Threads:").unwrap_or(0);
     let hwm_kib = status_field(pid, "VmHWM:").unwrap_or(0);
+    let stacks = breakdown(pid)
+        .stacks
+        .into_iter()
+        .map(|(kind, (threads, _, max))| (kind, threads, max))
+        .collect();
 
     let t = Instant::now();
     for id in &ids {
@@ -477,7 +497,22 @@ fn through_launcher(
         stop,
         threads,
         hwm_kib,
+        stacks,
     })
+}
+
+/// Per thread kind, the most threads and the deepest stack of `all`.
+fn deepest<'a>(all: impl Iterator<Item = &'a (String, usize, u64)>) -> Vec<(String, usize, u64)> {
+    let mut by_kind: std::collections::BTreeMap<&str, (usize, u64)> = Default::default();
+    for (kind, threads, max) in all {
+        let e = by_kind.entry(kind).or_default();
+        e.0 = e.0.max(*threads);
+        e.1 = e.1.max(*max);
+    }
+    by_kind
+        .into_iter()
+        .map(|(k, (c, m))| (k.to_string(), c, m))
+        .collect()
 }
 
 /// When the last of `ids` logged "QMP connected", counted from `wall`.

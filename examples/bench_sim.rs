@@ -38,6 +38,7 @@ use ciao_launcher::ssntp::server::ServerEvent;
 use ciao_launcher::ssntp::{Command as Cmd, Frame, FrameType, Operation, Profile};
 
 #[path = "support/proc_status.rs"]
+#[allow(dead_code)] // the memory breakdown is the Docker and QEMU benchmarks'
 mod proc_status;
 #[path = "support/scheduler.rs"]
 mod support_scheduler;
