@@ -117,16 +117,30 @@ type Result<T> = std::result::Result<T, GobError>;
 
 /// Appends a gob unsigned integer.
 pub fn write_uint(out: &mut Vec<u8>, v: u64) {
+    // Most are field deltas and small counts: one byte, no array.
     if v < 0x80 {
         out.push(v as u8);
         return;
     }
-    let bytes = v.to_be_bytes();
-    let skip = (v.leading_zeros() / 8) as usize;
-    let n = 8 - skip;
+    let mut b = [0; MAX_UINT_LEN];
+    let n = uint_into(&mut b, v);
+    out.extend_from_slice(&b[..n]);
+}
+
+/// The longest gob unsigned integer: a count byte and eight bytes.
+const MAX_UINT_LEN: usize = 9;
+
+/// Writes `v` as a gob unsigned integer at the start of `buf`; its length.
+fn uint_into(buf: &mut [u8; MAX_UINT_LEN], v: u64) -> usize {
+    if v < 0x80 {
+        buf[0] = v as u8;
+        return 1;
+    }
+    let n = 8 - (v.leading_zeros() / 8) as usize;
     // The count byte is the negated length: 0xff for 1 byte … 0xf8 for 8.
-    out.push((256 - n) as u8);
-    out.extend_from_slice(&bytes[skip..]);
+    buf[0] = (256 - n) as u8;
+    buf[1..=n].copy_from_slice(&v.to_be_bytes()[8 - n..]);
+    n + 1
 }
 
 /// Appends a gob signed integer (sign folded into bit 0).
@@ -918,9 +932,6 @@ impl<'a> StructWriter<'a> {
     }
 }
 
-/// The longest gob unsigned integer: a count byte and eight bytes.
-const MAX_UINT_LEN: usize = 9;
-
 /// Appends one gob message to `out`: its length, then what `body` writes.
 /// The body is written in place, after room for the longest length, and
 /// moved down once its length is known. No second buffer: one would keep
@@ -936,19 +947,6 @@ fn append_message(out: &mut Vec<u8>, body: impl FnOnce(&mut Vec<u8>)) {
     out.copy_within(start + MAX_UINT_LEN.., start + n);
     out.truncate(start + n + len);
     out[start..start + n].copy_from_slice(&head[..n]);
-}
-
-/// Writes `v` as a gob unsigned integer at the start of `buf`; its length.
-fn uint_into(buf: &mut [u8; MAX_UINT_LEN], v: u64) -> usize {
-    if v < 0x80 {
-        buf[0] = v as u8;
-        return 1;
-    }
-    let n = 8 - (v.leading_zeros() / 8) as usize;
-    // The count byte is the negated length, as in `write_uint`.
-    buf[0] = (256 - n) as u8;
-    buf[1..=n].copy_from_slice(&v.to_be_bytes()[8 - n..]);
-    n + 1
 }
 
 /// A gob stream encoder for one connection direction.
