@@ -556,16 +556,13 @@ struct Writer {
 /// the batch.
 type Accepted = (Key, Entry, usize, Sender<Result<(), StateError>>);
 
-/// An instance id as the journal keeps it: the 128 bits of its canonical
-/// text (the only ids it accepts). Sixteen bytes in place, where a String
-/// is 24 and a heap copy, in each of the pending map, the queue and a
-/// compaction round, for every instance not compacted yet; and a writer
-/// allocates nothing to name its instance.
+/// An instance id as the journal keeps it: the UUID of its canonical text
+/// (the only ids it accepts). Sixteen bytes in place, where a String is 24
+/// and a heap copy, in each of the pending map, the queue and a compaction
+/// round, for every instance not compacted yet; and a writer allocates
+/// nothing to name its instance.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct Key(u128);
-
-/// Where the canonical text has its hyphens.
-const HYPHENS: [usize; 4] = [8, 13, 18, 23];
+pub struct Key(uuid::Uuid);
 
 impl Key {
     /// The key of `id` if it is canonical (lower-case hyphenated UUID).
@@ -573,31 +570,20 @@ impl Key {
         if !is_uuid_shape(id) || id.bytes().any(|b| b.is_ascii_uppercase()) {
             return None;
         }
-        let mut v = 0u128;
-        for b in id.bytes().filter(|&b| b != b'-') {
-            v = v << 4 | u128::from(char::from(b).to_digit(16)?);
-        }
-        Some(Key(v))
+        uuid::Uuid::try_parse(id).ok().map(Key)
     }
 
     /// The canonical text again.
     pub fn text(self) -> KeyText {
-        const DIGITS: &[u8; 16] = b"0123456789abcdef";
-        let mut out = [b'-'; 36];
-        let mut nibble = 32;
-        for (i, c) in out.iter_mut().enumerate() {
-            if !HYPHENS.contains(&i) {
-                nibble -= 1;
-                *c = DIGITS[(self.0 >> (4 * nibble) & 0xf) as usize];
-            }
-        }
-        KeyText(out)
+        let mut text = [0; uuid::fmt::Hyphenated::LENGTH];
+        self.0.hyphenated().encode_lower(&mut text);
+        KeyText(text)
     }
 }
 
 /// The text of a [`Key`], on the stack.
 #[derive(Debug)]
-pub struct KeyText([u8; 36]);
+pub struct KeyText([u8; uuid::fmt::Hyphenated::LENGTH]);
 
 impl KeyText {
     pub fn as_str(&self) -> &str {
@@ -1216,7 +1202,7 @@ mod tests {
             assert_eq!(key.text().as_str(), id);
         }
         let a = Key::of("d7d86208-b46c-4465-9018-fe14087d415f").unwrap();
-        assert_eq!(a.0, 0xd7d86208_b46c_4465_9018_fe14087d415f);
+        assert_eq!(a.0.as_u128(), 0xd7d86208_b46c_4465_9018_fe14087d415f);
         for bad in [
             "D7D86208-B46C-4465-9018-FE14087D415F",
             "d7d86208b46c44659018fe14087d415f",
