@@ -530,8 +530,9 @@ impl Instance {
                 (s.config, First::Recover { stopped: s.stopped }, dir)
             }
         };
-        // The instance's id is its configuration's (one copy, not two): the
-        // id it was started or found under, for a file whose copy differs.
+        // The instance's id is its configuration's (one copy, not two). A
+        // recovered file may name it in upper case or not at all (older
+        // files): the id it was found under is the one kept.
         if cfg.instance_uuid != id {
             cfg.instance_uuid = id;
         }
