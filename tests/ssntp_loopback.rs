@@ -134,6 +134,22 @@ fn expect_rejected(s: &Server) -> String {
     }
 }
 
+/// A scheduler of a fresh CA and an agent connected to it: the server, the
+/// client and the client's UUID as the server saw it.
+fn connected_agent() -> (Server, Client, [u8; 16]) {
+    let pki = Pki::new();
+    let server = server_with(pki.ca_identity(), pki.anchors(), |_| {});
+    let client = client_with(
+        pki.leaf(Role::AGENT),
+        pki.anchors(),
+        server.local_addr(),
+        |_| {},
+    );
+    expect_connected(&client);
+    let (uuid, _) = expect_server_connected(&server);
+    (server, client, uuid)
+}
+
 fn frame(op: u8, origin: [u8; 16], payload: &str) -> Frame {
     Frame::new(FrameType::Command, op, origin, payload.as_bytes().to_vec())
 }
@@ -192,16 +208,7 @@ fn netagent_controller_and_dual_role_clients() {
 
 #[test]
 fn both_directions_concurrently() {
-    let pki = Pki::new();
-    let server = server_with(pki.ca_identity(), pki.anchors(), |_| {});
-    let client = client_with(
-        pki.leaf(Role::AGENT),
-        pki.anchors(),
-        server.local_addr(),
-        |_| {},
-    );
-    expect_connected(&client);
-    let (uuid, _) = expect_server_connected(&server);
+    let (server, client, uuid) = connected_agent();
     const N: usize = 2000;
     let origin = client.uuid();
 
@@ -413,16 +420,7 @@ fn reconnects_after_server_restart_and_refuses_sends_meanwhile() {
 
 #[test]
 fn invalid_frame_type_is_answered_not_forwarded() {
-    let pki = Pki::new();
-    let server = server_with(pki.ca_identity(), pki.anchors(), |_| {});
-    let client = client_with(
-        pki.leaf(Role::AGENT),
-        pki.anchors(),
-        server.local_addr(),
-        |_| {},
-    );
-    expect_connected(&client);
-    expect_server_connected(&server);
+    let (server, client, _) = connected_agent();
     let mut bad = frame(0, client.uuid(), "");
     bad.ftype = 9;
     client.send(bad).expect("send");
@@ -541,16 +539,7 @@ fn send_to_role_reaches_only_that_role() {
 fn bulk_transfer_larger_than_every_buffer_in_both_directions() {
     // More than the TLS and socket buffers hold, with no other traffic to
     // wake the io threads: the backlog must drain by itself.
-    let pki = Pki::new();
-    let server = server_with(pki.ca_identity(), pki.anchors(), |_| {});
-    let client = client_with(
-        pki.leaf(Role::AGENT),
-        pki.anchors(),
-        server.local_addr(),
-        |_| {},
-    );
-    expect_connected(&client);
-    let (uuid, _) = expect_server_connected(&server);
+    let (server, client, uuid) = connected_agent();
     let payload = "y".repeat(16 * 1024);
     for i in 0..200 {
         server
@@ -583,16 +572,7 @@ fn close_is_not_held_by_frames_nobody_reads() {
     // The consumer stops reading with its queue full and the io thread
     // waiting to hand over the next frame (a SIGTERM in a START burst):
     // closing the client must still end the io thread.
-    let pki = Pki::new();
-    let server = server_with(pki.ca_identity(), pki.anchors(), |_| {});
-    let client = client_with(
-        pki.leaf(Role::AGENT),
-        pki.anchors(),
-        server.local_addr(),
-        |_| {},
-    );
-    expect_connected(&client);
-    let (uuid, _) = expect_server_connected(&server);
+    let (server, client, uuid) = connected_agent();
     for i in 0..2_000 {
         server
             .send(&uuid, frame(1, server.uuid(), &format!("frame {i}")))
@@ -617,16 +597,7 @@ fn saturated_outbound_queue_keeps_draining() {
     // A sender that keeps the queue full while the io thread alternates
     // between a full socket and an empty one: the io thread must never park
     // with frames queued (a lost wake-up found by the benchmark).
-    let pki = Pki::new();
-    let server = server_with(pki.ca_identity(), pki.anchors(), |_| {});
-    let client = client_with(
-        pki.leaf(Role::AGENT),
-        pki.anchors(),
-        server.local_addr(),
-        |_| {},
-    );
-    expect_connected(&client);
-    expect_server_connected(&server);
+    let (server, client, _) = connected_agent();
     const N: usize = 60_000;
     let link = client.link();
     let origin = client.uuid();
